@@ -1,0 +1,75 @@
+"""TTA pseudo-labeling of unlabeled images (spec section 5), batched and sharded across processes.
+
+Only the ids the store does not hold yet are labeled, so a relaunch after a kill completes a
+partial store. Each process labels a disjoint shard and writes its labels itself (the store's writes
+are atomic per file); the stage then checks the whole store and, where true masks exist, reports the
+pseudo labels' mIoU against them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..metrics import SegmentationMetric
+from .inference import prepare_for_inference, same_size_batches, shard_indices, to_device_images
+
+TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@torch.no_grad()
+def tta_pseudo_labels(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pseudo labels ``[B, H, W]`` (int64) for ``images`` ``[B, 3, H, W]``: argmax of the summed
+    softmax over 5 scales x {identity, horizontal flip} (``model.predict_tta``)."""
+    return model.predict_tta(images, scales=TTA_SCALES, flip=True).argmax(dim=1).cpu()
+
+
+@torch.no_grad()
+def label_images(
+    model: torch.nn.Module,
+    dataset: Sequence,
+    ids: Sequence[str],
+    store,
+    accelerator=None,
+    batch_size: int = 4,
+    progress=None,
+) -> int:
+    """Write TTA pseudo labels of the ids that ``store`` still lacks; returns how many this process wrote.
+
+    ``dataset[i] = (image [3,H,W], mask | None)`` is the image whose id is ``ids[i]``.
+    """
+    if len(dataset) != len(ids):
+        raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    pending = set(store.pending(list(ids)))
+    todo = [index for index, image_id in enumerate(ids) if image_id in pending]
+    model = prepare_for_inference(model, device)
+    written = 0
+    my_indices = [todo[position] for position in shard_indices(len(todo), rank, world)]
+    for indices, images, _ in same_size_batches(dataset, my_indices, batch_size):
+        labels = tta_pseudo_labels(model, to_device_images(images, device))
+        for index, label in zip(indices, labels):
+            store.put(ids[index], label.to(torch.uint8).numpy())
+        written += len(indices)
+        if progress is not None:
+            progress.update(len(indices) * world)
+    return written
+
+
+def pseudo_label_miou(store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None) -> float | None:
+    """mIoU of the stored pseudo labels of ``ids`` against the true masks (``None`` without masks)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    metric = SegmentationMetric(num_classes)
+    has_masks = torch.zeros(1, dtype=torch.int64)
+    for index in shard_indices(len(ids), rank, world):
+        _, mask = dataset[index]
+        if mask is None:
+            continue
+        has_masks += 1
+        metric.update(torch.as_tensor(store.get(ids[index])).long(), mask)
+    if accelerator is not None and world > 1:
+        has_masks = accelerator.reduce(has_masks.to(accelerator.device), reduction="sum").cpu()
+    result = metric.compute(accelerator)
+    return result["miou"] if int(has_masks) else None

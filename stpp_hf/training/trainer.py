@@ -1,0 +1,300 @@
+"""One training stage (spec section 2) on Accelerate: fresh model, SGD, poly lr, val every epoch.
+
+Everything device-, precision- and process-related goes through the ``Accelerator``: the model,
+optimizer and train DataLoader are prepared (DDP, autocast, sharding), gradient accumulation uses
+``accelerator.accumulate``, checkpoints use ``save_state`` / ``load_state``. The poly schedule is
+computed from the optimizer-step counter (not a prepared scheduler, which would step once per
+process), so it is the same whatever the number of processes or accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import DataLoader
+
+from ..metrics import SegmentationMetric, format_per_class_iou
+from .inference import prepare_for_inference, same_size_batches, shard_indices, to_device_images
+from .state import (
+    atomic_write_json,
+    recover_directory,
+    replace_directory,
+    temporary_directory_for,
+    temporary_path_for,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.json"
+BEST_DIR = "best"
+LAST_DIR = "last"
+SNAPSHOT_DIR = "snapshots"
+POLY_POWER = 0.9
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+REFERENCE_BATCH_SIZE = 16
+
+
+@dataclass
+class StageHyperParameters:
+    """The per-stage recipe.
+
+    Attributes:
+        epochs: epochs ``E`` of the stage.
+        per_device_batch_size: images per process and forward pass.
+        base_lr: lr for a global batch of 16; scaled linearly with the global batch.
+        val_batch_size: images per evaluation forward pass (same-size images only are stacked).
+        num_workers: DataLoader workers for training.
+        seed: run seed; each stage derives its own seeds from it so a resume replays them.
+        sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
+        channels_last: run the convolutions in channels_last memory format (same math, faster kernels).
+    """
+
+    epochs: int
+    per_device_batch_size: int
+    base_lr: float
+    val_batch_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    sliding_window: tuple[int, int] | None = None
+    channels_last: bool = True
+
+
+def scaled_lr(base_lr: float, per_device_batch_size: int, num_processes: int, accumulation_steps: int) -> float:
+    """``base_lr / 16 * global_batch`` with ``global_batch = per-device batch x processes x accumulation``."""
+    return base_lr / REFERENCE_BATCH_SIZE * per_device_batch_size * num_processes * accumulation_steps
+
+
+def poly_factor(step: int, total_steps: int) -> float:
+    """``(1 - step / total)^0.9``: the factor of the lr used for optimizer step ``step`` (0-based)."""
+    return (1.0 - step / total_steps) ** POLY_POWER
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> float:
+    """Set every group's lr to its ``initial_lr`` times :func:`poly_factor`; returns the backbone lr."""
+    factor = poly_factor(step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.SGD:
+    """SGD (momentum 0.9, wd 1e-4) over ``model.optimizer_param_groups(lr)`` (backbone lr, head x10)."""
+    groups = model.optimizer_param_groups(lr)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["pixel_values"], batch["labels"]
+    return batch[0], batch[1]
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, sliding_window: tuple[int, int] | None) -> torch.Tensor:
+    """Logits ``[B, C, H, W]`` for ``images`` ``[B, 3, H, W]``, whole image or sliding window."""
+    if sliding_window is not None:
+        window, stride = sliding_window
+        return model.predict_sliding_window(images, window=window, stride=stride)
+    return model(pixel_values=images).logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Sequence,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    accelerator=None,
+    batch_size: int = 1,
+    sliding_window: tuple[int, int] | None = None,
+) -> dict:
+    """Val mIoU over ``dataset[i] = (image [3,H,W], mask [H,W])``, each process on its own shard.
+
+    Returns :meth:`SegmentationMetric.compute`'s dictionary (identical on every process).
+    """
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    was_training = model.training
+    model = prepare_for_inference(model, device)
+    metric = SegmentationMetric(num_classes, class_names)
+    autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+    with autocast:
+        for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
+            logits = predict_logits(model, to_device_images(images, device), sliding_window)
+            metric.update(logits.argmax(dim=1).cpu(), masks)
+    model.train(was_training)
+    return metric.compute(accelerator)
+
+
+def _save_model_dir(model: torch.nn.Module, path: Path, image_processor=None) -> None:
+    """``save_pretrained`` (safetensors) into a temporary sibling, then swap it in."""
+    temporary = temporary_directory_for(path)
+    model.save_pretrained(temporary, safe_serialization=True)
+    if image_processor is not None:
+        image_processor.save_pretrained(temporary)
+    replace_directory(temporary, path)
+
+
+def train_stage(
+    model_factory: Callable[[], torch.nn.Module],
+    train_dataset,
+    val_dataset: Sequence,
+    accelerator,
+    stage_dir: str | os.PathLike,
+    hparams: StageHyperParameters,
+    stage_seed: int,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    snapshot_epochs: Sequence[int] = (),
+    keep_last: bool = False,
+    image_processor=None,
+    log_prefix: str = "train",
+) -> dict:
+    """Train one stage and return its summary (best epoch and val metrics, mIoU history).
+
+    Writes into ``stage_dir``: ``best/`` (best-val ``save_pretrained``), ``snapshots/epoch_<e>/`` for
+    ``snapshot_epochs`` (1-based), ``last/`` if ``keep_last``, and ``checkpoint/`` (``save_state`` +
+    ``trainer_state.json``) after every epoch, from which a relaunch continues.
+    """
+    stage_dir = Path(stage_dir)
+    checkpoint_dir = stage_dir / CHECKPOINT_DIR
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (checkpoint_dir, stage_dir / BEST_DIR, stage_dir / LAST_DIR):
+            recover_directory(directory)
+    accelerator.wait_for_everyone()
+
+    set_seed(stage_seed)  # same fresh init on every process and on every relaunch
+    model = model_factory()
+    if accelerator.distributed_type == DistributedType.MULTI_GPU and getattr(accelerator, "_stpp_sync_bn", False):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if hparams.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    accumulation = accelerator.gradient_accumulation_steps
+    lr = scaled_lr(hparams.base_lr, hparams.per_device_batch_size, accelerator.num_processes, accumulation)
+    optimizer = build_optimizer(model, lr)
+    loader = DataLoader(
+        train_dataset,
+        batch_size=hparams.per_device_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=hparams.num_workers,
+        persistent_workers=hparams.num_workers > 0,
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training set of {stage_dir.name} has {len(train_dataset)} images, fewer than one global batch "
+            f"({hparams.per_device_batch_size} x {accelerator.num_processes} processes): lower --batch_size"
+        )
+    steps_per_epoch = math.ceil(len(loader) / accumulation)
+    total_steps = steps_per_epoch * hparams.epochs
+
+    start_epoch, best_miou, best_epoch, history = 0, -1.0, -1, []
+    best_metrics: dict = {}
+    if (checkpoint_dir / TRAINER_STATE).is_file():
+        accelerator.load_state(str(checkpoint_dir))
+        saved = json.loads((checkpoint_dir / TRAINER_STATE).read_text())
+        start_epoch, best_miou, best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
+        history, best_metrics = saved["history"], saved["best_metrics"]
+        logger.info("%s: resuming after epoch %d (best mIoU %.4f)", stage_dir.name, start_epoch, best_miou)
+
+    step = start_epoch * steps_per_epoch
+    progress = _progress(accelerator, total=total_steps, initial=step, desc=stage_dir.name)
+    for epoch in range(start_epoch, hparams.epochs):
+        # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
+        epoch_seed = (stage_seed * 1000 + epoch) % 2**31
+        set_seed(epoch_seed, device_specific=True)
+        loader.set_epoch(epoch_seed)
+        model.train()
+        running_loss, seen = 0.0, 0
+        for batch in loader:
+            images, labels = _batch_tensors(batch)
+            if hparams.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                current_lr = set_poly_lr(optimizer, step, total_steps)
+                loss = model(pixel_values=images, labels=labels).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach().item()
+            seen += 1
+            if accelerator.sync_gradients:
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{current_lr:.2e}")
+                accelerator.log({f"{log_prefix}/loss": loss.item(), f"{log_prefix}/lr": current_lr}, step=step)
+
+        unwrapped = accelerator.unwrap_model(model)
+        metrics = evaluate(
+            unwrapped, val_dataset, num_classes, class_names, accelerator, hparams.val_batch_size, hparams.sliding_window
+        )
+        if hparams.channels_last:
+            unwrapped.to(memory_format=torch.channels_last)
+        history.append({"epoch": epoch + 1, "loss": running_loss / max(seen, 1), "val_miou": metrics["miou"]})
+        accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step)
+        accelerator.print(
+            f"[{stage_dir.name}] epoch {epoch + 1}/{hparams.epochs} loss {history[-1]['loss']:.4f} "
+            f"val mIoU {100 * metrics['miou']:.2f} (best {100 * max(best_miou, metrics['miou']):.2f})\n"
+            f"    {format_per_class_iou(metrics['per_class_iou'])}"
+        )
+        improved = metrics["miou"] > best_miou
+        if improved:
+            best_miou, best_epoch, best_metrics = metrics["miou"], epoch + 1, metrics
+        if accelerator.is_main_process:
+            if improved:
+                _save_model_dir(unwrapped, stage_dir / BEST_DIR, image_processor)
+            if epoch + 1 in snapshot_epochs:
+                _save_model_dir(unwrapped, stage_dir / SNAPSHOT_DIR / f"epoch_{epoch + 1}")
+            if keep_last and epoch + 1 == hparams.epochs:
+                _save_model_dir(unwrapped, stage_dir / LAST_DIR, image_processor)
+        _save_checkpoint(
+            accelerator,
+            checkpoint_dir,
+            {"epoch": epoch + 1, "best_miou": best_miou, "best_epoch": best_epoch, "history": history, "best_metrics": best_metrics},
+        )
+    progress.close()
+    accelerator.free_memory()
+    return {
+        "val_miou": best_miou,
+        "best_epoch": best_epoch,
+        "per_class_iou": best_metrics.get("per_class_iou", {}),
+        "pixel_accuracy": best_metrics.get("pixel_accuracy"),
+        "history": history,
+        "lr": lr,
+        "steps": total_steps,
+    }
+
+
+def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> None:
+    """``accelerator.save_state`` + ``trainer_state.json`` into a temporary dir, swapped in atomically."""
+    # Every process writes its RNG state into the same directory: the main process creates it.
+    if accelerator.is_main_process:
+        temporary_directory_for(checkpoint_dir)
+    accelerator.wait_for_everyone()
+    temporary = temporary_path_for(checkpoint_dir)
+    accelerator.save_state(str(temporary), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(temporary / TRAINER_STATE, trainer_state)
+        replace_directory(temporary, checkpoint_dir)
+    accelerator.wait_for_everyone()
+
+
+def _progress(accelerator, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not accelerator.is_local_main_process, dynamic_ncols=True, **kwargs)

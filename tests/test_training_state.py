@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
+from stpp_hf.training.state import (
+    RunState,
+    _old_name,
+    atomic_write_json,
+    recover_directory,
+    replace_directory,
+    temporary_directory_for,
+)
+from stpp_hf.training.trainer import poly_factor, scaled_lr
+
+
+def test_stage_sequences_follow_the_spec():
+    assert [s.name for s in build_stages("suponly")] == ["suponly"]
+    st = build_stages("st")
+    assert [(s.kind, s.source, s.subset) for s in st] == [("train", None, "all"), ("label", "suponly", "all"), ("train", None, "all")]
+    assert st[2].pseudo_label_stages == ("label_all",)
+    stpp = build_stages("stpp")
+    assert [s.kind for s in stpp] == ["train", "select", "label", "train", "label", "train"]
+    assert stpp[0].keep_snapshots and not st[0].keep_snapshots
+    assert (stpp[2].source, stpp[2].subset) == ("suponly", "reliable")
+    assert (stpp[4].source, stpp[4].subset) == ("retrain_reliable", "unreliable")
+    assert stpp[5].pseudo_label_stages == ("label_reliable", "label_unreliable")
+    assert stage_dir_name(0, stpp[0]) == "1-suponly"
+    with pytest.raises(ValueError, match="framework"):
+        build_stages("fixmatch")
+
+
+def test_snapshot_epochs_and_lr_recipe():
+    assert snapshot_epochs(80) == (26, 53, 80)
+    assert snapshot_epochs(9) == (3, 6, 9)
+    with pytest.raises(ValueError):
+        snapshot_epochs(2)
+    # global batch 16 on 2 processes x 4 images x 2 accumulation steps keeps the base lr
+    assert scaled_lr(0.001, 4, 2, 2) == pytest.approx(0.001)
+    assert scaled_lr(0.004, 8, 1, 1) == pytest.approx(0.002)
+    assert poly_factor(0, 100) == 1.0
+    assert poly_factor(50, 100) == pytest.approx(0.5**0.9)
+
+
+def test_run_state_records_checksums_and_detects_changes(tmp_path):
+    (tmp_path / "stages" / "best").mkdir(parents=True)
+    (tmp_path / "stages" / "best" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "ids.txt").write_text("a\n")
+    state = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    assert not state.is_done("suponly")
+    state.mark_done("suponly", ["stages/best", "ids.txt"], {"val_miou": 0.5})
+    reloaded = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    assert reloaded.is_done("suponly") and reloaded.summary("suponly") == {"val_miou": 0.5}
+    (tmp_path / "ids.txt").write_text("b\n")
+    assert not reloaded.is_done("suponly")
+    with pytest.raises(ValueError, match="epochs: 3 -> 4"):
+        RunState(tmp_path, {"framework": "stpp", "epochs": 4})
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        state.mark_done("x", ["missing.txt"], {})
+
+
+def test_corrupt_state_file_is_reported(tmp_path):
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="state.json"):
+        RunState(tmp_path, {})
+
+
+def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
+    target = tmp_path / "best"
+    first = temporary_directory_for(target)
+    (first / "w").write_text("1")
+    replace_directory(first, target)
+    second = temporary_directory_for(target)
+    (second / "w").write_text("2")
+    # simulate a kill between the two renames of replace_directory
+    target.rename(_old_name(target))
+    assert not target.exists()
+    recover_directory(target)
+    assert (target / "w").read_text() == "1"
+    replace_directory(second, target)
+    assert (target / "w").read_text() == "2" and not _old_name(target).exists()
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
