@@ -8,9 +8,11 @@ image is resized or padded and every prediction equals the one-image-at-a-time r
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.utils.fusion
 
 
 def shard_indices(num_items: int, process_index: int, num_processes: int) -> list[int]:
@@ -47,10 +49,64 @@ def same_size_batches(
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Eval mode on ``device`` in channels_last memory format (faster convolutions, same math)."""
-    model = model.to(device).eval()
-    if device.type == "cpu" or device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def inference_model(model: torch.nn.Module, device: torch.device, example: torch.Tensor) -> torch.nn.Module:
+    """The fastest equivalent of ``model`` for repeated inference: BN folded, channels_last, eval."""
+    model = prepare_for_inference(model, device)
+    return fold_batchnorm(model, to_device_images(example, device)).to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4) -> torch.nn.Module:
+    """A copy of eval-mode ``model`` with every BatchNorm2d that directly follows a Conv2d folded
+    into the convolution's weights (one layer less per pair at inference, same function).
+
+    Pairs are found by running ``example`` ``[B, 3, H, W]`` once and matching each BatchNorm's input
+    tensor to the Conv2d that produced it; the folded copy is checked against the original on the same
+    input and a ``RuntimeError`` is raised if they differ by more than ``atol``.
+    """
+    folded = copy.deepcopy(model).eval()
+    # conv outputs are kept alive during the probe pass so their ids cannot be reused by other tensors
+    conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}
+    modules = dict(folded.named_modules())
+
+    def record_conv(name):
+        return lambda module, args, output: conv_outputs.__setitem__(id(output), (name, output))
+
+    def record_bn(name):
+        def hook(module, args):
+            producer = conv_outputs.get(id(args[0]))
+            if producer is not None and producer[1] is args[0]:
+                pairs[name] = producer[0]
+
+        return hook
+
+    hooks = []
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Conv2d):
+            hooks.append(module.register_forward_hook(record_conv(name)))
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            hooks.append(module.register_forward_pre_hook(record_bn(name)))
+    reference = folded(pixel_values=example).logits
+    for hook in hooks:
+        hook.remove()
+    conv_outputs.clear()
+    for bn_name, conv_name in pairs.items():
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv_name], modules[bn_name])
+        _set_submodule(folded, conv_name, fused)
+        _set_submodule(folded, bn_name, torch.nn.Identity())
+    difference = (folded(pixel_values=example).logits - reference).abs().max().item()
+    if difference > atol:
+        raise RuntimeError(f"BatchNorm folding changed the logits by {difference:.2e}: a folded conv output has other users")
+    return folded
+
+
+def _set_submodule(root: torch.nn.Module, dotted_name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child_name = dotted_name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
 def to_device_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:

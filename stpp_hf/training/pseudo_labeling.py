@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ..metrics import SegmentationMetric
-from .inference import prepare_for_inference, same_size_batches, shard_indices, to_device_images
+from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -45,11 +45,13 @@ def label_images(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     pending = set(store.pending(list(ids)))
     todo = [index for index, image_id in enumerate(ids) if image_id in pending]
-    model = prepare_for_inference(model, device)
     written = 0
+    folded = None
     my_indices = [todo[position] for position in shard_indices(len(todo), rank, world)]
     for indices, images, _ in same_size_batches(dataset, my_indices, batch_size):
-        labels = tta_pseudo_labels(model, to_device_images(images, device))
+        if folded is None:
+            folded = inference_model(model, device, images[:1])
+        labels = tta_pseudo_labels(folded, to_device_images(images, device))
         for index, label in zip(indices, labels):
             store.put(ids[index], label.to(torch.uint8).numpy())
         written += len(indices)

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..metrics import per_image_miou
-from .inference import prepare_for_inference, same_size_batches, shard_indices, to_device_images
+from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 
 
 @torch.no_grad()
@@ -55,10 +55,12 @@ def compute_reliability(
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    snapshots = [prepare_for_inference(snapshot, device) for snapshot in snapshots]
     local_scores = []
+    folded = None
     for indices, images, _ in same_size_batches(dataset, shard_indices(len(ids), rank, world), batch_size):
-        predictions = snapshot_predictions(snapshots, to_device_images(images, device))
+        if folded is None:
+            folded = [inference_model(snapshot, device, images[:1]) for snapshot in snapshots]
+        predictions = snapshot_predictions(folded, to_device_images(images, device))
         for index, score in zip(indices, reliability_of_predictions(predictions, num_classes)):
             local_scores.append((ids[index], score))
         if progress is not None:
