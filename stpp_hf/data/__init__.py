@@ -1,16 +1,41 @@
-"""Data: split files, dataset sources, the method's augmentations, training sets, the pseudo-label
-store and the built-in synthetic dataset."""
+"""Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
+training sets, the pseudo-label store and the built-in synthetic dataset."""
 
-from .splits import SplitEntry, generate_split, read_split, shipped_split_files, shipped_split_path, write_split
+from .pseudo_labels import PseudoLabelStore, teacher_fingerprint
+from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
+from .splits import (
+    SplitEntry,
+    generate_split,
+    list_shipped_splits,
+    read_split,
+    shipped_split_files,
+    shipped_split_path,
+    write_split,
+)
 from .synthetic import SyntheticDataset, make_synthetic_dataset
+from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
+from .transforms import EvalTransform, TrainTransform
 
 __all__ = [
+    "SOURCES",
+    "DatasetSource",
+    "EvalDataset",
+    "EvalTransform",
+    "PseudoLabelStore",
+    "RetrainDataset",
     "SplitEntry",
+    "SupOnlyDataset",
     "SyntheticDataset",
+    "TrainTransform",
     "generate_split",
+    "list_shipped_splits",
+    "load_source",
     "make_synthetic_dataset",
+    "read_id2label",
     "read_split",
+    "register_source",
     "shipped_split_files",
     "shipped_split_path",
+    "teacher_fingerprint",
     "write_split",
 ]

@@ -1,0 +1,237 @@
+"""A safe on-disk cache of pseudo labels: one single-channel palette PNG per unlabeled image.
+
+Layout of a store (one directory per teacher and stage, see :meth:`PseudoLabelStore.for_teacher`)::
+
+    store.json                         {"version", "fingerprint"}: the teacher this store belongs to
+    labels/<id, percent-encoded>.png   e.g. labels/train%2Faachen%2Faachen_000000_000019.png
+    journal-<host>-<pid>-<n>.jsonl     one manifest entry per line, appended by the process that wrote it
+    manifest.json                      {"entries": {id: {"file", "size", "height", "width", "sha256"}}},
+                                       the journals merged, written by :meth:`verify`
+
+Ids are percent-encoded into file names, so ids with ``/`` (Cityscapes cities) never collide and
+map back unambiguously. Every PNG is written to a temporary file and renamed; its manifest entry is
+appended to the writer's own journal afterwards, so several processes can label disjoint shards at
+once and a killed writer leaves at most an unrecorded file, which :meth:`pending` reports as to do.
+A missing entry, a missing file, or a size or checksum mismatch is an error naming the id, never a
+silent skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Iterable, Sequence
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from .splits import atomic_write_bytes
+
+STORE_VERSION = 1
+LABELS_DIR, MANIFEST_FILE, META_FILE = "labels", "manifest.json", "store.json"
+_writer_counter = itertools.count()
+
+
+def teacher_fingerprint(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the names and contents of the files of a ``save_pretrained`` directory."""
+    model_dir = Path(model_dir)
+    files = sorted(path for path in model_dir.rglob("*") if path.is_file())
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no files to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(model_dir).as_posix().encode("utf-8") + b"\0")
+        digest.update(_file_sha256(path).encode("ascii"))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PseudoLabelStore:
+    """Pseudo labels of one (teacher, stage) under ``directory``.
+
+    Args:
+        directory: the store's directory (created if missing).
+        palette: flat ``[r, g, b, ...]`` colour map saved in each PNG (``None``: grey PNGs).
+        fingerprint: the teacher's fingerprint; opening a store made by another teacher is an error.
+    """
+
+    def __init__(self, directory: str | os.PathLike, palette: Sequence[int] | None = None, fingerprint: str | None = None):
+        self.directory = Path(directory)
+        self.palette = None if palette is None else list(palette)
+        self.fingerprint = fingerprint
+        (self.directory / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+        self._check_meta()
+        self._journal: Path | None = None
+        self._entries: dict[str, dict] | None = None
+
+    @classmethod
+    def for_teacher(
+        cls, root: str | os.PathLike, teacher: str, stage: str, palette: Sequence[int] | None = None
+    ) -> "PseudoLabelStore":
+        """The store of ``stage`` labeled by the teacher with fingerprint ``teacher`` under ``root``."""
+        return cls(Path(root) / f"{stage}-{teacher[:16]}", palette=palette, fingerprint=teacher)
+
+    def _check_meta(self) -> None:
+        meta_path = self.directory / META_FILE
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("version") != STORE_VERSION:
+                raise ValueError(f"{meta_path}: store version {meta.get('version')}, expected {STORE_VERSION}")
+            if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
+                raise ValueError(
+                    f"{self.directory} holds pseudo labels of teacher {meta['fingerprint'][:16]}, not "
+                    f"{self.fingerprint[:16]}; use another directory or delete it"
+                )
+            self.fingerprint = self.fingerprint or meta.get("fingerprint")
+        else:
+            meta = {"version": STORE_VERSION, "fingerprint": self.fingerprint}
+            atomic_write_bytes(meta_path, json.dumps(meta).encode("utf-8"))
+
+    # ---- paths and manifest ---------------------------------------------------------------------
+    @staticmethod
+    def file_name(image_id: str) -> str:
+        """``labels/<percent-encoded id>.png``: unambiguous even when ids hold ``/``."""
+        return f"{LABELS_DIR}/{quote(image_id, safe='')}.png"
+
+    def _read_entries(self) -> dict[str, dict]:
+        """The manifest merged with every journal (journal lines are newer)."""
+        entries: dict[str, dict] = {}
+        manifest = self.directory / MANIFEST_FILE
+        if manifest.is_file():
+            entries.update(json.loads(manifest.read_text(encoding="utf-8"))["entries"])
+        for journal in sorted(self.directory.glob("journal-*.jsonl")):
+            lines = journal.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines, start=1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # a writer killed mid-line; its file counts as not written
+                        continue
+                    raise ValueError(f"{journal}:{number}: corrupt journal line") from None
+                entries[entry["id"]] = entry
+        return entries
+
+    def entries(self, refresh: bool = True) -> dict[str, dict]:
+        """``{id: {"id", "file", "size", "height", "width", "sha256"}}`` of every recorded label."""
+        if refresh or self._entries is None:
+            self._entries = self._read_entries()
+        return self._entries
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.entries(refresh=False)
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+    # ---- writing --------------------------------------------------------------------------------
+    def put(self, image_id: str, label_map) -> dict:
+        """Store ``label_map`` (``[H, W]`` integers in ``[0, 255]``, numpy or torch) as the label of
+        ``image_id``; returns its manifest entry."""
+        array = np.asarray(label_map)
+        if array.ndim != 2:
+            raise ValueError(f"pseudo label of {image_id!r} must be [H, W], got shape {array.shape}")
+        if array.dtype.kind not in "ui" or (array.size and (array.min() < 0 or array.max() > 255)):
+            raise ValueError(f"pseudo label of {image_id!r} must hold integers in [0, 255], got dtype {array.dtype}")
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+        if self.palette is not None:
+            image = image.convert("P")
+            image.putpalette(self.palette)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        payload = buffer.getvalue()
+        relative = self.file_name(image_id)
+        atomic_write_bytes(self.directory / relative, payload)
+        entry = {
+            "id": image_id,
+            "file": relative,
+            "size": len(payload),
+            "height": int(array.shape[0]),
+            "width": int(array.shape[1]),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        self._append_journal(entry)
+        if self._entries is not None:
+            self._entries[image_id] = entry
+        return entry
+
+    def _append_journal(self, entry: dict) -> None:
+        if self._journal is None:
+            writer = f"{socket.gethostname()}-{os.getpid()}-{next(_writer_counter)}"
+            self._journal = self.directory / f"journal-{writer}.jsonl"
+        # one short line per append: a crash can only tear the last line, which _read_entries tolerates
+        with open(self._journal, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    # ---- checking -------------------------------------------------------------------------------
+    def _problem(self, image_id: str, entry: dict | None) -> str | None:
+        """Why the label of ``image_id`` is not usable, or ``None`` when it is."""
+        if entry is None:
+            return "no manifest entry"
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            return f"file {path} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"file {path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _file_sha256(path) != entry["sha256"]:
+            return f"file {path} does not match its checksum"
+        return None
+
+    def pending(self, ids: Iterable[str]) -> list[str]:
+        """The ids (in the given order) whose label is missing or corrupt: what is left to do."""
+        entries = self.entries()
+        return [image_id for image_id in ids if self._problem(image_id, entries.get(image_id)) is not None]
+
+    def verify(self, ids: Iterable[str]) -> None:
+        """Check that every id has an intact label, then write the merged ``manifest.json``.
+
+        Raises ``ValueError`` naming the first bad ids and why.
+        """
+        ids = list(ids)
+        entries = self.entries()
+        problems = [(i, p) for i in ids if (p := self._problem(i, entries.get(i))) is not None]
+        if problems:
+            listed = "; ".join(f"{image_id!r}: {problem}" for image_id, problem in problems[:5])
+            raise ValueError(f"pseudo-label store {self.directory}: {len(problems)} of {len(ids)} labels unusable ({listed})")
+        manifest = {"version": STORE_VERSION, "fingerprint": self.fingerprint, "entries": dict(sorted(entries.items()))}
+        atomic_write_bytes(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+
+    # ---- reading --------------------------------------------------------------------------------
+    def open(self, image_id: str) -> Image.Image:
+        """The label of ``image_id`` as a single-channel PIL image (mode ``P`` or ``L``)."""
+        entry = self.entries(refresh=False).get(image_id) or self.entries().get(image_id)
+        if entry is None:
+            raise KeyError(f"pseudo-label store {self.directory} has no label for id {image_id!r}")
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"pseudo label of {image_id!r} ({path}) is missing")
+        image = Image.open(path)
+        image.load()
+        if image.size != (entry["width"], entry["height"]):
+            raise ValueError(f"pseudo label {path} of {image_id!r} is {image.size}, the manifest says {entry['width']}x{entry['height']}")
+        return image
+
+    def get(self, image_id: str) -> np.ndarray:
+        """The label of ``image_id`` as ``[H, W]`` uint8 class indices."""
+        return np.asarray(self.open(image_id))
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get their own journal (and re-read entries lazily)
+        return {**self.__dict__, "_journal": None}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.directory)!r})"

@@ -1,0 +1,65 @@
+"""A custom folder: ``images/`` (any PIL-readable files, nested folders allowed), ``masks/`` with a
+class-index PNG of the same relative path and stem for each labeled image, and ``id2label.json``
+(``{"0": "background", "1": "cat", ...}``) giving the classes::
+
+    my_data/images/a/001.jpg   my_data/masks/a/001.png   my_data/id2label.json
+
+Without a split file every image is listed, with its mask when one exists (images without a mask are
+unlabeled). A split file lists paths relative to the root as usual. The id is the image's path under
+``images/`` without extension (``a/001``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..splits import SplitEntry
+from .base import DatasetSource, Record, check_unique_ids
+
+IMAGES_DIR, MASKS_DIR, ID2LABEL_FILE = "images", "masks", "id2label.json"
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def read_id2label(root: str | os.PathLike) -> dict[int, str]:
+    """The classes of a folder dataset from ``root/id2label.json`` (keys ``0..N-1``)."""
+    path = Path(root) / ID2LABEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; it maps class indices to names, e.g. {{\"0\": \"background\"}}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        id2label = {int(key): str(value) for key, value in raw.items()}
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}}: {error}") from error
+    if sorted(id2label) != list(range(len(id2label))) or not id2label:
+        raise ValueError(f"{path}: keys must be 0..N-1, got {sorted(id2label)}")
+    return id2label
+
+
+class FolderSource(DatasetSource):
+    name = "folder"
+
+    def record_for(self, root: Path, entry: SplitEntry) -> Record:
+        image = Path(entry.image)
+        relative = image.relative_to(IMAGES_DIR) if image.parts[0] == IMAGES_DIR else image
+        mask = None if entry.mask is None else root / entry.mask
+        return Record(relative.with_suffix("").as_posix(), root / entry.image, mask)
+
+    def records(self, root: Path, split_file) -> list[Record]:
+        if self.num_labels is None:
+            self.num_labels = len(read_id2label(root))
+        if split_file is not None:
+            return super().records(root, split_file)
+        images_dir = root / IMAGES_DIR
+        if not images_dir.is_dir():
+            raise FileNotFoundError(f"{images_dir} does not exist (a folder dataset keeps its images there)")
+        records = []
+        for image in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            relative = image.relative_to(images_dir).with_suffix("")
+            mask = root / MASKS_DIR / relative.with_suffix(".png")
+            records.append(Record(relative.as_posix(), image, mask if mask.is_file() else None))
+        if not records:
+            raise ValueError(f"{images_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        check_unique_ids(records, str(images_dir))
+        return records

@@ -1,0 +1,149 @@
+"""The torch datasets of a run, over the ``datasets.Dataset``\\ s of :func:`~stpp_hf.data.load_source`.
+
+Item format (all three): a tuple ``(pixel_values, labels)``
+
+* ``pixel_values``: ``[3, H, W]`` float32, ImageNet-normalised;
+* ``labels``: ``[H, W]`` int64 class indices, 255 = ignore (``None`` in :class:`EvalDataset` for an
+  image without a mask).
+
+Training items are ``crop x crop`` and batch with the default collate. :class:`EvalDataset` items
+are full images of varying size; batch them by size (``stpp_hf.training.inference.same_size_batches``).
+The id of item ``i`` is ``dataset.ids[i]``.
+
+* :class:`SupOnlyDataset`: the labeled images, listed twice when fewer than 200 (spec section 2).
+* :class:`RetrainDataset`: the labeled images repeated ``ceil(U / L)`` times, then the ``U``
+  pseudo-labeled images, whose labels come from one or more :class:`PseudoLabelStore`\\ s (ST++ stage
+  6 takes the reliable ids from stage 3's store and the unreliable ones from stage 5's). Only
+  pseudo-labeled items get the strong transform. Which item is which is decided by index arithmetic
+  and dict look-ups, never by ``id in list``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .pseudo_labels import PseudoLabelStore
+from .transforms import EvalTransform
+
+SUPONLY_REPEAT_BELOW = 200
+
+Transform = Callable[[Image.Image, "Image.Image | None"], tuple]
+
+
+def _row_positions(source, what: str) -> dict[str, int]:
+    """``{id: row}`` of a ``datasets.Dataset``; ``what`` names the set in errors."""
+    ids = source["id"]
+    if len(ids) == 0:
+        raise ValueError(f"the {what} set is empty")
+    return {image_id: row for row, image_id in enumerate(ids)}
+
+
+class EvalDataset(Dataset):
+    """Full images of a ``datasets.Dataset`` through ``transform`` (default :class:`EvalTransform`)."""
+
+    def __init__(self, source, transform: Transform | None = None):
+        self.source = source
+        self.transform = transform or EvalTransform()
+        self.ids: list[str] = list(source["id"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        row = self.source[index]
+        return self.transform(row["image"], row["label"])
+
+
+class SupOnlyDataset(Dataset):
+    """The labeled images (twice when fewer than 200) through ``transform``."""
+
+    def __init__(self, labeled, transform: Transform):
+        self.source, self.transform = labeled, transform
+        self.num_labeled = len(_row_positions(labeled, "labeled"))
+        self.repeats = 2 if self.num_labeled < SUPONLY_REPEAT_BELOW else 1
+        self.ids: list[str] = list(labeled["id"]) * self.repeats
+
+    def __len__(self) -> int:
+        return self.num_labeled * self.repeats
+
+    def __getitem__(self, index: int):
+        row = self.source[index % self.num_labeled]
+        if row["label"] is None:
+            raise ValueError(f"labeled image {row['id']!r} has no mask")
+        return self.transform(row["image"], row["label"])
+
+
+class RetrainDataset(Dataset):
+    """Labeled images (weak transform) repeated ``ceil(U / L)`` times, then ``U`` pseudo-labeled
+    unlabeled images (strong transform) whose labels come from ``pseudo_labels``.
+
+    Args:
+        labeled: ``datasets.Dataset`` of labeled images.
+        unlabeled: ``datasets.Dataset`` of unlabeled images (its ``label`` column is not read).
+        pseudo_labels: ``[(ids, store), ...]``; each id must be an unlabeled id and appear in exactly
+            one entry. Pseudo-labeled items follow this order.
+        weak_transform: for labeled items, e.g. ``TrainTransform(base, crop)``.
+        strong_transform: for pseudo-labeled items, e.g. ``TrainTransform(base, crop, strong=True)``.
+    """
+
+    def __init__(
+        self,
+        labeled,
+        unlabeled,
+        pseudo_labels: Sequence[tuple[Sequence[str], PseudoLabelStore]],
+        weak_transform: Transform,
+        strong_transform: Transform,
+    ):
+        self.labeled = labeled
+        self.unlabeled_images = unlabeled.select_columns(["id", "image"])
+        self.weak_transform, self.strong_transform = weak_transform, strong_transform
+        self.num_labeled = len(_row_positions(labeled, "labeled"))
+        unlabeled_rows = _row_positions(unlabeled, "unlabeled")
+        self.store_of: dict[str, PseudoLabelStore] = {}
+        for ids, store in pseudo_labels:
+            for image_id in ids:
+                if image_id in self.store_of:
+                    raise ValueError(f"id {image_id!r} is in two pseudo-label sets ({self.store_of[image_id]} and {store})")
+                if image_id not in unlabeled_rows:
+                    raise ValueError(f"pseudo-labeled id {image_id!r} ({store}) is not in the unlabeled set")
+                self.store_of[image_id] = store
+        if not self.store_of:
+            raise ValueError("RetrainDataset needs at least one pseudo-labeled id")
+        self.pseudo_ids: list[str] = list(self.store_of)
+        self.pseudo_rows: list[int] = [unlabeled_rows[image_id] for image_id in self.pseudo_ids]
+        self.labeled_repeats = math.ceil(len(self.pseudo_ids) / self.num_labeled)
+        self.num_labeled_items = self.num_labeled * self.labeled_repeats
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.labeled["id"]) * self.labeled_repeats + self.pseudo_ids
+
+    def __len__(self) -> int:
+        return self.num_labeled_items + len(self.pseudo_ids)
+
+    def is_pseudo_labeled(self, index: int) -> bool:
+        return index >= self.num_labeled_items
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not self.is_pseudo_labeled(index):
+            row = self.labeled[index % self.num_labeled]
+            if row["label"] is None:
+                raise ValueError(f"labeled image {row['id']!r} has no mask")
+            return self.weak_transform(row["image"], row["label"])
+        position = index - self.num_labeled_items
+        image_id = self.pseudo_ids[position]
+        image = self.unlabeled_images[self.pseudo_rows[position]]["image"]
+        label = self.store_of[image_id].open(image_id)
+        if label.size != image.size:
+            raise ValueError(
+                f"pseudo label of {image_id!r} in {self.store_of[image_id]} is {label.size[0]}x{label.size[1]} "
+                f"but the image is {image.size[0]}x{image.size[1]}"
+            )
+        return self.strong_transform(image, label)

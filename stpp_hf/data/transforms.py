@@ -1,0 +1,179 @@
+"""The method's joint image/mask augmentations (spec sections 3 and 7) on ``torchvision.transforms.v2``.
+
+``TrainTransform(base_size, crop_size, strong=False)`` and ``EvalTransform()`` map
+``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32 ImageNet-normalised,
+labels [H, W] int64 | None)``. Masks are ``tv_tensors.Mask`` throughout, so every geometric step
+uses nearest-neighbour sampling on them; the image stays a PIL image until the colour steps are done,
+as in the reference.
+
+Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
+worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,
+device_specific=True)`` offsets it per process, so runs are reproducible under a seed and workers
+and processes draw different augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+MASK_MODES = ("L", "P")
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _randint(low: int, high: int) -> int:
+    """An integer drawn uniformly from ``[low, high]`` (both ends included)."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def mask_to_tensor(mask: Image.Image, image_size: tuple[int, int]) -> tv_tensors.Mask:
+    """``[1, H, W]`` uint8 class indices of a single-channel mask the size of its image."""
+    if mask.mode not in MASK_MODES:
+        raise ValueError(f"mask has mode {mask.mode!r}; expected class indices in a single-channel image (L or P)")
+    if mask.size != image_size:
+        raise ValueError(f"image is {image_size[0]}x{image_size[1]} but its mask is {mask.size[0]}x{mask.size[1]}")
+    return tv_tensors.Mask(F.pil_to_tensor(mask))
+
+
+def normalize(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` float32 ImageNet-normalised tensor of an RGB PIL image or uint8 tensor."""
+    tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+    return F.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+
+
+def random_scale(image: Image.Image, mask: tv_tensors.Mask, base_size: int) -> tuple[Image.Image, tv_tensors.Mask]:
+    """Resize so the long side is a random integer in ``[int(0.5*base), int(2.0*base)]``, aspect kept
+    (short side rounded half up); bilinear for the image, nearest for the mask."""
+    long_side = _randint(int(base_size * 0.5), int(base_size * 2.0))
+    width, height = image.size
+    if height > width:
+        new_height, new_width = long_side, int(width * long_side / height + 0.5)
+    else:
+        new_height, new_width = int(height * long_side / width + 0.5), long_side
+    image = F.resize(image, [new_height, new_width], interpolation=v2.InterpolationMode.BILINEAR)
+    # NEAREST_EXACT samples pixel centres, like PIL's NEAREST in the reference
+    mask = F.resize(mask, [new_height, new_width], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+    return image, mask
+
+
+def pad_and_crop(image: Image.Image, mask: tv_tensors.Mask, crop_size: int) -> tuple[Image.Image, tv_tensors.Mask]:
+    """Pad right/bottom up to ``crop_size`` (image 0, mask 255), then crop ``crop_size`` x ``crop_size``
+    at a uniformly drawn position."""
+    width, height = image.size
+    pad_right, pad_bottom = max(crop_size - width, 0), max(crop_size - height, 0)
+    if pad_right or pad_bottom:
+        image = F.pad(image, [0, 0, pad_right, pad_bottom], fill=0)
+        mask = F.pad(mask, [0, 0, pad_right, pad_bottom], fill=IGNORE_INDEX)
+        width, height = image.size
+    left, top = _randint(0, width - crop_size), _randint(0, height - crop_size)
+    return F.crop(image, top, left, crop_size, crop_size), F.crop(mask, top, left, crop_size, crop_size)
+
+
+def random_hflip(image: Image.Image, mask: tv_tensors.Mask) -> tuple[Image.Image, tv_tensors.Mask]:
+    """Flip image and mask together with probability 0.5."""
+    if torch.rand(()) < 0.5:
+        return F.horizontal_flip(image), F.horizontal_flip(mask)
+    return image, mask
+
+
+def random_blur(image: Image.Image, p: float = 0.5) -> Image.Image:
+    """PIL Gaussian blur with radius (= sigma) uniform in [0.1, 2.0], with probability ``p``.
+
+    PIL's filter rather than ``v2.GaussianBlur``: the reference blurs with PIL, whose kernel is not
+    truncated to a fixed size.
+    """
+    if torch.rand(()) < p:
+        return image.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0)))
+    return image
+
+
+def cutout(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``p``, fill a random box of ``image`` (``[3, H, W]`` uint8) with random values
+    and set it to 255 in ``mask`` (``[..., H, W]``), in place.
+
+    Box: area ``U(area) * H * W``, aspect ``r ~ U(ratio)``, width ``int(sqrt(area / r))``, height
+    ``int(sqrt(area * r))``, top-left corner uniform; everything is redrawn until the box fits (spec
+    section 3). ``v2.RandomErasing`` draws ratios log-uniformly, gives up after 10 tries, fills with
+    normal noise and leaves masks alone, hence this function.
+    """
+    if torch.rand(()) >= p:
+        return image, mask
+    height, width = image.shape[-2:]
+    while True:
+        box_area = _uniform(*area) * height * width
+        box_ratio = _uniform(*ratio)
+        box_width, box_height = int(math.sqrt(box_area / box_ratio)), int(math.sqrt(box_area * box_ratio))
+        left, top = _randint(0, width - 1), _randint(0, height - 1)
+        if left + box_width <= width and top + box_height <= height:
+            break
+    image[:, top : top + box_height, left : left + box_width] = torch.randint(
+        0, 256, (image.shape[0], box_height, box_width), dtype=image.dtype
+    )
+    mask[..., top : top + box_height, left : left + box_width] = IGNORE_INDEX
+    return image, mask
+
+
+class TrainTransform:
+    """Training augmentation: random scale, pad + crop, flip; with ``strong`` also colour jitter,
+    grayscale, blur and cutout (pseudo-labeled images only).
+
+    ``(PIL image, PIL mask) -> (pixel_values [3, crop, crop] float32, labels [crop, crop] int64)``.
+    """
+
+    def __init__(self, base_size: int, crop_size: int, strong: bool = False):
+        if base_size < 2 or crop_size < 1:
+            raise ValueError(f"base_size must be >= 2 and crop_size >= 1, got {base_size} and {crop_size}")
+        self.base_size, self.crop_size, self.strong = base_size, crop_size, strong
+        self.color = v2.Compose(
+            [v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        )
+
+    def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            raise ValueError("a training sample needs a mask (true or pseudo label)")
+        image = _as_rgb(image)
+        mask = mask_to_tensor(mask, image.size)
+        image, mask = random_scale(image, mask, self.base_size)
+        image, mask = pad_and_crop(image, mask, self.crop_size)
+        image, mask = random_hflip(image, mask)
+        if not self.strong:
+            return normalize(image), mask[0].long().as_subclass(torch.Tensor)
+        image = random_blur(self.color(image))
+        pixels, mask = cutout(F.pil_to_tensor(image), mask.as_subclass(torch.Tensor))
+        return normalize(pixels), mask[0].long()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_size={self.base_size}, crop_size={self.crop_size}, strong={self.strong})"
+
+
+class EvalTransform:
+    """Full image, no resize: ``(PIL image, PIL mask | None) -> (pixel_values [3, H, W], labels [H, W] | None)``."""
+
+    def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = _as_rgb(image)
+        labels = None if mask is None else mask_to_tensor(mask, image.size)[0].long().as_subclass(torch.Tensor)
+        return normalize(image), labels
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
