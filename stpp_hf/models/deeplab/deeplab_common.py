@@ -341,8 +341,13 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         """Rename an official ST++ state dict (module names backbone/head/reduce/fuse/classifier) to this model's."""
         return rename_by_prefix(_strip_data_parallel_prefix(state_dict), cls._original_prefix_map, "original state dict")
 
-    def load_original_state_dict(self, state_dict: dict[str, torch.Tensor], what: str = "original state dict") -> None:
-        """Load a state dict of the official ST++ network (strict: all keys, all shapes)."""
+    def load_original_state_dict(
+        self, state_dict: dict[str, torch.Tensor], what: str = "original state dict", assign: bool = False
+    ) -> None:
+        """Load a state dict of the official ST++ network (strict: all keys, all shapes).
+
+        `assign=True` adopts the given tensors (for a model built on the meta device).
+        """
         converted = self.convert_original_state_dict(state_dict)
         check_state_dict_matches(converted, self.state_dict(), what)
-        self.load_state_dict(converted)
+        self.load_state_dict(converted, assign=assign)

@@ -17,6 +17,7 @@ class DeepLabImageProcessor(SegformerImageProcessor):
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
     do_resize = False
+    size = None
     do_reduce_labels = False
 
     def post_process_semantic_segmentation(
