@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..metrics import SegmentationMetric
@@ -43,11 +44,12 @@ def label_images(
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    pending = set(store.pending(list(ids)))
-    todo = [index for index, image_id in enumerate(ids) if image_id in pending]
+    # shard the full id list (not just the pending ids, which other processes are already changing)
+    my_indices = shard_indices(len(ids), rank, world)
+    pending = set(store.pending([ids[index] for index in my_indices]))
+    my_indices = [index for index in my_indices if ids[index] in pending]
     written = 0
     folded = None
-    my_indices = [todo[position] for position in shard_indices(len(todo), rank, world)]
     for indices, images, _ in same_size_batches(dataset, my_indices, batch_size):
         if folded is None:
             folded = inference_model(model, device, images[:1])
@@ -70,7 +72,7 @@ def pseudo_label_miou(store, dataset: Sequence, ids: Sequence[str], num_classes:
         if mask is None:
             continue
         has_masks += 1
-        metric.update(torch.as_tensor(store.get(ids[index])).long(), mask)
+        metric.update(torch.from_numpy(store.get(ids[index]).astype(np.int64)), mask)
     if accelerator is not None and world > 1:
         has_masks = accelerator.reduce(has_masks.to(accelerator.device), reduction="sum").cpu()
     result = metric.compute(accelerator)

@@ -1,0 +1,347 @@
+"""Runs a whole SupOnly / ST / ST++ sequence in a run directory, resumably.
+
+Each stage of :func:`~stpp_hf.training.stages.build_stages` is skipped when ``state.json`` says it
+finished and its artefacts still match their checksums; otherwise it runs (a training stage continues
+from its last epoch checkpoint, a label stage completes its pseudo-label store). At the end the last
+stage's best model is copied to ``final/`` and ``results.json`` is written (format in ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import (
+    EvalDataset,
+    EvalTransform,
+    PseudoLabelStore,
+    RetrainDataset,
+    SupOnlyDataset,
+    TrainTransform,
+    teacher_fingerprint,
+)
+from .pseudo_labeling import label_images, pseudo_label_miou
+from .selection import compute_reliability, split_by_reliability
+from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
+from ..data.splits import read_split, write_split
+from .state import RunState, atomic_write_json, replace_directory, temporary_directory_for
+from .trainer import BEST_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
+from .visualization import save_prediction_grid
+
+RELIABLE_IDS = "reliable_ids.txt"
+UNRELIABLE_IDS = "unreliable_ids.txt"
+RELIABILITY_SCORES = "reliability.json"
+PSEUDO_LABEL_DIR = "pseudo_labels"
+FINAL_DIR = "final"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunData:
+    """The three ``datasets.Dataset``\\ s of a run (features ``id``, ``image``, ``label``) and their classes."""
+
+    labeled: Any
+    unlabeled: Any
+    val: Any
+    id2label: dict[int, str]
+    unlabeled_entries: list  # SplitEntry of each unlabeled image, aligned with ``unlabeled["id"]``
+    palette: list[int] | None = None
+    base_size: int = 400
+    crop_size: int = 321
+
+
+@dataclass
+class RunSettings:
+    """How to run: framework, teacher, hyper-parameters, model factory, where to write.
+
+    ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...).
+    """
+
+    run_dir: Path
+    framework: str
+    hparams: StageHyperParameters
+    model_factory: Callable[[], torch.nn.Module]
+    model_class: Any
+    image_processor: Any = None
+    teacher: str = "best"
+    inference_batch_size: int = 8
+    metadata: dict = field(default_factory=dict)
+
+
+class _Run:
+    def __init__(self, accelerator, data: RunData, settings: RunSettings):
+        self.accelerator, self.data, self.settings = accelerator, data, settings
+        self.run_dir = Path(settings.run_dir)
+        self.stages = build_stages(settings.framework)
+        self.num_classes = len(data.id2label)
+        self.class_names = [data.id2label[index] for index in range(self.num_classes)]
+        self.unlabeled_ids = list(data.unlabeled["id"])
+        self.val_set = EvalDataset(data.val, EvalTransform())
+        self.unlabeled_set = EvalDataset(data.unlabeled, EvalTransform())
+        self.state = RunState(self.run_dir, _run_config(settings, data))
+
+    # ---- paths -------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        index = next(i for i, stage in enumerate(self.stages) if stage.name == name)
+        return self.run_dir / "stages" / stage_dir_name(index, self.stages[index])
+
+    def finished_store(self, stage_name: str) -> PseudoLabelStore:
+        """The pseudo-label store that finished label stage ``stage_name`` wrote."""
+        return PseudoLabelStore(self.run_dir / self.state.summary(stage_name)["store_dir"], palette=self.data.palette)
+
+    def subset_ids(self, subset: str) -> list[str]:
+        if subset == "all":
+            return self.unlabeled_ids
+        path = self.stage_dir("select") / (RELIABLE_IDS if subset == "reliable" else UNRELIABLE_IDS)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the selection stage must run first")
+        id_of_image = {entry.image: image_id for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)}
+        entries = read_split(path)
+        unknown = [entry.image for entry in entries if entry.image not in id_of_image]
+        if unknown:
+            raise ValueError(f"{path} lists images that are not in the unlabeled split, e.g. {unknown[:3]}")
+        return [id_of_image[entry.image] for entry in entries]
+
+    def write_ids(self, path: Path, ids: list[str]) -> None:
+        """``ids`` as a split file (``<image> <mask>`` lines of the unlabeled split)."""
+        entry_of_id = dict(zip(self.unlabeled_ids, self.data.unlabeled_entries))
+        write_split(path, [entry_of_id[image_id] for image_id in ids])
+
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def finish_stage(self, stage: Stage, artefacts: list[Path], summary: dict) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main():
+            self.state.mark_done(stage.name, artefacts, summary)
+        self.accelerator.wait_for_everyone()
+        self.state.reload()
+
+    # ---- stages ------------------------------------------------------------------------------
+    def run_train(self, index: int, stage: Stage) -> dict:
+        data, hparams = self.data, self.settings.hparams
+        if stage.pseudo_label_stages:
+            pseudo = {}
+            for label_stage_name in stage.pseudo_label_stages:
+                label_stage = next(s for s in self.stages if s.name == label_stage_name)
+                pseudo[label_stage_name] = (self.subset_ids(label_stage.subset), self.finished_store(label_stage_name))
+            train_set = RetrainDataset(
+                data.labeled,
+                data.unlabeled,
+                [(ids, store) for ids, store in pseudo.values()],
+                TrainTransform(data.base_size, data.crop_size, strong=False),
+                TrainTransform(data.base_size, data.crop_size, strong=True),
+            )
+        else:
+            train_set = SupOnlyDataset(data.labeled, TrainTransform(data.base_size, data.crop_size))
+        stage_dir = self.stage_dir(stage.name)
+        snapshots = snapshot_epochs(hparams.epochs) if stage.keep_snapshots else ()
+        summary = train_stage(
+            self.settings.model_factory,
+            train_set,
+            self.val_set,
+            self.accelerator,
+            stage_dir,
+            hparams,
+            stage_seed=hparams.seed * 100 + index,
+            num_classes=self.num_classes,
+            class_names=self.class_names,
+            snapshot_epochs=snapshots,
+            keep_last=self.settings.teacher == "last",
+            image_processor=self.settings.image_processor,
+            log_prefix=stage.name,
+        )
+        summary["num_train_images"] = len(train_set)
+        if self.is_main():
+            best = self.settings.model_class.from_pretrained(stage_dir / BEST_DIR)
+            save_prediction_grid(best, self.val_set, stage_dir / "val_predictions.png", self.data.palette)
+        artefacts = [stage_dir / BEST_DIR]
+        artefacts += [stage_dir / SNAPSHOT_DIR / f"epoch_{epoch}" for epoch in snapshots]
+        if self.settings.teacher == "last":
+            artefacts.append(stage_dir / LAST_DIR)
+        self.finish_stage(stage, artefacts, summary)
+        return summary
+
+    def run_select(self, stage: Stage) -> dict:
+        source_dir = self.stage_dir(stage.source)
+        epochs = snapshot_epochs(self.settings.hparams.epochs)
+        snapshots = [self.settings.model_class.from_pretrained(source_dir / SNAPSHOT_DIR / f"epoch_{e}") for e in epochs]
+        progress = tqdm(total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
+        scores = compute_reliability(
+            snapshots,
+            self.unlabeled_set,
+            self.unlabeled_ids,
+            self.num_classes,
+            self.accelerator,
+            self.settings.inference_batch_size,
+            progress,
+        )
+        progress.close()
+        reliable, unreliable = split_by_reliability(scores, self.unlabeled_ids)
+        stage_dir = self.stage_dir(stage.name)
+        if self.is_main():
+            self.write_ids(stage_dir / RELIABLE_IDS, reliable)
+            self.write_ids(stage_dir / UNRELIABLE_IDS, unreliable)
+            atomic_write_json(stage_dir / RELIABILITY_SCORES, {i: scores[i] for i in self.unlabeled_ids})
+        summary = {"num_reliable": len(reliable), "num_unreliable": len(unreliable)}
+        self.finish_stage(stage, [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES)], summary)
+        return summary
+
+    def run_label(self, stage: Stage) -> dict:
+        teacher_dir = self.stage_dir(stage.source) / (BEST_DIR if self.settings.teacher == "best" else LAST_DIR)
+        teacher = self.settings.model_class.from_pretrained(teacher_dir)
+        ids = self.subset_ids(stage.subset)
+        positions = {image_id: position for position, image_id in enumerate(self.unlabeled_ids)}
+        subset = _Subset(self.unlabeled_set, [positions[i] for i in ids])
+        # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
+        store = PseudoLabelStore.for_teacher(
+            self.run_dir / PSEUDO_LABEL_DIR, teacher_fingerprint(teacher_dir), stage.name, palette=self.data.palette
+        )
+        progress = tqdm(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
+        label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
+        progress.close()
+        self.accelerator.wait_for_everyone()
+        if self.is_main():
+            store.verify(ids)  # raises naming any missing or corrupt label; writes the merged manifest
+        self.accelerator.wait_for_everyone()
+        miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator)
+        if miou is not None:
+            self.accelerator.print(f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)")
+        summary = {
+            "num_images": len(ids),
+            "pseudo_label_miou": miou,
+            "teacher": teacher_dir.relative_to(self.run_dir).as_posix(),
+            "store_dir": store.directory.relative_to(self.run_dir).as_posix(),
+        }
+        self.finish_stage(stage, [store.directory], summary)
+        return summary
+
+    # ---- whole run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.perf_counter()
+        for index, stage in enumerate(self.stages):
+            if self.state.is_done(stage.name):
+                self.accelerator.print(f"[{stage.name}] already finished: skipped")
+                continue
+            if stage.kind == "train":
+                self.run_train(index, stage)
+            elif stage.kind == "select":
+                self.run_select(stage)
+            else:
+                self.run_label(stage)
+        return self.finalize(time.perf_counter() - started)
+
+    def finalize(self, wall_time_s: float) -> dict:
+        last_train = [stage for stage in self.stages if stage.kind == "train"][-1]
+        final_dir = self.run_dir / FINAL_DIR
+        if self.is_main():
+            temporary = temporary_directory_for(final_dir)
+            shutil.copytree(self.stage_dir(last_train.name) / BEST_DIR, temporary, dirs_exist_ok=True)
+            replace_directory(temporary, final_dir)
+        self.accelerator.wait_for_everyone()
+        final_model = self.settings.model_class.from_pretrained(final_dir)
+        final_metrics = evaluate(
+            final_model, self.val_set, self.num_classes, self.class_names, self.accelerator,
+            self.settings.hparams.val_batch_size, self.settings.hparams.sliding_window,
+        )
+        results = self.results(final_metrics, wall_time_s)
+        if self.is_main():
+            atomic_write_json(self.run_dir / RESULTS_FILE, results)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def results(self, final_metrics: dict, wall_time_s: float) -> dict:
+        stages = []
+        for index, stage in enumerate(self.stages):
+            summary = self.state.summary(stage.name)
+            entry = {"name": stage.name, "kind": stage.kind}
+            if stage.kind == "train":
+                entry.update(
+                    val_miou=summary["val_miou"],
+                    per_class_iou=summary["per_class_iou"],
+                    best_epoch=summary["best_epoch"],
+                    model_dir=f"stages/{stage_dir_name(index, stage)}/{BEST_DIR}",
+                    history=summary["history"],
+                )
+            else:
+                entry.update({key: value for key, value in summary.items()})
+            stages.append(entry)
+        pseudo = {
+            stage.subset: self.state.summary(stage.name)["pseudo_label_miou"] for stage in self.stages if stage.kind == "label"
+        }
+        accelerator = self.accelerator
+        device = "GPU" if accelerator.device.type == "cuda" else accelerator.device.type.upper()
+        return {
+            "framework": self.settings.framework,
+            **self.settings.metadata,
+            "num_labeled": len(self.data.labeled),
+            "num_unlabeled": len(self.unlabeled_ids),
+            "hardware": f"{accelerator.num_processes}x {device}",
+            "wall_time_s": round(wall_time_s, 1),
+            "id2label": {str(k): v for k, v in self.data.id2label.items()},
+            "stages": stages,
+            "final": {"val_miou": final_metrics["miou"], "per_class_iou": final_metrics["per_class_iou"], "model_dir": FINAL_DIR},
+            "pseudo_label_miou": pseudo,
+        }
+
+
+class _Subset:
+    """``dataset`` restricted to ``positions`` (in that order)."""
+
+    def __init__(self, dataset, positions: list[int]):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.positions[index]]
+
+
+def _run_config(settings: RunSettings, data: RunData) -> dict:
+    """The settings that change a run's results (a relaunch must match them to resume)."""
+    hparams = settings.hparams
+    return {
+        "framework": settings.framework,
+        "teacher": settings.teacher,
+        "epochs": hparams.epochs,
+        "per_device_batch_size": hparams.per_device_batch_size,
+        "base_lr": hparams.base_lr,
+        "seed": hparams.seed,
+        "base_size": data.base_size,
+        "crop_size": data.crop_size,
+        "num_labeled": len(data.labeled),
+        "num_unlabeled": len(data.unlabeled),
+        **{key: value for key, value in settings.metadata.items() if key not in ("hardware",)},
+    }
+
+
+def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> dict:
+    """Run (or resume) the whole sequence of ``settings.framework`` and return ``results.json``'s content."""
+    return _Run(accelerator, data, settings).run()
+
+
+def results_table(results: dict) -> str:
+    """The closing table: val mIoU of SupOnly, each re-training stage and the final model, plus
+    pseudo-label mIoU of each labeled subset."""
+    rows = []
+    names = {"suponly": "SupOnly", "retrain": "ST (re-training)", "retrain_reliable": "ST++ stage-1 re-training (reliable)",
+             "retrain_all": "ST++ stage-2 re-training (all)"}
+    for stage in results["stages"]:
+        if stage["kind"] == "train":
+            rows.append((names.get(stage["name"], stage["name"]), stage["val_miou"]))
+    rows.append((f"final ({results['framework']})", results["final"]["val_miou"]))
+    for subset, miou in results["pseudo_label_miou"].items():
+        if miou is not None:
+            rows.append((f"pseudo labels: {subset} images", miou))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':<{width}}  mIoU", "-" * (width + 8)]
+    lines += [f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{100 * value:5.2f}'}" for name, value in rows]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Batched / sharded TTA pseudo-labeling equals the per-image spec procedure (spec section 5)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stpp_hf import build_model
+from stpp_hf.data import PseudoLabelStore
+from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou
+
+NUM_CLASSES = 3
+
+
+def tiny_model(seed=0, perturbation_seed=None):
+    """An untrained DeepLabV3+-ResNet-18 whose argmax varies over an image; ``perturbation_seed``
+    adds classifier noise, like snapshots of one run that partly agree."""
+    torch.manual_seed(seed)
+    model = build_model("deeplabv3plus", num_labels=NUM_CLASSES, backbone="resnet18", output_stride=16)
+    # random BN statistics so the untrained model gives varied, non-constant predictions
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+        elif isinstance(module, torch.nn.Conv2d) and module.out_channels == NUM_CLASSES:
+            torch.nn.init.normal_(module.weight, std=1.0)  # the classifier: spread the class scores
+    if perturbation_seed is not None:
+        torch.manual_seed(perturbation_seed)
+        with torch.no_grad():
+            model.classifier.weight.add_(0.5 * torch.randn_like(model.classifier.weight))
+    model.eval()
+    with torch.no_grad():  # centre each class score so the argmax varies over the image
+        probe = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(seed))
+        model.classifier.bias -= model(pixel_values=probe).logits.mean(dim=(0, 2, 3))
+    return model
+
+
+def images_of_mixed_sizes(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [(40, 48), (40, 48), (40, 48), (36, 52), (40, 48), (36, 52)]
+    items = []
+    for height, width in sizes:
+        image = torch.randn(3, height, width, generator=generator)
+        mask = torch.randint(0, NUM_CLASSES, (height, width), generator=generator)
+        items.append((image, mask))
+    return items
+
+
+@torch.no_grad()
+def reference_pseudo_label(model, image):
+    """Spec section 5, one image at a time, written independently of the package."""
+    height, width = image.shape[-2:]
+    total = 0
+    for scale in (0.5, 0.75, 1.0, 1.5, 2.0):
+        scaled = F.interpolate(image[None], size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True)
+        for flip in (False, True):
+            inputs = scaled.flip(-1) if flip else scaled
+            logits = model(pixel_values=inputs).logits
+            logits = logits.flip(-1) if flip else logits
+            probabilities = F.softmax(logits, dim=1)
+            total = total + F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
+    return total[0]
+
+
+class _FakeShardAccelerator:
+    def __init__(self, process_index, num_processes):
+        self.process_index, self.num_processes, self.device = process_index, num_processes, torch.device("cpu")
+
+
+def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
+    model = tiny_model()
+    dataset = images_of_mixed_sizes()
+    ids = [f"img_{index}" for index in range(len(dataset))]
+    store = PseudoLabelStore(tmp_path / "store")
+    # two "processes" each label their shard into the same store, in batches of 2 same-size images
+    written = [label_images(model, dataset, ids, store, _FakeShardAccelerator(rank, 2), batch_size=2) for rank in (0, 1)]
+    assert written == [3, 3]
+    store.verify(ids)
+    assert store.pending(ids) == []
+    for (image, _), image_id in zip(dataset, ids):
+        reference = reference_pseudo_label(model, image)
+        label = torch.from_numpy(store.get(image_id).astype(np.int64))
+        top2 = reference.topk(2, dim=0).values
+        decided = (top2[0] - top2[1]) > 1e-4  # pixels where float reordering cannot flip the argmax
+        assert decided.float().mean() > 0.95
+        assert torch.equal(label[decided], reference.argmax(0)[decided])
+    assert len(np.unique(np.concatenate([store.get(i).ravel() for i in ids]))) > 1  # not a constant labeling
+
+
+def test_partial_store_is_completed_and_pseudo_label_miou(tmp_path):
+    model = tiny_model(1)
+    dataset = images_of_mixed_sizes(1)
+    ids = [f"img_{index}" for index in range(len(dataset))]
+    store = PseudoLabelStore(tmp_path / "store")
+    label_images(model, dataset[:2], ids[:2], store, batch_size=4)
+    first = np.asarray(store.get(ids[0])).copy()
+    assert sorted(store.pending(ids)) == ids[2:]
+    assert label_images(model, dataset, ids, store, batch_size=4) == len(ids) - 2  # only the missing ones
+    assert np.array_equal(np.asarray(store.get(ids[0])), first)
+    miou = pseudo_label_miou(store, dataset, ids, NUM_CLASSES)
+    assert 0.0 <= miou <= 1.0
+    # against masks equal to the stored labels the mIoU is exactly 1
+    perfect = [(image, torch.from_numpy(store.get(i).astype(np.int64))) for (image, _), i in zip(dataset, ids)]
+    assert pseudo_label_miou(store, perfect, ids, NUM_CLASSES) == pytest.approx(1.0)
+    unlabeled = [(image, None) for image, _ in dataset]
+    assert pseudo_label_miou(store, unlabeled, ids, NUM_CLASSES) is None
+    with pytest.raises(ValueError, match="ids"):
+        label_images(model, dataset, ids[:3], store)

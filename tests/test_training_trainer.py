@@ -1,0 +1,97 @@
+"""The per-stage recipe: param groups, poly lr per optimizer step under accumulation, exact resume."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration
+from safetensors.torch import load_file
+
+from stpp_hf import build_model
+from stpp_hf.training import trainer as trainer_module
+from stpp_hf.training.trainer import StageHyperParameters, scaled_lr, train_stage
+
+NUM_CLASSES = 2
+
+
+def make_model():
+    return build_model("deeplabv3plus", num_labels=NUM_CLASSES, backbone="resnet18", output_stride=16)
+
+
+def toy_set(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(count):
+        image = torch.randn(3, 32, 32, generator=generator)
+        items.append((image, (image[0] > 0).long()))
+    return items
+
+
+def fresh_accelerator(**kwargs):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0), **kwargs)
+
+
+@pytest.fixture
+def recorded_steps(monkeypatch):
+    """The lr of every group at each real SGD step (the prepared optimizer skips accumulation steps)."""
+    steps = []
+    original = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        steps.append([group["lr"] for group in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    return steps
+
+
+def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps):
+    accelerator = fresh_accelerator(gradient_accumulation_steps=2)
+    hparams = StageHyperParameters(epochs=2, per_device_batch_size=2, base_lr=0.01, val_batch_size=4, channels_last=False)
+    summary = train_stage(make_model, toy_set(17, 0), toy_set(3, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
+    # 17 images, batch 2, drop_last -> 8 micro-batches -> 4 optimizer steps per epoch
+    assert summary["steps"] == 8 and len(recorded_steps) == 8
+    lr = scaled_lr(0.01, 2, 1, 2)
+    assert summary["lr"] == pytest.approx(lr) == pytest.approx(0.01 / 16 * 4)
+    for index, (backbone_lr, head_lr) in enumerate(recorded_steps):
+        assert backbone_lr == pytest.approx(lr * (1 - index / 8) ** 0.9)
+        assert head_lr == pytest.approx(10 * backbone_lr)
+    assert len(summary["history"]) == 2 and (tmp_path / "stage" / "best" / "config.json").is_file()
+
+
+def test_too_small_training_set_is_a_clear_error(tmp_path):
+    accelerator = fresh_accelerator()
+    hparams = StageHyperParameters(epochs=1, per_device_batch_size=8, base_lr=0.01)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train_stage(make_model, toy_set(5, 0), toy_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    hparams = StageHyperParameters(epochs=3, per_device_batch_size=4, base_lr=0.02, val_batch_size=4)
+    train, val = toy_set(12, 0), toy_set(4, 1)
+    reference = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "uninterrupted", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+
+    original = trainer_module._save_checkpoint
+    saved = []
+
+    def crash_after_second_checkpoint(*args, **kwargs):
+        original(*args, **kwargs)
+        saved.append(1)
+        if len(saved) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(trainer_module, "_save_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+    monkeypatch.setattr(trainer_module, "_save_checkpoint", original)
+    resumed = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+
+    assert [h["val_miou"] for h in resumed["history"]] == [h["val_miou"] for h in reference["history"]]
+    for relative in ("snapshots/epoch_3/model.safetensors", "best/model.safetensors"):
+        expected = load_file(tmp_path / "uninterrupted" / relative)
+        actual = load_file(tmp_path / "resumed" / relative)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
