@@ -145,10 +145,9 @@ class PseudoLabelStore:
             raise ValueError(f"pseudo label of {image_id!r} must be [H, W], got shape {array.shape}")
         if array.dtype.kind not in "ui" or (array.size and (array.min() < 0 or array.max() > 255)):
             raise ValueError(f"pseudo label of {image_id!r} must hold integers in [0, 255], got dtype {array.dtype}")
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
+        image = Image.fromarray(array.astype(np.uint8))
         if self.palette is not None:
-            image = image.convert("P")
-            image.putpalette(self.palette)
+            image.putpalette(self.palette)  # L -> P keeping the indices
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         payload = buffer.getvalue()
@@ -227,7 +226,7 @@ class PseudoLabelStore:
 
     def get(self, image_id: str) -> np.ndarray:
         """The label of ``image_id`` as ``[H, W]`` uint8 class indices."""
-        return np.asarray(self.open(image_id))
+        return np.array(self.open(image_id))
 
     def __getstate__(self) -> dict:
         # DataLoader workers get their own journal (and re-read entries lazily)

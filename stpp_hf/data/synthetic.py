@@ -227,7 +227,7 @@ def _write_dataset(root: Path, config: SyntheticConfig, palette: list[int]) -> N
         for sample_id, pool, index in samples:
             image, mask = render_sample(config, _sample_rng(config.seed, pool, index))
             Image.fromarray(image).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=config.jpeg_quality)
-            mask_image = Image.fromarray(mask, mode="P")
+            mask_image = Image.fromarray(mask)
             mask_image.putpalette(palette)
             mask_image.save(root / "SegmentationClass" / f"{sample_id}.png")
             entries.append(SplitEntry(f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"))

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from datasets import Dataset, IterableDataset
+from datasets.exceptions import DatasetGenerationError
 
 from ..splits import resolve_split_file
 from .base import FEATURES, DatasetSource, Record, fingerprint, iter_rows
@@ -87,14 +88,21 @@ def load_source(
     if streaming:
         return IterableDataset.from_generator(iter_rows, features=FEATURES, gen_kwargs=gen_kwargs)
     split_text = split_path.read_text(encoding="utf-8") if split_path is not None else ""
-    return Dataset.from_generator(
-        iter_rows,
-        features=FEATURES,
-        gen_kwargs=gen_kwargs,
-        cache_dir=None if cache_dir is None else str(cache_dir),
-        num_proc=num_proc,
-        fingerprint=fingerprint(source, root, split_text, records, validate),
-    )
+    try:
+        return Dataset.from_generator(
+            iter_rows,
+            features=FEATURES,
+            gen_kwargs=gen_kwargs,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            num_proc=num_proc,
+            fingerprint=fingerprint(source, root, split_text, records, validate),
+        )
+    except DatasetGenerationError as error:
+        # datasets wraps the generator's exception; surface ours (it names the bad file) directly
+        cause = error.__cause__
+        if isinstance(cause, (ValueError, OSError, ImportError)):
+            raise cause.with_traceback(cause.__traceback__) from None
+        raise
 
 
 __all__ = [

@@ -65,4 +65,4 @@ class CityscapesSource(DatasetSource):
             return mask
         if mask.mode not in ("L", "P"):
             raise ValueError(f"mask {mask_path} has mode {mask.mode!r}; Cityscapes labelIds are 8-bit grey PNGs")
-        return Image.fromarray(label_ids_to_train_ids()[np.asarray(mask)], mode="L")
+        return Image.fromarray(label_ids_to_train_ids()[np.asarray(mask)])

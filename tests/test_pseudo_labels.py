@@ -1,0 +1,136 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stpp_hf.data.pseudo_labels import MANIFEST_FILE, PseudoLabelStore, teacher_fingerprint
+from stpp_hf.data.synthetic import voc_palette
+
+
+def _label(seed, shape=(12, 17)):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 6, shape).astype(np.uint8)
+    label[0, 0] = 255
+    return label
+
+
+def test_put_get_round_trip_as_palette_png(tmp_path):
+    store = PseudoLabelStore(tmp_path / "store", palette=voc_palette())
+    ids = ["a", "train/aachen/x_000001", "train/bochum/x_000001", "100%_done"]
+    for index, image_id in enumerate(ids):
+        store.put(image_id, _label(index))
+    for index, image_id in enumerate(ids):
+        assert np.array_equal(store.get(image_id), _label(index))
+    # same basename in two "cities": two distinct files, one single-channel palette PNG each
+    files = {store.entries()[image_id]["file"] for image_id in ids}
+    assert len(files) == len(ids)
+    png = Image.open(tmp_path / "store" / store.entries()["train/aachen/x_000001"]["file"])
+    assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]
+    assert store.pending(ids) == []
+    store.verify(ids)
+    manifest = json.loads((tmp_path / "store" / MANIFEST_FILE).read_text())
+    assert set(manifest["entries"]) == set(ids)
+    assert set(manifest["entries"]["a"]) >= {"file", "size", "sha256", "height", "width"}
+
+
+def test_put_rejects_bad_label_maps(tmp_path):
+    store = PseudoLabelStore(tmp_path)
+    with pytest.raises(ValueError, match=r"must be \[H, W\]"):
+        store.put("x", np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match="integers in"):
+        store.put("x", np.full((2, 3), 300))
+    with pytest.raises(ValueError, match="integers in"):
+        store.put("x", np.zeros((2, 3), np.float32))
+
+
+def test_resume_redoes_only_missing_or_corrupt(tmp_path):
+    store = PseudoLabelStore(tmp_path / "s")
+    ids = [f"img{i}" for i in range(6)]
+    for image_id in ids[:4]:
+        store.put(image_id, _label(1))
+    # corrupt one file (same size, other bytes), truncate another
+    entries = store.entries()
+    corrupt = tmp_path / "s" / entries["img1"]["file"]
+    payload = bytearray(corrupt.read_bytes())
+    payload[-20] ^= 0xFF
+    corrupt.write_bytes(bytes(payload))
+    truncated = tmp_path / "s" / entries["img2"]["file"]
+    truncated.write_bytes(truncated.read_bytes()[:10])
+    reopened = PseudoLabelStore(tmp_path / "s")
+    assert reopened.pending(ids) == ["img1", "img2", "img4", "img5"]
+    with pytest.raises(ValueError, match="4 of 6 labels unusable.*'img1': file .* checksum.*'img2': file .* bytes"):
+        reopened.verify(ids)
+    for image_id in reopened.pending(ids):
+        reopened.put(image_id, _label(2))
+    reopened.verify(ids)
+    assert np.array_equal(reopened.get("img1"), _label(2))
+    assert np.array_equal(reopened.get("img0"), _label(1))
+
+
+def test_missing_entry_and_file_are_errors_naming_the_id(tmp_path):
+    store = PseudoLabelStore(tmp_path)
+    store.put("present", _label(0))
+    with pytest.raises(KeyError, match="'absent'"):
+        store.get("absent")
+    with pytest.raises(ValueError, match="'absent': no manifest entry"):
+        store.verify(["present", "absent"])
+    (tmp_path / store.entries()["present"]["file"]).unlink()
+    with pytest.raises(FileNotFoundError, match="'present'"):
+        PseudoLabelStore(tmp_path).get("present")
+
+
+def test_concurrent_writers_and_torn_journal_line(tmp_path):
+    """Two processes' stores write disjoint ids into one directory; a reader sees all of them.
+    A writer killed mid-line leaves a torn last line: that entry is simply still pending."""
+    first, second = PseudoLabelStore(tmp_path), PseudoLabelStore(tmp_path)
+    first.put("a", _label(0))
+    second.put("b", _label(1))
+    first.put("c", _label(2))
+    journals = sorted(tmp_path.glob("journal-*.jsonl"))
+    assert len(journals) == 2
+    with open(journals[0], "a") as stream:
+        stream.write('{"id": "d", "file": "labels/d.pn')
+    reader = PseudoLabelStore(tmp_path)
+    assert reader.pending(["a", "b", "c", "d"]) == ["d"]
+    reader.put("d", _label(3))
+    reader.verify(["a", "b", "c", "d"])
+    # the consolidated manifest alone is enough once the journals are gone
+    for journal in tmp_path.glob("journal-*.jsonl"):
+        journal.unlink()
+    assert np.array_equal(PseudoLabelStore(tmp_path).get("b"), _label(1))
+
+
+def test_no_temporary_files_left(tmp_path):
+    store = PseudoLabelStore(tmp_path)
+    store.put("x", _label(0))
+    store.verify(["x"])
+    assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
+
+
+def test_teacher_fingerprint_keys_the_store(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"weights-1")
+    (teacher / "config.json").write_text("{}")
+    fingerprint = teacher_fingerprint(teacher)
+    store = PseudoLabelStore.for_teacher(tmp_path / "labels", fingerprint, "label_reliable")
+    store.put("x", _label(0))
+    assert store.directory.name == f"label_reliable-{fingerprint[:16]}"
+    (teacher / "model.safetensors").write_bytes(b"weights-2")
+    other = teacher_fingerprint(teacher)
+    assert other != fingerprint
+    with pytest.raises(ValueError, match="holds pseudo labels of teacher"):
+        PseudoLabelStore(store.directory, fingerprint=other)
+    assert PseudoLabelStore(store.directory, fingerprint=fingerprint).pending(["x"]) == []
+
+
+def test_store_pickles_for_dataloader_workers(tmp_path):
+    store = PseudoLabelStore(tmp_path)
+    store.put("x", _label(0))
+    copy = pickle.loads(pickle.dumps(store))
+    assert np.array_equal(copy.get("x"), _label(0))
+    copy.put("y", _label(1))  # its own journal, not the parent's
+    assert len(list(tmp_path.glob("journal-*.jsonl"))) == 2
+    assert store.pending(["x", "y"]) == []

@@ -1,0 +1,247 @@
+"""Statistics of the method's augmentations (spec section 3): not just shapes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+from stpp_hf.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    cutout,
+    mask_to_tensor,
+    pad_and_crop,
+    random_hflip,
+    random_scale,
+)
+
+
+def _noise_image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _mask(array):
+    return Image.fromarray(np.asarray(array, dtype=np.uint8), mode="L")
+
+
+def _denormalize(pixel_values):
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (pixel_values * std + mean) * 255
+
+
+@pytest.mark.parametrize("width,height", [(200, 100), (90, 150)])
+def test_random_scale_long_side_range_and_rounding(width, height):
+    torch.manual_seed(0)
+    image = _noise_image(width, height)
+    mask = mask_to_tensor(_mask(np.zeros((height, width))), image.size)
+    long_sides = []
+    for _ in range(400):
+        scaled, scaled_mask = random_scale(image, mask, base_size=64)
+        new_width, new_height = scaled.size
+        long_side = max(new_width, new_height)
+        long_sides.append(long_side)
+        # aspect kept, short side rounded half up, mask follows the image
+        expected_short = int(min(width, height) * long_side / max(width, height) + 0.5)
+        assert min(new_width, new_height) == expected_short
+        assert (new_width >= new_height) == (width >= height)
+        assert tuple(scaled_mask.shape[-2:]) == (new_height, new_width)
+    assert min(long_sides) >= 32 and max(long_sides) <= 128
+    # uniform over 97 integers: both ends of the range are reached, mean near the middle
+    assert min(long_sides) <= 34 and max(long_sides) >= 126
+    assert abs(np.mean(long_sides) - 80) < 5
+
+
+def test_resize_matches_pil_bilinear_image_and_nearest_mask():
+    """The image goes through PIL bilinear and the mask through nearest, as in the reference."""
+    torch.manual_seed(3)
+    image = _noise_image(77, 53)
+    labels = np.random.default_rng(1).choice([0, 7, 200], size=(53, 77)).astype(np.uint8)
+    for _ in range(20):
+        scaled, scaled_mask = random_scale(image, mask_to_tensor(_mask(labels), image.size), base_size=60)
+        reference = image.resize(scaled.size, Image.BILINEAR)
+        assert np.array_equal(np.asarray(scaled), np.asarray(reference))
+        reference_mask = np.asarray(_mask(labels).resize(scaled.size, Image.NEAREST))
+        assert np.array_equal(scaled_mask[0].numpy(), reference_mask)
+
+
+def test_masks_are_never_interpolated():
+    torch.manual_seed(0)
+    labels = np.random.default_rng(0).choice([0, 7, 200], size=(40, 60)).astype(np.uint8)
+    image, mask = _noise_image(60, 40), _mask(labels)
+    for strong in (False, True):
+        transform = TrainTransform(base_size=50, crop_size=48, strong=strong)
+        seen = set()
+        for _ in range(60):
+            _, out = transform(image, mask)
+            assert out.dtype == torch.int64 and out.shape == (48, 48)
+            seen.update(out.unique().tolist())
+        # only the original values and the pad / cutout ignore value, never a blend such as 3 or 100
+        assert seen <= {0, 7, 200, 255}
+        assert {0, 7, 200} <= seen
+
+
+def test_pad_right_bottom_with_image_zero_and_mask_ignore():
+    image = Image.new("RGB", (20, 10), (100, 150, 200))
+    mask = mask_to_tensor(_mask(np.full((10, 20), 3)), image.size)
+    padded, padded_mask = pad_and_crop(image, mask, crop_size=32)
+    pixels = np.asarray(padded)
+    assert padded.size == (32, 32) and padded_mask.shape == (1, 32, 32)
+    # the original sits at the top-left: padding only on the right and bottom
+    assert (pixels[:10, :20] == (100, 150, 200)).all()
+    assert (pixels[10:] == 0).all() and (pixels[:, 20:] == 0).all()
+    assert (padded_mask[0, :10, :20] == 3).all()
+    assert (padded_mask[0, 10:] == 255).all() and (padded_mask[0, :, 20:] == 255).all()
+
+
+def test_crop_position_is_uniform_and_joint():
+    torch.manual_seed(0)
+    width = height = 40
+    columns = np.tile(np.arange(width, dtype=np.uint8), (height, 1))
+    image = Image.fromarray(np.stack([columns] * 3, axis=-1))
+    mask = mask_to_tensor(_mask(columns), image.size)
+    offsets = []
+    for _ in range(300):
+        cropped, cropped_mask = pad_and_crop(image, mask, crop_size=32)
+        left = int(np.asarray(cropped)[0, 0, 0])
+        assert (cropped_mask[0].numpy() == np.asarray(cropped)[..., 0]).all()
+        offsets.append(left)
+    assert set(offsets) == set(range(width - 32 + 1))
+
+
+def test_flip_is_joint_with_probability_half():
+    torch.manual_seed(0)
+    columns = np.tile(np.arange(30, dtype=np.uint8), (20, 1))
+    image = Image.fromarray(np.stack([columns] * 3, axis=-1))
+    mask = mask_to_tensor(_mask(columns), image.size)
+    flips = 0
+    for _ in range(400):
+        flipped, flipped_mask = random_hflip(image, mask)
+        pixels = np.asarray(flipped)[..., 0]
+        assert (flipped_mask[0].numpy() == pixels).all()
+        flips += int(pixels[0, 0] == 29)
+    assert 160 <= flips <= 240  # Binomial(400, 0.5): > 4 sigma margin
+
+
+def test_train_transform_keeps_image_and_mask_aligned():
+    """Left half red = class 1, right half blue = class 2: after every augmentation, class-1 pixels are red."""
+    torch.manual_seed(0)
+    pixels = np.zeros((60, 80, 3), dtype=np.uint8)
+    pixels[:, :40] = (255, 0, 0)
+    pixels[:, 40:] = (0, 0, 255)
+    labels = np.ones((60, 80), dtype=np.uint8)
+    labels[:, 40:] = 2
+    transform = TrainTransform(base_size=80, crop_size=48)
+    for _ in range(50):
+        image, mask = transform(Image.fromarray(pixels), _mask(labels))
+        rgb = _denormalize(image)
+        interior = torch.nn.functional.max_pool2d((mask != 1).float()[None], 3, 1, 1)[0] == 0  # away from edges
+        assert (rgb[0][interior] > 200).all() and (rgb[2][interior] < 55).all()
+        interior = torch.nn.functional.max_pool2d((mask != 2).float()[None], 3, 1, 1)[0] == 0
+        assert (rgb[2][interior] > 200).all() and (rgb[0][interior] < 55).all()
+
+
+def test_cutout_box_area_ratio_values_and_mask_fill():
+    torch.manual_seed(0)
+    height, width = 100, 120
+    areas, corners, applied = [], [], 0
+    for _ in range(300):
+        image = torch.full((3, height, width), 7, dtype=torch.uint8)
+        mask = torch.zeros((1, height, width), dtype=torch.uint8)
+        image, mask = cutout(image, mask)
+        box = mask[0] == 255
+        changed = (image != 7).any(dim=0)
+        if not box.any():
+            assert not changed.any()
+            continue
+        applied += 1
+        rows, cols = box.any(dim=1).nonzero(), box.any(dim=0).nonzero()
+        box_height, box_width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert box.sum() == box_height * box_width  # one rectangle, fully inside the image
+        assert 0.3 * 0.8 <= box_height / box_width <= 1 / 0.3 * 1.25
+        areas.append(box.sum().item() / (height * width))
+        corners.append((int(rows.min()), int(cols.min())))
+        # random values only inside the box (uniform 0..255: mean ~127.5, std ~74)
+        assert not (changed & ~box).any()
+        values = image[:, box].float()
+        assert abs(values.mean().item() - 127.5) < 20 and values.std().item() > 55
+    assert 110 <= applied <= 190  # p = 0.5
+    assert min(areas) >= 0.012 and max(areas) <= 0.4
+    assert 0.1 < np.mean(areas) < 0.25
+    tops, lefts = zip(*corners)  # the corner is drawn anywhere the box fits
+    assert min(tops) <= 2 and max(tops) >= height // 2 and min(lefts) <= 2 and max(lefts) >= width // 2
+
+
+def test_strong_augmentation_only_when_asked():
+    """Weak never writes 255 (no padding needed here) nor grays the image; strong does both at the spec's rates."""
+    torch.manual_seed(0)
+    image = _noise_image(96, 96)
+    mask = _mask(np.zeros((96, 96)))
+    results = {}
+    for strong in (False, True):
+        transform = TrainTransform(base_size=96, crop_size=40, strong=strong)
+        cutouts = grays = 0
+        for _ in range(200):
+            pixels, labels = transform(image, mask)
+            cutouts += int((labels == 255).any())
+            rgb = _denormalize(pixels)[:, labels != 255]
+            grays += int((rgb.max(dim=0).values - rgb.min(dim=0).values).max() < 1.0)
+        results[strong] = (cutouts, grays)
+    assert results[False] == (0, 0)
+    cutouts, grays = results[True]
+    assert 70 <= cutouts <= 130  # p = 0.5
+    assert 18 <= grays <= 65  # p = 0.2 (grayscale after jitter keeps three equal channels)
+
+
+def test_eval_transform_normalises_full_image():
+    image = Image.new("RGB", (33, 21), (255, 128, 0))
+    pixels, labels = EvalTransform()(image, _mask(np.full((21, 33), 4)))
+    expected = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert pixels.shape == (3, 21, 33) and labels.shape == (21, 33) and labels.dtype == torch.int64
+    assert torch.allclose(pixels[:, 5, 7], expected, atol=1e-6)
+    assert (labels == 4).all()
+    pixels, labels = EvalTransform()(image.convert("L"), None)
+    assert pixels.shape == (3, 21, 33) and labels is None
+
+
+def test_bad_masks_are_rejected():
+    image = Image.new("RGB", (10, 10))
+    with pytest.raises(ValueError, match="10x10 but its mask is 12x10"):
+        EvalTransform()(image, _mask(np.zeros((10, 12))))
+    with pytest.raises(ValueError, match="mode 'RGB'"):
+        TrainTransform(16, 8)(image, Image.new("RGB", (10, 10)))
+    with pytest.raises(ValueError, match="needs a mask"):
+        TrainTransform(16, 8)(image, None)
+    assert isinstance(mask_to_tensor(_mask(np.zeros((10, 10))), (10, 10)), tv_tensors.Mask)
+
+
+class _SameImage(Dataset):
+    def __init__(self):
+        self.image, self.mask = _noise_image(64, 64), _mask(np.zeros((64, 64)))
+        self.transform = TrainTransform(base_size=64, crop_size=32, strong=True)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return self.transform(self.image, self.mask)[0]
+
+
+def _loader_outputs(seed):
+    loader = DataLoader(_SameImage(), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(seed))
+    return torch.cat(list(loader))
+
+
+def test_seeded_reproducible_and_distinct_across_workers():
+    first, again, other = _loader_outputs(0), _loader_outputs(0), _loader_outputs(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # items 0 and 1 come from different workers: different draws of the same image
+    assert not torch.equal(first[0], first[1])
+    flat = first.flatten(1)
+    assert len({tuple(row[:50].tolist()) for row in flat}) == len(flat)
