@@ -1,0 +1,86 @@
+"""Image processor, label presets and colorize."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from stpp_hf.models import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    PASCAL_VOC_CLASSES,
+    PASCAL_VOC_PALETTE,
+    DeepLabImageProcessor,
+    DeepLabV3PlusConfig,
+    colorize,
+    get_label_preset,
+)
+
+
+def test_processor_normalises_with_imagenet_statistics_and_keeps_size():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 21, (37, 53), dtype=np.uint8))
+    inputs = DeepLabImageProcessor()(image, segmentation_maps=mask, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 37, 53)
+    expected = (np.asarray(image) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(inputs["pixel_values"][0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    assert inputs["labels"].dtype == torch.int64
+    assert torch.equal(inputs["labels"][0], torch.from_numpy(np.asarray(mask).astype(np.int64)))
+
+
+def test_processor_save_load_through_auto_class(tmp_path):
+    DeepLabV3PlusConfig(backbone="resnet18").save_pretrained(tmp_path)
+    DeepLabImageProcessor().save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, DeepLabImageProcessor)
+    assert loaded.do_resize is False and list(loaded.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_post_process_semantic_segmentation():
+    logits = torch.randn(2, 5, 8, 12)
+    maps = DeepLabImageProcessor().post_process_semantic_segmentation(SemanticSegmenterOutput(logits=logits))
+    assert len(maps) == 2 and torch.equal(maps[1], logits[1].argmax(0))
+    resized = DeepLabImageProcessor().post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=logits), target_sizes=[(16, 24), (4, 6)]
+    )
+    expected = torch.nn.functional.interpolate(logits[:1], size=(16, 24), mode="bilinear", align_corners=True)
+    assert resized[0].shape == (16, 24) and resized[1].shape == (4, 6)
+    assert torch.equal(resized[0], expected[0].argmax(0))
+    with pytest.raises(ValueError, match="target_sizes"):
+        DeepLabImageProcessor().post_process_semantic_segmentation(logits, target_sizes=[(4, 4)])
+
+
+def test_presets_hold_the_dataset_classes():
+    assert len(PASCAL_VOC_CLASSES) == 21 and PASCAL_VOC_CLASSES[15] == "person"
+    assert len(CITYSCAPES_CLASSES) == 19 and CITYSCAPES_CLASSES[13] == "car"
+    assert get_label_preset("cityscapes").id2label[0] == "road"
+    # Known entries of the VOC colour map and of the Cityscapes train-id colours.
+    assert PASCAL_VOC_PALETTE[0] == (0, 0, 0) and PASCAL_VOC_PALETTE[1] == (128, 0, 0)
+    assert PASCAL_VOC_PALETTE[15] == (192, 128, 128) and PASCAL_VOC_PALETTE[255] == (224, 224, 192)
+    assert CITYSCAPES_PALETTE[0] == (128, 64, 128) and len(CITYSCAPES_PALETTE) == 19
+
+
+def test_colorize_gives_a_palette_image_keeping_class_ids(tmp_path):
+    label_map = np.array([[0, 1, 255], [15, 20, 0]], dtype=np.int64)
+    image = colorize(label_map, "pascal_voc")
+    assert image.mode == "P" and image.size == (3, 2)
+    rgb = np.asarray(image.convert("RGB"))
+    assert tuple(rgb[0, 1]) == (128, 0, 0) and tuple(rgb[1, 0]) == (192, 128, 128) and tuple(rgb[0, 2]) == (224, 224, 192)
+    image.save(tmp_path / "mask.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "mask.png")), label_map)
+    city = colorize(torch.tensor([[13, 0]]), CITYSCAPES_PALETTE)
+    assert tuple(np.asarray(city.convert("RGB"))[0, 0]) == (0, 0, 142)
+
+
+def test_colorize_rejects_bad_label_maps():
+    with pytest.raises(ValueError, match=r"values \[19\]"):
+        colorize(np.array([[0, 19]]), CITYSCAPES_PALETTE)
+    with pytest.raises(ValueError, match="2-D"):
+        colorize(np.zeros((2, 2, 3), dtype=np.uint8), "pascal_voc")
+    with pytest.raises(ValueError, match="integer"):
+        colorize(np.zeros((2, 2)), "pascal_voc")
+    with pytest.raises(ValueError, match="allowed values"):
+        colorize(np.zeros((2, 2), dtype=np.uint8), "ade20k")
