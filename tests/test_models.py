@@ -277,7 +277,7 @@ def test_bad_inputs_raise_clear_errors(small_model):
         (DeepLabV3PlusConfig, {"aspp_rates": [6, 12]}, "aspp_rates"),
         (DeepLabV3PlusConfig, {"aspp_channels": 0}, "aspp_channels"),
         (DeepLabV3PlusConfig, {"head_lr_multiplier": -1}, "head_lr_multiplier"),
-        (DeepLabV3PlusConfig, {"num_labels": 3, "id2label": {0: "a", 1: "b"}}, "num_labels"),
+        (DeepLabV3PlusConfig, {"id2label": {0: "a", 2: "b"}}, "id2label"),
         (DeepLabV2Config, {"classifier_rates": []}, "classifier_rates"),
         (DeepLabV2Config, {"classifier_init_std": 0}, "classifier_init_std"),
         (DeepLabV2Config, {"output_stride": 4}, "output_stride"),
@@ -309,3 +309,14 @@ def test_presets_and_config_round_trip(tmp_path):
         DeepLabV3PlusConfig.from_preset("ade20k")
     with pytest.raises(ValueError, match="num_labels must be 19"):
         DeepLabV3PlusConfig.from_preset("cityscapes", num_labels=21)
+
+
+def test_fine_tuning_with_another_class_count(tmp_path):
+    torch.manual_seed(6)
+    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, preset="pascal_voc")
+    model.save_pretrained(tmp_path)
+    tuned = DeepLabV3PlusForSemanticSegmentation.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert tuned.config.num_labels == 5 and tuned.classifier.weight.shape == (5, 256, 1, 1)
+    assert torch.isfinite(tuned.classifier.weight).all() and tuned.classifier.weight.std() > 0  # freshly initialised
+    assert torch.equal(tuned.backbone.conv1.weight, model.backbone.conv1.weight)
+    assert torch.equal(tuned.fuse[0].conv.weight, model.fuse[0].conv.weight)

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.utils import logging
 
 from .label_presets import get_label_preset
+
+logger = logging.get_logger(__name__)
 
 ALLOWED_OUTPUT_STRIDES = (8, 16)
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -54,12 +57,19 @@ class DeepLabConfigMixin:
         """Validate the shared fields, set them, and return the kwargs for `PreTrainedConfig.__init__`.
 
         `num_labels` defaults to 21 (Pascal VOC) unless `id2label` is given: `from_pretrained` passes only
-        `id2label`, and a default `num_labels` would silently override it.
+        `id2label`, and a default `num_labels` would silently override it. An explicit `num_labels` that
+        disagrees with `id2label` wins, as in transformers (`from_pretrained(path, num_labels=5)` to fine-tune),
+        with generic class names and a warning.
         """
-        if "id2label" in kwargs and kwargs["id2label"] is not None:
+        if kwargs.get("id2label") is not None and num_labels is not None and num_labels != len(kwargs["id2label"]):
+            logger.warning(
+                f"num_labels={num_labels} replaces the {len(kwargs['id2label'])} class names of id2label "
+                "with generic ones (LABEL_0, ...)"
+            )
+            kwargs.pop("id2label")
+            kwargs.pop("label2id", None)
+        if kwargs.get("id2label") is not None:
             id2label = {int(index): name for index, name in kwargs["id2label"].items()}
-            if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} does not match id2label, which has {len(id2label)} entries")
             if sorted(id2label) != list(range(len(id2label))):
                 raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}")
             kwargs["id2label"] = id2label
