@@ -223,7 +223,6 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         """
         Args:
