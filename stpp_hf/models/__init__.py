@@ -17,6 +17,7 @@ from .deeplab.label_presets import (
     PASCAL_VOC_PALETTE,
     LabelPreset,
     colorize,
+    flat_palette,
     get_label_preset,
 )
 from .deeplab.modeling_deeplabv2 import DeepLabV2ForSemanticSegmentation
@@ -66,5 +67,6 @@ __all__ = [
     "LabelPreset",
     "build_model",
     "colorize",
+    "flat_palette",
     "get_label_preset",
 ]

@@ -262,6 +262,7 @@ class DeepLabPreTrainedModel(PreTrainedModel):
 
         For each scale s the [B, 3, h, w] input is resized to (int(h*s), int(w*s)) (bilinear, align_corners=True);
         the softmax of the prediction on it (and on its flip, flipped back) is resized to (h, w) the same way.
+        Call it in eval mode (BatchNorm running statistics, no dropout), as the method does.
 
         Returns:
             [B, num_labels, h, w] sum of all those softmax maps (argmax gives the pseudo label).
