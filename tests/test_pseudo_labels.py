@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from stpp_hf.data.pseudo_labels import MANIFEST_FILE, PseudoLabelStore, teacher_fingerprint
-from stpp_hf.data.synthetic import voc_palette
+from stpp_hf.models.deeplab.label_presets import flat_palette
 
 
 def _label(seed, shape=(12, 17)):
@@ -17,7 +17,7 @@ def _label(seed, shape=(12, 17)):
 
 
 def test_put_get_round_trip_as_palette_png(tmp_path):
-    store = PseudoLabelStore(tmp_path / "store", palette=voc_palette())
+    store = PseudoLabelStore(tmp_path / "store", palette=flat_palette("pascal_voc"))
     ids = ["a", "train/aachen/x_000001", "train/bochum/x_000001", "100%_done"]
     for index, image_id in enumerate(ids):
         store.put(image_id, _label(index))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
@@ -14,9 +14,8 @@ from stpp_hf.data.transforms import (
     TrainTransform,
     cutout,
     mask_to_tensor,
-    pad_and_crop,
     random_hflip,
-    random_scale,
+    random_scale_and_crop,
 )
 
 
@@ -37,37 +36,60 @@ def _denormalize(pixel_values):
 
 @pytest.mark.parametrize("width,height", [(200, 100), (90, 150)])
 def test_random_scale_long_side_range_and_rounding(width, height):
+    """With a crop larger than 2 * base the whole resized image sits in the crop: its extent is the
+    non-ignore region of the (all-zero) mask."""
     torch.manual_seed(0)
     image = _noise_image(width, height)
     mask = mask_to_tensor(_mask(np.zeros((height, width))), image.size)
     long_sides = []
     for _ in range(400):
-        scaled, scaled_mask = random_scale(image, mask, base_size=64)
-        new_width, new_height = scaled.size
+        _, out = random_scale_and_crop(image, mask, base_size=64, crop_size=130)
+        inside = out[0] != 255
+        new_height, new_width = int(inside.any(dim=1).sum()), int(inside.any(dim=0).sum())
+        assert inside.sum() == new_height * new_width  # a top-left rectangle
         long_side = max(new_width, new_height)
         long_sides.append(long_side)
-        # aspect kept, short side rounded half up, mask follows the image
-        expected_short = int(min(width, height) * long_side / max(width, height) + 0.5)
-        assert min(new_width, new_height) == expected_short
+        # aspect kept, short side rounded half up
+        assert min(new_width, new_height) == int(min(width, height) * long_side / max(width, height) + 0.5)
         assert (new_width >= new_height) == (width >= height)
-        assert tuple(scaled_mask.shape[-2:]) == (new_height, new_width)
     assert min(long_sides) >= 32 and max(long_sides) <= 128
     # uniform over 97 integers: both ends of the range are reached, mean near the middle
     assert min(long_sides) <= 34 and max(long_sides) >= 126
     assert abs(np.mean(long_sides) - 80) < 5
 
 
-def test_resize_matches_pil_bilinear_image_and_nearest_mask():
-    """The image goes through PIL bilinear and the mask through nearest, as in the reference."""
-    torch.manual_seed(3)
-    image = _noise_image(77, 53)
-    labels = np.random.default_rng(1).choice([0, 7, 200], size=(53, 77)).astype(np.uint8)
-    for _ in range(20):
-        scaled, scaled_mask = random_scale(image, mask_to_tensor(_mask(labels), image.size), base_size=60)
-        reference = image.resize(scaled.size, Image.BILINEAR)
-        assert np.array_equal(np.asarray(scaled), np.asarray(reference))
-        reference_mask = np.asarray(_mask(labels).resize(scaled.size, Image.NEAREST))
-        assert np.array_equal(scaled_mask[0].numpy(), reference_mask)
+def _reference_scale_and_crop(image, mask, base_size, crop_size):
+    """Spec section 3 written plainly with PIL (resize the whole image, expand, crop), drawing the same
+    random numbers in the same order as the package."""
+    long_side = int(torch.randint(int(base_size * 0.5), int(base_size * 2.0) + 1, ()))
+    width, height = image.size
+    size = (int(width * long_side / height + 0.5), long_side) if height > width else (long_side, int(height * long_side / width + 0.5))
+    image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+    pad = (0, 0, max(crop_size - size[0], 0), max(crop_size - size[1], 0))
+    image, mask = ImageOps.expand(image, border=pad, fill=0), ImageOps.expand(mask, border=pad, fill=255)
+    left = int(torch.randint(0, image.size[0] - crop_size + 1, ()))
+    top = int(torch.randint(0, image.size[1] - crop_size + 1, ()))
+    box = (left, top, left + crop_size, top + crop_size)
+    return image.crop(box), mask.crop(box), left
+
+
+@pytest.mark.parametrize("width,height,base_size,crop_size", [(77, 53, 60, 40), (53, 77, 60, 64), (120, 90, 50, 48)])
+def test_fused_scale_and_crop_equals_the_plain_reference(width, height, base_size, crop_size):
+    """Resizing only the crop window gives the reference's pixels: bilinear image, nearest mask."""
+    image = _noise_image(width, height)
+    labels = np.random.default_rng(1).choice([0, 7, 200], size=(height, width)).astype(np.uint8)
+    lefts = set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        fused_image, fused_mask = random_scale_and_crop(image, mask_to_tensor(_mask(labels), image.size), base_size, crop_size)
+        torch.manual_seed(seed)
+        expected_image, expected_mask, left = _reference_scale_and_crop(image, _mask(labels), base_size, crop_size)
+        lefts.add(left)
+        assert fused_image.size == (crop_size, crop_size) and fused_mask.shape == (1, crop_size, crop_size)
+        assert np.array_equal(fused_mask[0].numpy(), np.asarray(expected_mask))
+        difference = np.abs(np.asarray(fused_image, dtype=int) - np.asarray(expected_image, dtype=int))
+        assert difference.max() <= 1 and difference.mean() < 0.5  # 8-bit rounding of PIL's intermediate pass only
+    assert len(lefts) > 5  # the crop position is drawn, not fixed
 
 
 def test_masks_are_never_interpolated():
@@ -87,31 +109,19 @@ def test_masks_are_never_interpolated():
 
 
 def test_pad_right_bottom_with_image_zero_and_mask_ignore():
+    torch.manual_seed(0)
     image = Image.new("RGB", (20, 10), (100, 150, 200))
     mask = mask_to_tensor(_mask(np.full((10, 20), 3)), image.size)
-    padded, padded_mask = pad_and_crop(image, mask, crop_size=32)
-    pixels = np.asarray(padded)
-    assert padded.size == (32, 32) and padded_mask.shape == (1, 32, 32)
-    # the original sits at the top-left: padding only on the right and bottom
-    assert (pixels[:10, :20] == (100, 150, 200)).all()
-    assert (pixels[10:] == 0).all() and (pixels[:, 20:] == 0).all()
-    assert (padded_mask[0, :10, :20] == 3).all()
-    assert (padded_mask[0, 10:] == 255).all() and (padded_mask[0, :, 20:] == 255).all()
-
-
-def test_crop_position_is_uniform_and_joint():
-    torch.manual_seed(0)
-    width = height = 40
-    columns = np.tile(np.arange(width, dtype=np.uint8), (height, 1))
-    image = Image.fromarray(np.stack([columns] * 3, axis=-1))
-    mask = mask_to_tensor(_mask(columns), image.size)
-    offsets = []
-    for _ in range(300):
-        cropped, cropped_mask = pad_and_crop(image, mask, crop_size=32)
-        left = int(np.asarray(cropped)[0, 0, 0])
-        assert (cropped_mask[0].numpy() == np.asarray(cropped)[..., 0]).all()
-        offsets.append(left)
-    assert set(offsets) == set(range(width - 32 + 1))
+    for _ in range(20):
+        padded, padded_mask = random_scale_and_crop(image, mask, base_size=20, crop_size=48)
+        pixels = np.asarray(padded)
+        new_height, new_width = int((padded_mask[0] == 3).any(dim=1).sum()), int((padded_mask[0] == 3).any(dim=0).sum())
+        assert padded.size == (48, 48) and 10 <= new_width <= 40 and new_height == int(new_width / 2 + 0.5)
+        # the resized original sits at the top-left: padding only on the right and bottom
+        assert (pixels[:new_height, :new_width] == (100, 150, 200)).all()
+        assert (pixels[new_height:] == 0).all() and (pixels[:, new_width:] == 0).all()
+        assert (padded_mask[0, :new_height, :new_width] == 3).all()
+        assert (padded_mask[0, new_height:] == 255).all() and (padded_mask[0, :, new_width:] == 255).all()
 
 
 def test_flip_is_joint_with_probability_half():

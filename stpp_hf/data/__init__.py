@@ -12,9 +12,19 @@ from .splits import (
     shipped_split_path,
     write_split,
 )
-from .synthetic import SyntheticDataset, make_synthetic_dataset
 from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
 from .transforms import EvalTransform, TrainTransform
+
+
+
+def __getattr__(name: str):
+    # imported lazily so `python -m stpp_hf.data.synthetic` does not run a module imported twice
+    if name in ("SyntheticDataset", "make_synthetic_dataset"):
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SOURCES",

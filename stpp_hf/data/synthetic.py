@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..models.deeplab.label_presets import PASCAL_VOC_PALETTE, colorize, flat_palette
 from .splits import SplitEntry, atomic_write_bytes, write_split
 
 SYNTHETIC_ID2LABEL = {0: "background", 1: "disc", 2: "box", 3: "triangle", 4: "ring", 5: "cross"}
@@ -55,21 +56,6 @@ _CLASS_STYLES = {
     4: ((0.58, 0.72), ("stripes", "plain")),
     5: ((0.24, 0.42), ("checker",)),
 }
-
-
-def voc_palette() -> list[int]:
-    """The Pascal VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list of 256 colours."""
-    palette = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for shift in range(7, -1, -1):
-            red |= (code & 1) << shift
-            green |= ((code >> 1) & 1) << shift
-            blue |= ((code >> 2) & 1) << shift
-            code >>= 3
-        palette += [red, green, blue]
-    return palette
 
 
 @dataclass
@@ -104,7 +90,7 @@ class SyntheticDataset:
     root: Path
     split_files: dict[str, Path]
     id2label: dict[int, str] = field(default_factory=lambda: dict(SYNTHETIC_ID2LABEL))
-    palette: list[int] = field(default_factory=voc_palette)
+    palette: list[int] = field(default_factory=lambda: flat_palette(PASCAL_VOC_PALETTE))
 
     @property
     def num_labels(self) -> int:
@@ -219,7 +205,7 @@ def _sample_plan(config: SyntheticConfig) -> dict[str, list[tuple[str, str, int]
     }
 
 
-def _write_dataset(root: Path, config: SyntheticConfig, palette: list[int]) -> None:
+def _write_dataset(root: Path, config: SyntheticConfig) -> None:
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
     for part, samples in _sample_plan(config).items():
@@ -227,9 +213,7 @@ def _write_dataset(root: Path, config: SyntheticConfig, palette: list[int]) -> N
         for sample_id, pool, index in samples:
             image, mask = render_sample(config, _sample_rng(config.seed, pool, index))
             Image.fromarray(image).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=config.jpeg_quality)
-            mask_image = Image.fromarray(mask)
-            mask_image.putpalette(palette)
-            mask_image.save(root / "SegmentationClass" / f"{sample_id}.png")
+            colorize(mask, PASCAL_VOC_PALETTE).save(root / "SegmentationClass" / f"{sample_id}.png")
             entries.append(SplitEntry(f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"))
         write_split(root / "splits" / f"{part}.txt", entries)
     info = {"config": asdict(config), "id2label": {str(k): v for k, v in SYNTHETIC_ID2LABEL.items()}}
@@ -247,7 +231,7 @@ def make_synthetic_dataset(output_dir: str | Path, seed: int = 0, **settings) ->
     config = SyntheticConfig(seed=seed, **settings)
     root = Path(output_dir)
     split_files = {part: root / "splits" / f"{part}.txt" for part in ("labeled", "unlabeled", "val")}
-    palette = voc_palette()
+    palette = flat_palette(PASCAL_VOC_PALETTE)
     info_path = root / INFO_FILE
     if info_path.is_file() and json.loads(info_path.read_text(encoding="utf-8")).get("config") == asdict(config):
         return SyntheticDataset(root, split_files, dict(SYNTHETIC_ID2LABEL), palette)
@@ -256,7 +240,7 @@ def make_synthetic_dataset(output_dir: str | Path, seed: int = 0, **settings) ->
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
     try:
-        _write_dataset(staging / "data", config, palette)
+        _write_dataset(staging / "data", config)
         if root.exists():
             shutil.rmtree(root)
         (staging / "data").rename(root)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torchvision import tv_tensors
@@ -56,32 +57,57 @@ def normalize(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return F.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
 
 
-def random_scale(image: Image.Image, mask: tv_tensors.Mask, base_size: int) -> tuple[Image.Image, tv_tensors.Mask]:
-    """Resize so the long side is a random integer in ``[int(0.5*base), int(2.0*base)]``, aspect kept
-    (short side rounded half up); bilinear for the image, nearest for the mask."""
-    long_side = _randint(int(base_size * 0.5), int(base_size * 2.0))
-    width, height = image.size
+def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """``(width, height)`` with the long side set to ``long_side``, aspect kept, short side rounded half up."""
     if height > width:
-        new_height, new_width = long_side, int(width * long_side / height + 0.5)
-    else:
-        new_height, new_width = int(height * long_side / width + 0.5), long_side
-    image = F.resize(image, [new_height, new_width], interpolation=v2.InterpolationMode.BILINEAR)
-    # NEAREST_EXACT samples pixel centres, like PIL's NEAREST in the reference
-    mask = F.resize(mask, [new_height, new_width], interpolation=v2.InterpolationMode.NEAREST_EXACT)
-    return image, mask
+        return int(width * long_side / height + 0.5), long_side
+    return long_side, int(height * long_side / width + 0.5)
 
 
-def pad_and_crop(image: Image.Image, mask: tv_tensors.Mask, crop_size: int) -> tuple[Image.Image, tv_tensors.Mask]:
-    """Pad right/bottom up to ``crop_size`` (image 0, mask 255), then crop ``crop_size`` x ``crop_size``
-    at a uniformly drawn position."""
+def _nearest_sources(in_size: int, out_size: int) -> torch.Tensor:
+    """Source index of each output pixel of a nearest resize ``in_size -> out_size``, bit-exact with
+    PIL's NEAREST, which steps the sampling position by accumulated additions (hence the cumsum)."""
+    step = in_size / out_size
+    positions = np.cumsum(np.concatenate([[step * 0.5], np.full(out_size - 1, step)]))
+    return torch.from_numpy(np.minimum(positions.astype(np.int64), in_size - 1))
+
+
+def random_scale_and_crop(
+    image: Image.Image, mask: tv_tensors.Mask, base_size: int, crop_size: int
+) -> tuple[Image.Image, tv_tensors.Mask]:
+    """Steps 1-2 of spec section 3 in one pass: resize so the long side is a random integer in
+    ``[int(0.5*base), int(2.0*base)]`` (bilinear image, nearest mask), pad right/bottom up to
+    ``crop_size`` (image 0, mask 255), and take a uniformly placed ``crop_size`` square.
+
+    Only the window that survives the crop is resampled: PIL's ``resize(box=...)`` evaluates the same
+    bilinear filter at the same source positions as resizing the whole image and cropping afterwards,
+    and the mask takes the same source pixels as PIL's NEAREST. The mask equals the unfused reference
+    exactly, the image up to the 8-bit rounding of PIL's intermediate pass (at most 1 grey level),
+    and an upscaled image costs a crop instead of a full ``2 * base`` resize. ``v2.Resize`` has no
+    source box, hence PIL here.
+    """
     width, height = image.size
-    pad_right, pad_bottom = max(crop_size - width, 0), max(crop_size - height, 0)
+    new_width, new_height = scaled_size(width, height, _randint(int(base_size * 0.5), int(base_size * 2.0)))
+    left = _randint(0, max(new_width, crop_size) - crop_size)
+    top = _randint(0, max(new_height, crop_size) - crop_size)
+    # the part of the crop window that lies inside the resized image (the rest is padding)
+    window_width, window_height = min(left + crop_size, new_width) - left, min(top + crop_size, new_height) - top
+    # multiply before dividing: a window spanning the whole resized side maps exactly onto the source
+    box = (
+        left * width / new_width,
+        top * height / new_height,
+        (left + window_width) * width / new_width,
+        (top + window_height) * height / new_height,
+    )
+    image = image.resize((window_width, window_height), Image.BILINEAR, box=box)
+    rows = _nearest_sources(height, new_height)[top : top + window_height]
+    columns = _nearest_sources(width, new_width)[left : left + window_width]
+    mask = tv_tensors.wrap(mask[:, rows][:, :, columns], like=mask)
+    pad_right, pad_bottom = crop_size - window_width, crop_size - window_height
     if pad_right or pad_bottom:
         image = F.pad(image, [0, 0, pad_right, pad_bottom], fill=0)
         mask = F.pad(mask, [0, 0, pad_right, pad_bottom], fill=IGNORE_INDEX)
-        width, height = image.size
-    left, top = _randint(0, width - crop_size), _randint(0, height - crop_size)
-    return F.crop(image, top, left, crop_size, crop_size), F.crop(mask, top, left, crop_size, crop_size)
+    return image, mask
 
 
 def random_hflip(image: Image.Image, mask: tv_tensors.Mask) -> tuple[Image.Image, tv_tensors.Mask]:
@@ -135,7 +161,7 @@ def cutout(
 
 
 class TrainTransform:
-    """Training augmentation: random scale, pad + crop, flip; with ``strong`` also colour jitter,
+    """Training augmentation: random scale, pad + crop (fused), flip; with ``strong`` also colour jitter,
     grayscale, blur and cutout (pseudo-labeled images only).
 
     ``(PIL image, PIL mask) -> (pixel_values [3, crop, crop] float32, labels [crop, crop] int64)``.
@@ -154,8 +180,7 @@ class TrainTransform:
             raise ValueError("a training sample needs a mask (true or pseudo label)")
         image = _as_rgb(image)
         mask = mask_to_tensor(mask, image.size)
-        image, mask = random_scale(image, mask, self.base_size)
-        image, mask = pad_and_crop(image, mask, self.crop_size)
+        image, mask = random_scale_and_crop(image, mask, self.base_size, self.crop_size)
         image, mask = random_hflip(image, mask)
         if not self.strong:
             return normalize(image), mask[0].long().as_subclass(torch.Tensor)

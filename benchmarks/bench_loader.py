@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Re-training loader throughput: stpp_hf's data path against a reference-style baseline, same run.
+
+Ours: ``load_source`` (``datasets``) + ``RetrainDataset`` (dict membership, pseudo labels from a
+``PseudoLabelStore``) + ``TrainTransform`` (torchvision v2 on tensors/PIL).
+Baseline: what the reference code does per sample: a list of split lines, ``id in list`` tests to
+decide labeled / pseudo-labeled, PIL ``Image.open`` of image and mask, PIL resize / ``ImageOps.expand``
+/ crop / flip, torchvision v1 colour transforms, a float numpy cutout, v1 ``ToTensor`` + ``Normalize``.
+Both read the same files through a ``DataLoader`` with the same workers and batch size; the membership
+lists are as long as Pascal VOC's 1/16 split (662 labeled, 9919 unlabeled ids).
+
+    python benchmarks/bench_loader.py --num-workers 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as v1
+
+from stpp_hf.data import PseudoLabelStore, RetrainDataset, TrainTransform, load_source, make_synthetic_dataset, read_split
+
+PASCAL_1_16 = (662, 9919)  # labeled / unlabeled ids of pascal/1_16/split_0
+
+
+class ReferenceStyleDataset(Dataset):
+    """The reference's per-sample logic, written plainly (spec section 3), as the baseline."""
+
+    def __init__(self, root, labeled_lines, unlabeled_lines, pseudo_dir, base_size, crop_size, padding_ids):
+        self.root, self.pseudo_dir = Path(root), Path(pseudo_dir)
+        self.base_size, self.crop_size = base_size, crop_size
+        # membership lists as long as a real split: the real lines plus ids that never match
+        self.labeled_ids = padding_ids[0] + labeled_lines
+        self.unlabeled_ids = padding_ids[1] + unlabeled_lines
+        self.ids = labeled_lines * math.ceil(len(unlabeled_lines) / len(labeled_lines)) + unlabeled_lines
+        self.normalize = v1.Compose([v1.ToTensor(), v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        self.color = v1.Compose([v1.RandomApply([v1.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v1.RandomGrayscale(p=0.2)])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        line = self.ids[index]
+        image_path, mask_path = line.split()
+        image = Image.open(self.root / image_path).convert("RGB")
+        if line in self.labeled_ids:
+            mask = Image.open(self.root / mask_path)
+        else:
+            mask = Image.open(self.pseudo_dir / Path(mask_path).name)
+        long_side = random.randint(int(self.base_size * 0.5), int(self.base_size * 2.0))
+        width, height = image.size
+        if height > width:
+            size = (int(width * long_side / height + 0.5), long_side)
+        else:
+            size = (long_side, int(height * long_side / width + 0.5))
+        image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+        pad_w, pad_h = max(self.crop_size - size[0], 0), max(self.crop_size - size[1], 0)
+        image = ImageOps.expand(image, border=(0, 0, pad_w, pad_h), fill=0)
+        mask = ImageOps.expand(mask, border=(0, 0, pad_w, pad_h), fill=255)
+        left = random.randint(0, image.size[0] - self.crop_size)
+        top = random.randint(0, image.size[1] - self.crop_size)
+        box = (left, top, left + self.crop_size, top + self.crop_size)
+        image, mask = image.crop(box), mask.crop(box)
+        if random.random() < 0.5:
+            image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+        if line in self.unlabeled_ids:
+            image = self.color(image)
+            if random.random() < 0.5:
+                image = image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+            image, mask = self._cutout(image, mask)
+        return self.normalize(image), torch.from_numpy(np.array(mask)).long()
+
+    @staticmethod
+    def _cutout(image, mask):
+        if random.random() >= 0.5:
+            return image, mask
+        pixels, labels = np.array(image), np.array(mask)
+        height, width, channels = pixels.shape
+        while True:
+            area = np.random.uniform(0.02, 0.4) * height * width
+            ratio = np.random.uniform(0.3, 1 / 0.3)
+            box_w, box_h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+            x, y = np.random.randint(0, width), np.random.randint(0, height)
+            if x + box_w <= width and y + box_h <= height:
+                break
+        pixels[y : y + box_h, x : x + box_w] = np.random.uniform(0, 255, (box_h, box_w, channels))
+        labels[y : y + box_h, x : x + box_w] = 255
+        return Image.fromarray(pixels.astype(np.uint8)), Image.fromarray(labels.astype(np.uint8))
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def images_per_second(dataset, num_workers, batch_size, max_batches):
+    """Throughput after the first batch (worker start-up excluded), in samples per second."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+    )
+    iterator = iter(loader)
+    next(iterator)
+    started, seen = time.perf_counter(), 0
+    for batch_index, (images, _) in enumerate(iterator):
+        seen += images.shape[0]
+        if batch_index + 2 >= max_batches:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def build(workdir: Path, image_size: int, num_unlabeled: int, base_size: int, crop_size: int):
+    synthetic = make_synthetic_dataset(workdir / "data", seed=0, num_labeled=20, num_unlabeled=num_unlabeled, num_val=1, image_size=image_size)
+    labeled = load_source("pascal", synthetic.root, synthetic.split_files["labeled"], cache_dir=workdir / "cache")
+    unlabeled = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=workdir / "cache")
+    # stand-in pseudo labels: the true masks, written by each side's own mechanism
+    store, pseudo_dir = PseudoLabelStore(workdir / "store", palette=synthetic.palette), workdir / "pseudo_masks"
+    pseudo_dir.mkdir(exist_ok=True)
+    for entry in read_split(synthetic.split_files["unlabeled"]):
+        mask = Image.open(synthetic.root / entry.mask)
+        store.put(Path(entry.image).stem, np.asarray(mask))
+        mask.save(pseudo_dir / Path(entry.mask).name)
+    unlabeled_ids = list(unlabeled["id"])
+    store.verify(unlabeled_ids)
+    ours = RetrainDataset(
+        labeled, unlabeled, [(unlabeled_ids, store)], TrainTransform(base_size, crop_size), TrainTransform(base_size, crop_size, strong=True)
+    )
+    lines = {part: synthetic.split_files[part].read_text().split("\n")[:-1] for part in ("labeled", "unlabeled")}
+    padding = ([f"JPEGImages/pad{i}.jpg SegmentationClass/pad{i}.png" for i in range(n)] for n in PASCAL_1_16)
+    baseline = ReferenceStyleDataset(synthetic.root, lines["labeled"], lines["unlabeled"], pseudo_dir, base_size, crop_size, tuple(padding))
+    assert len(ours) == len(baseline)
+    return ours, baseline
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=400, help="Square synthetic images (Pascal-like ~400-500).")
+    parser.add_argument("--base-size", type=int, default=400)
+    parser.add_argument("--crop-size", type=int, default=321)
+    parser.add_argument("--num-unlabeled", type=int, default=180)
+    parser.add_argument("--max-batches", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; the best of each side is reported.")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        ours, baseline = build(Path(workdir), args.image_size, args.num_unlabeled, args.base_size, args.crop_size)
+        results = {"stpp_hf": [], "baseline": []}
+        for _ in range(args.rounds):  # alternate so background load hits both sides alike
+            for name, dataset in (("stpp_hf", ours), ("baseline", baseline)):
+                results[name].append(images_per_second(dataset, args.num_workers, args.batch_size, args.max_batches))
+    best = {name: max(values) for name, values in results.items()}
+    print(
+        f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
+        f"{args.num_workers} workers, best of {args.rounds} rounds"
+    )
+    for name, values in results.items():
+        print(f"  {name:9s} {best[name]:7.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+    print(f"  speed-up  {best['stpp_hf'] / best['baseline']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
