@@ -57,6 +57,8 @@ class StageHyperParameters:
         seed: run seed; each stage derives its own seeds from it so a resume replays them.
         sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
         channels_last: run the convolutions in channels_last memory format (same math, faster kernels).
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm when running on several CUDA GPUs
+            (ignored elsewhere: SyncBatchNorm needs CUDA).
     """
 
     epochs: int
@@ -67,6 +69,7 @@ class StageHyperParameters:
     seed: int = 0
     sliding_window: tuple[int, int] | None = None
     channels_last: bool = True
+    sync_batchnorm: bool = False
 
 
 def scaled_lr(base_lr: float, per_device_batch_size: int, num_processes: int, accumulation_steps: int) -> float:
@@ -178,7 +181,7 @@ def train_stage(
 
     set_seed(stage_seed)  # same fresh init on every process and on every relaunch
     model = model_factory()
-    if accelerator.distributed_type == DistributedType.MULTI_GPU and getattr(accelerator, "_stpp_sync_bn", False):
+    if hparams.sync_batchnorm and accelerator.distributed_type == DistributedType.MULTI_GPU and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if hparams.channels_last:
         model = model.to(memory_format=torch.channels_last)
