@@ -1,0 +1,46 @@
+"""Push a finished stpp_hf run (or any save_pretrained directory) to the Hugging Face Hub with a model card.
+
+    python examples/push_to_hub.py --run-dir runs/stpp --repo-id you/deeplabv3plus-stpp-pascal --push-stages
+    python examples/push_to_hub.py --model-dir runs/stpp/final --repo-id you/my-model --revision experiment
+
+The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`); it is never printed.
+"""
+
+import argparse
+
+from stpp_hf.hub import push_model_dir, push_run_to_hub
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="Run directory of examples/train_stpp.py (pushes final/ with a card).")
+    source.add_argument("--model-dir", help="Any save_pretrained directory (pushed without a card).")
+    parser.add_argument("--repo-id", required=True, help="Hub model repo, 'user/name' (created if needed).")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--revision", default=None, help="Branch to push to (default main).")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--push-stages", action="store_true", help="Also push each stage's best model to branch stage-<n>-<name>.")
+    parser.add_argument("--license", default="mit", help="License metadata of the model card (with --run-dir).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    if args.run_dir is not None:
+        url = push_run_to_hub(
+            args.run_dir, args.repo_id, private=args.private, revision=args.revision,
+            commit_message=args.commit_message, push_stages=args.push_stages, license=args.license,
+        )  # fmt: skip
+    else:
+        if args.push_stages:
+            raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
+        url = push_model_dir(
+            args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+        )
+    print(f"pushed to {url}")
+    return url
+
+
+if __name__ == "__main__":
+    main()

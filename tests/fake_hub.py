@@ -1,0 +1,211 @@
+"""A small in-memory Hugging Face Hub on 127.0.0.1 for tests that push and download without network.
+
+It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
+(every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
+`HEAD|GET /{repo}/resolve/{rev}/{path}`). Point a process at it with `HF_ENDPOINT=hub.url` (and
+`HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
+"""
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+REPO = r"(?P<repo>[^/]+/[^/]+)"
+API_ROUTES = {
+    ("POST", re.compile(r"^/api/repos/create$")): "create_repo",
+    ("POST", re.compile(r"^/api/validate-yaml$")): "validate_yaml",
+    ("POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<revision>[^/]+)$")): "preupload",
+    ("POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
+    ("POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
+    ("GET", re.compile(rf"^/api/models/{REPO}/revision/(?P<revision>[^/]+)$")): "model_info",
+    ("GET", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
+    ("HEAD", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
+}
+WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch"}
+
+
+@dataclass
+class FakeRepo:
+    private: bool
+    branches: dict[str, tuple[str, dict[str, bytes]]] = field(default_factory=dict)  # name -> (commit sha, files)
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files (clients pin downloads to a sha)
+    commit_messages: list[str] = field(default_factory=list)
+
+    def record(self, branch: str, sha: str, files: dict[str, bytes], message: str):
+        self.branches[branch] = (sha, files)
+        self.commits[sha] = files
+        self.commit_messages.append(message)
+
+    def lookup(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit sha, files) of a branch name or a commit sha; None if neither."""
+        if revision in self.branches:
+            return self.branches[revision]
+        return (revision, self.commits[revision]) if revision in self.commits else None
+
+
+class FakeHub:
+    """`with FakeHub(token=...) as hub:` serves at `hub.url`; `hub.repos` holds what was pushed.
+
+    Args:
+        token: when set, write requests must carry `Authorization: Bearer <token>` (else 401).
+        fail_commits: answer every commit with HTTP 500, as a Hub outage would.
+    """
+
+    def __init__(self, token: str | None = None, fail_commits: bool = False):
+        self.token, self.fail_commits = token, fail_commits
+        self.repos: dict[str, FakeRepo] = {}
+        self.unhandled: list[str] = []  # requests with no route: the fake must grow, or the client changed
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        return self.repos[repo_id].branches[revision][1]
+
+    # ----- route handlers: (status, headers, body) -----
+
+    def create_repo(self, request: dict) -> tuple:
+        repo_id = "/".join(part for part in (request["json"].get("organization"), request["json"]["name"]) if part)
+        if repo_id in self.repos:
+            # like the Hub, a conflict still names the repo URL (create_repo(exist_ok=True) reads it)
+            return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+        repo = FakeRepo(private=request["json"].get("visibility") == "private")
+        initial_files = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+        repo.record("main", _sha(repo_id, initial_files), initial_files, "initial commit")
+        self.repos[repo_id] = repo
+        return 200, {}, {"url": f"{self.url}/{repo_id}"}
+
+    def validate_yaml(self, request: dict) -> tuple:
+        content = request["json"]["content"]
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError as error:
+            return 400, {}, {"errors": [{"message": f"invalid YAML: {error}"}]}
+        if not isinstance(metadata, dict):
+            return 400, {}, {"errors": [{"message": "README.md has no YAML metadata block"}]}
+        return 200, {}, {"warnings": []}
+
+    def preupload(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+        files = [
+            {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            for entry in request["json"]["files"]
+        ]
+        return 200, {}, {"files": files}
+
+    def commit(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+        if self.fail_commits:
+            return 500, {}, {"error": "Internal Error - We're working hard to fix this as soon as possible!"}
+        if revision not in repo.branches:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        lines = [json.loads(line) for line in request["body"].decode().splitlines() if line.strip()]
+        files = dict(repo.branches[revision][1])
+        for line in lines:
+            if line["key"] == "file":
+                files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] == "deletedFile":
+                files.pop(line["value"]["path"], None)
+            elif line["key"] != "header":
+                return 400, {}, {"error": f"the fake Hub does not handle commit entries of kind {line['key']!r}"}
+        sha = _sha(request["path"], files)
+        repo.record(revision, sha, files, lines[0]["value"]["summary"])
+        return 200, {}, {"commitUrl": f"{self.url}/{request['repo']}/commit/{sha}", "commitOid": sha}
+
+    def create_branch(self, request: dict, repo: FakeRepo, branch: str) -> tuple:
+        if branch in repo.branches:
+            return 409, {}, {"error": f"Branch {branch} already exists"}
+        starting_point = request["json"].get("startingPoint") or "main"
+        repo.branches[branch] = repo.branches[starting_point]
+        return 200, {}, {}
+
+    def model_info(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        sha, files = repo.lookup(revision)
+        siblings = [{"rfilename": path} for path in sorted(files)]
+        return 200, {}, {"id": request["repo"], "sha": sha, "private": repo.private, "siblings": siblings, "tags": []}
+
+    def resolve(self, request: dict, repo: FakeRepo, revision: str, path: str) -> tuple:
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        sha, files = repo.lookup(revision)
+        if path not in files:
+            return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, {"error": f"{path} not found"}
+        content = files[path]
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"'}
+        return 200, headers, content
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()
+
+
+def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format, *args):  # keep test output clean
+            pass
+
+        def do_GET(self):
+            self.dispatch("GET")
+
+        def do_HEAD(self):
+            self.dispatch("HEAD")
+
+        def do_POST(self):
+            self.dispatch("POST")
+
+        def dispatch(self, method: str):
+            path = urlsplit(self.path).path
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            for (route_method, pattern), name in API_ROUTES.items():
+                match = pattern.match(path) if route_method == method else None
+                if match:
+                    break
+            else:
+                hub.unhandled.append(f"{method} {path}")
+                return self.reply(method, 404, {}, {"error": f"the fake Hub has no route {method} {path}"})
+            if name in WRITE_ROUTES and hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                return self.reply(method, 401, {}, {"error": "Invalid credentials in Authorization header"})
+            arguments = {key: unquote(value) for key, value in match.groupdict().items()}
+            is_json = self.headers.get("Content-Type", "").startswith("application/json")
+            request = {"path": path, "body": body, "json": json.loads(body) if is_json and body else {}}
+            request["repo"] = arguments.pop("repo", None)
+            with hub.lock:
+                if request["repo"] is not None:
+                    if request["repo"] not in hub.repos:
+                        return self.reply(method, 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
+                    arguments = {"repo": hub.repos[request["repo"]], **arguments}
+                status, headers, payload = getattr(hub, name)(request, **arguments)
+            self.reply(method, status, headers, payload)
+
+        def reply(self, method: str, status: int, headers: dict, payload):
+            content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json")
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(content)
+
+    return Handler

@@ -1,0 +1,280 @@
+"""Push a run to a fake Hub on 127.0.0.1, then load it in fresh processes with and without stpp_hf.
+
+Pushing and loading run in subprocesses: huggingface_hub reads `HF_ENDPOINT` when it is imported.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+
+from stpp_hf import DeepLabImageProcessor, build_model
+from stpp_hf.hub import build_model_card, load_run_results, push_model_dir
+from fake_hub import FakeHub
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ID = "tester/deeplabv3plus-st-synthetic"
+TOKEN = "hf_FakeTokenForTestsOnly0123456789"
+CLASS_NAMES = ("background", "disc", "square")
+# framework "st": the stage list of the trainer (stpp_hf.training.stages.build_stages("st"))
+STAGES = (("suponly", "train"), ("label_all", "label"), ("retrain", "train"))
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+
+    mode, repo_id, revision, input_path, output_path = sys.argv[1:]
+    if mode == "remote_code":
+        class BlockStppHf:
+            # Any import of the package fails, so only the code files of the Hub repo can be used.
+            def find_spec(self, name, path=None, target=None):
+                if name == "stpp_hf" or name.startswith("stpp_hf."):
+                    raise ImportError("stpp_hf is blocked in this process")
+
+        sys.meta_path.insert(0, BlockStppHf())
+    else:
+        import stpp_hf
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+    trust = mode == "remote_code"
+    model = AutoModelForSemanticSegmentation.from_pretrained(repo_id, revision=revision, trust_remote_code=trust).eval()
+    processor = AutoImageProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=trust)
+    image = load_file(input_path)["image"].numpy()
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    save_file({"logits": logits.contiguous(), "pixel_values": pixel_values.contiguous()}, output_path)
+    segmenter = pipeline("image-segmentation", model=model, image_processor=processor)
+    labels = sorted(segment["label"] for segment in segmenter(Image.fromarray(image)))
+    print(json.dumps({
+        "model_module": type(model).__module__,
+        "processor_class": type(processor).__name__,
+        "pipeline_labels": labels,
+        "stpp_hf_imported": any(name.startswith("stpp_hf") for name in sys.modules),
+    }))
+    """
+)
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under `directory` (detects any change to a run directory)."""
+    return {
+        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def save_tiny_model(directory: Path, seed: int):
+    torch.manual_seed(seed)
+    id2label = dict(enumerate(CLASS_NAMES))
+    model = build_model(
+        "deeplabv3plus", backbone="resnet18", output_stride=16, id2label=id2label,
+        aspp_channels=16, low_level_channels=8, decoder_channels=16,
+    ).eval()  # fmt: skip
+    model.save_pretrained(directory)
+    DeepLabImageProcessor().save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished "st" run directory laid out as the trainer writes it (ARCHITECTURE.md), with real models."""
+    run_dir = tmp_path_factory.mktemp("run")
+    stages, models = [], {}
+    for index, (name, kind) in enumerate(STAGES):
+        entry = {"name": name, "kind": kind}
+        if kind == "train":
+            model_dir = f"stages/{index + 1}-{name}/best"
+            models[name] = save_tiny_model(run_dir / model_dir, seed=index)
+            entry.update(
+                val_miou=0.41 + 0.1 * index, best_epoch=2, model_dir=model_dir,
+                per_class_iou={class_name: 0.3 + 0.1 * position + 0.05 * index for position, class_name in enumerate(CLASS_NAMES)},
+            )  # fmt: skip
+        else:
+            entry.update(num_images=300)
+        stages.append(entry)
+    save_tiny_model(run_dir / "final", seed=len(STAGES) - 1)
+    results = {
+        "framework": "st", "dataset": "synthetic", "split": "synthetic/seed_0", "num_labeled": 20,
+        "num_unlabeled": 300, "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 8,
+        "batch_size": 8, "lr": 0.001, "crop_size": 96, "hardware": "1x CPU", "wall_time_s": 512.3,
+        "id2label": {str(index): name for index, name in enumerate(CLASS_NAMES)},
+        "stages": stages,
+        "final": {"val_miou": 0.5234, "per_class_iou": {"background": 0.93, "disc": 0.41, "square": 0.2272}, "model_dir": "final"},
+        "pseudo_label_miou": {"all": 0.71},
+    }  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(results))
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+    input_path = tmp_path_factory.mktemp("inputs") / "image.safetensors"
+    save_file({"image": torch.from_numpy(image)}, input_path)
+    return {"run_dir": run_dir, "results": results, "models": models, "image": image, "input_path": input_path}
+
+
+def hub_environment(hub: FakeHub, home: Path, token: str | None = TOKEN) -> dict:
+    environment = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    environment.pop("HF_HUB_OFFLINE", None)
+    environment.pop("HF_TOKEN", None)
+    if token is not None:
+        environment["HF_TOKEN"] = token
+    return environment
+
+
+def run_python(arguments: list[str], environment: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *arguments], capture_output=True, text=True, env=environment, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def pushed(tiny_run, tmp_path_factory):
+    """The tiny run pushed with examples/push_to_hub.py --push-stages to a fake Hub that requires the token."""
+    home = tmp_path_factory.mktemp("hf_home")
+    before = tree_digest(tiny_run["run_dir"])
+    with FakeHub(token=TOKEN) as hub:
+        environment = hub_environment(hub, home)
+        push = run_python(
+            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID, "--push-stages"],
+            environment, home,
+        )  # fmt: skip
+        assert push.returncode == 0, push.stderr[-3000:]
+        yield {**tiny_run, "hub": hub, "environment": environment, "home": home, "push": push, "before": before}
+
+
+def test_push_uploads_final_model_and_card_without_touching_the_run(pushed):
+    hub, run_dir = pushed["hub"], pushed["run_dir"]
+    assert f"{hub.url}/{REPO_ID}" in pushed["push"].stdout
+    files = hub.files(REPO_ID)
+    local_final = {path.name: path.read_bytes() for path in (run_dir / "final").iterdir()}
+    for name, content in local_final.items():
+        assert files[name] == content, name
+    assert {"README.md", "modeling_deeplabv3plus.py", "image_processing_deeplab.py", "model.safetensors"} <= files.keys()
+    assert tree_digest(run_dir) == pushed["before"]
+    # the token authenticated the writes (the fake Hub refuses others) but appears in no output or file
+    for text in (pushed["push"].stdout, pushed["push"].stderr, *(content.decode("latin-1") for content in files.values())):
+        assert TOKEN not in text
+    assert hub.unhandled == []
+
+
+def test_card_metadata_and_model_index(pushed):
+    results = pushed["results"]
+    card = ModelCard(pushed["hub"].files(REPO_ID)["README.md"].decode())
+    data = card.data
+    assert data.library_name == "transformers"
+    assert {"semantic-segmentation", "semi-supervised", "stpp", "resnet18"} <= set(data.tags)
+    assert data.license == "mit" and data.backbone == "resnet18"
+    metrics = {result.metric_name: result.metric_value for result in data.eval_results}
+    assert data.eval_results[0].metric_value == pytest.approx(100 * results["final"]["val_miou"], abs=0.005)
+    assert metrics["val mIoU (%), stage 1 suponly"] == pytest.approx(100 * results["stages"][0]["val_miou"], abs=0.005)
+    assert metrics["val mIoU (%), stage 3 retrain"] == pytest.approx(100 * results["stages"][2]["val_miou"], abs=0.005)
+    assert {result.metric_type for result in data.eval_results} == {"mean_iou"}
+    assert "| square | 50.00 | 60.00 | 22.72 |" in card.text  # per-class IoU: stage 1, stage 3, final
+    assert "Labeled / unlabeled images | 20 / 300" in card.text
+    assert "ST++: Make Self-training Work Better for Semi-supervised Semantic Segmentation" in card.text
+    assert f'AutoModelForSemanticSegmentation.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card.text
+
+
+def test_stage_branches_hold_each_stage_best_model(pushed):
+    hub, run_dir = pushed["hub"], pushed["run_dir"]
+    assert set(hub.repos[REPO_ID].branches) == {"main", "stage-1-suponly", "stage-3-retrain"}
+    for branch, stage_index in (("stage-1-suponly", 0), ("stage-3-retrain", 2)):
+        stage = pushed["results"]["stages"][stage_index]
+        files = hub.files(REPO_ID, branch)
+        assert files["model.safetensors"] == (run_dir / stage["model_dir"] / "model.safetensors").read_bytes()
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.eval_results[0].metric_value == pytest.approx(100 * stage["val_miou"], abs=0.005)
+        assert f'revision="{branch}"' in card.text
+    suponly_weights = hub.files(REPO_ID, "stage-1-suponly")["model.safetensors"]
+    assert suponly_weights != hub.files(REPO_ID)["model.safetensors"]
+
+
+@pytest.mark.parametrize(("mode", "revision", "stage"), [("remote_code", "main", "retrain"), ("package", "stage-1-suponly", "suponly")])
+def test_pushed_model_loads_in_fresh_process(pushed, tmp_path, mode, revision, stage):
+    """remote_code: stpp_hf cannot be imported, only the repo's code files; package: stpp_hf's own classes."""
+    output_path = tmp_path / "logits.safetensors"
+    loader = run_python(
+        ["-c", LOADER, mode, REPO_ID, revision, str(pushed["input_path"]), str(output_path)],
+        {**pushed["environment"], "HF_MODULES_CACHE": str(tmp_path / "modules")}, tmp_path,
+    )  # fmt: skip
+    assert loader.returncode == 0, loader.stderr[-3000:]
+    report = json.loads(loader.stdout.strip().splitlines()[-1])
+    assert report["stpp_hf_imported"] is (mode == "package")
+    expected_prefix = "transformers_modules." if mode == "remote_code" else "stpp_hf."
+    assert report["model_module"].startswith(expected_prefix)
+    assert report["processor_class"] == "DeepLabImageProcessor"
+    assert set(report["pipeline_labels"]) <= set(CLASS_NAMES) and report["pipeline_labels"]
+
+    loaded = load_file(output_path)
+    model = pushed["models"][stage]
+    with torch.no_grad():
+        expected = model(loaded["pixel_values"]).logits
+    torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=0)
+    reference_pixels = DeepLabImageProcessor()(images=pushed["image"], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(loaded["pixel_values"], reference_pixels, rtol=0, atol=0)
+
+
+def test_failed_upload_raises_clear_error_and_leaves_run_intact(tiny_run, tmp_path):
+    before = tree_digest(tiny_run["run_dir"])
+    with FakeHub(fail_commits=True) as hub:
+        push = run_python(
+            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
+            hub_environment(hub, tmp_path), tmp_path,
+        )  # fmt: skip
+    assert push.returncode != 0
+    assert "HubPushError" in push.stderr and "HTTP 500" in push.stderr and REPO_ID in push.stderr
+    assert "Nothing local was changed" in push.stderr
+    assert tree_digest(tiny_run["run_dir"]) == before
+    assert TOKEN not in push.stderr + push.stdout
+
+
+def test_card_rendering_for_a_stage_and_bad_results(tiny_run, tmp_path):
+    results = tiny_run["results"]
+    card = build_model_card(results, REPO_ID, stage_index=2, license="apache-2.0")
+    assert card.data.license == "apache-2.0"
+    assert [result.metric_name for result in card.data.eval_results] == ["val mIoU (%), stage 3 retrain"]
+    assert "stage-3-retrain" in card.text
+    with pytest.raises(ValueError, match="trains no model"):
+        build_model_card(results, REPO_ID, stage_index=1)
+
+    bad_run = tmp_path / "bad_run"
+    bad_run.mkdir()
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        load_run_results(bad_run)
+    (bad_run / "results.json").write_text(json.dumps({key: value for key, value in results.items() if key != "final"}))
+    with pytest.raises(ValueError, match="final"):
+        load_run_results(bad_run)
+
+
+def test_push_refuses_a_directory_missing_remote_code(tiny_run, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_run["run_dir"] / "final", model_dir)
+    (model_dir / "deeplab_common.py").unlink()  # imported by the modeling and configuration files
+    with pytest.raises(FileNotFoundError, match="deeplab_common.py"):
+        push_model_dir(model_dir, REPO_ID)  # fails before any request
+    (model_dir / "modeling_deeplabv3plus.py").unlink()
+    with pytest.raises(FileNotFoundError, match="modeling_deeplabv3plus.py"):
+        push_model_dir(model_dir, REPO_ID)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        push_model_dir(tmp_path, REPO_ID)
