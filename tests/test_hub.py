@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from stpp_hf import DeepLabImageProcessor, build_model
@@ -231,6 +232,23 @@ def test_pushed_model_loads_in_fresh_process(pushed, tmp_path, mode, revision, s
     torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=0)
     reference_pixels = DeepLabImageProcessor()(images=pushed["image"], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(loaded["pixel_values"], reference_pixels, rtol=0, atol=0)
+
+
+def test_infer_script_runs_on_a_hub_repo_branch(pushed, tmp_path):
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(pushed["image"]).save(image_path)
+    infer = run_python(
+        [str(REPO_ROOT / "examples/infer.py"), "--model", REPO_ID, "--revision", "stage-1-suponly",
+         "--images", str(image_path), "--output-dir", str(tmp_path / "out")],
+        pushed["environment"], tmp_path,
+    )  # fmt: skip
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    assert f"{image_path}: " in infer.stdout + infer.stderr
+    pixel_values = DeepLabImageProcessor()(images=pushed["image"], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = pushed["models"]["suponly"](pixel_values).logits.argmax(dim=1)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo_mask.png")), expected.numpy())
+    assert (tmp_path / "out" / "photo_overlay.png").is_file()
 
 
 def test_failed_upload_raises_clear_error_and_leaves_run_intact(tiny_run, tmp_path):
