@@ -174,3 +174,12 @@ def test_streaming_validates_while_iterating(tmp_path):
     stream = load_source("pascal", tmp_path, _split(tmp_path, lines), streaming=True)
     with pytest.raises(ValueError, match=r"b\.png: mask values \[40\]"):
         list(stream)
+
+
+def test_parallel_build_and_unvalidated_build_give_the_same_rows(synthetic, tmp_path):
+    reference = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "a")
+    parallel = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "b", num_proc=2)
+    quick = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "c", validate=False)
+    assert list(parallel["id"]) == list(reference["id"]) == list(quick["id"])
+    assert quick._fingerprint != reference._fingerprint  # validation settings are part of the cache key
+    assert np.array_equal(np.asarray(parallel[4]["label"]), np.asarray(reference[4]["label"]))
