@@ -94,6 +94,11 @@ def build_model_card(
         A `ModelCard` whose metadata hold library name, tags, datasets, license and a `model-index` with the val
         mIoU (%) of the model in this revision first, then (final card only) each training stage.
     """
+    if not Path(template_path).is_file():
+        raise FileNotFoundError(
+            f"model card template {template_path} not found (it ships in the repository's hub_cards/); "
+            "pass template_path= to use another"
+        )
     framework_title = FRAMEWORK_TITLES.get(results["framework"], results["framework"])
     dataset = results["dataset"]
     stages = training_stages(results)
@@ -165,6 +170,7 @@ def build_model_card(
         architecture=architecture,
         backbone=results["backbone"],
         output_stride=results.get("output_stride", "unknown"),
+        pretrained_backbone={True: "yes", False: "no"}.get(results.get("pretrained_backbone"), "unknown"),
         dataset=dataset,
         split=results["split"],
         num_labeled=results["num_labeled"],

@@ -3,7 +3,8 @@
 It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
 (every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
 `HEAD|GET /{repo}/resolve/{rev}/{path}`). Point a process at it with `HF_ENDPOINT=hub.url` (and
-`HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
+`HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there. `save_tiny_model` writes the small real
+model these tests push, download and run.
 """
 
 import base64
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+import torch
 import yaml
+
+from stpp_hf import DeepLabImageProcessor, build_model
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 API_ROUTES = {
@@ -150,6 +154,18 @@ class FakeHub:
         content = files[path]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"'}
         return 200, headers, content
+
+
+def save_tiny_model(directory, class_names: tuple[str, ...], seed: int = 0):
+    """Save a small real DeepLabV3+ (resnet18, narrow head) with its image processor; return the model (eval)."""
+    torch.manual_seed(seed)
+    model = build_model(
+        "deeplabv3plus", backbone="resnet18", output_stride=16, id2label=dict(enumerate(class_names)),
+        aspp_channels=16, low_level_channels=8, decoder_channels=16,
+    ).eval()  # fmt: skip
+    model.save_pretrained(directory)
+    DeepLabImageProcessor().save_pretrained(directory)
+    return model
 
 
 def _sha(*parts) -> str:

@@ -18,9 +18,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stpp_hf import DeepLabImageProcessor, build_model
+from fake_hub import FakeHub, save_tiny_model
+
+from stpp_hf import DeepLabImageProcessor
 from stpp_hf.hub import build_model_card, load_run_results, push_model_dir
-from fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
@@ -79,18 +80,6 @@ def tree_digest(directory: Path) -> dict[str, str]:
     }
 
 
-def save_tiny_model(directory: Path, seed: int):
-    torch.manual_seed(seed)
-    id2label = dict(enumerate(CLASS_NAMES))
-    model = build_model(
-        "deeplabv3plus", backbone="resnet18", output_stride=16, id2label=id2label,
-        aspp_channels=16, low_level_channels=8, decoder_channels=16,
-    ).eval()  # fmt: skip
-    model.save_pretrained(directory)
-    DeepLabImageProcessor().save_pretrained(directory)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished "st" run directory laid out as the trainer writes it (ARCHITECTURE.md), with real models."""
@@ -100,7 +89,7 @@ def tiny_run(tmp_path_factory):
         entry = {"name": name, "kind": kind}
         if kind == "train":
             model_dir = f"stages/{index + 1}-{name}/best"
-            models[name] = save_tiny_model(run_dir / model_dir, seed=index)
+            models[name] = save_tiny_model(run_dir / model_dir, CLASS_NAMES, seed=index)
             entry.update(
                 val_miou=0.41 + 0.1 * index, best_epoch=2, model_dir=model_dir,
                 per_class_iou={class_name: 0.3 + 0.1 * position + 0.05 * index for position, class_name in enumerate(CLASS_NAMES)},
@@ -108,7 +97,7 @@ def tiny_run(tmp_path_factory):
         else:
             entry.update(num_images=300)
         stages.append(entry)
-    save_tiny_model(run_dir / "final", seed=len(STAGES) - 1)
+    save_tiny_model(run_dir / "final", CLASS_NAMES, seed=len(STAGES) - 1)
     results = {
         "framework": "st", "dataset": "synthetic", "split": "synthetic/seed_0", "num_labeled": 20,
         "num_unlabeled": 300, "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 8,

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation, build_model
+from fake_hub import save_tiny_model
+
+from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 
 INFER_PATH = Path(__file__).resolve().parent.parent / "examples" / "infer.py"
 CLASS_NAMES = ("background", "disc", "square", "stripe")
@@ -29,14 +31,8 @@ def infer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(
-        "deeplabv3plus", backbone="resnet18", output_stride=16, id2label=dict(enumerate(CLASS_NAMES)),
-        aspp_channels=16, low_level_channels=8, decoder_channels=16,
-    ).eval()  # fmt: skip
     directory = tmp_path_factory.mktemp("model")
-    model.save_pretrained(directory)
-    DeepLabImageProcessor().save_pretrained(directory)
+    save_tiny_model(directory, CLASS_NAMES)
     return directory
 
 
