@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from fake_hub import FakeHub, save_tiny_model
 
 from stpp_hf import DeepLabImageProcessor
-from stpp_hf.hub import build_model_card, load_run_results, push_model_dir
+from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
@@ -285,3 +285,36 @@ def test_push_refuses_a_directory_missing_remote_code(tiny_run, tmp_path):
         push_model_dir(model_dir, REPO_ID)
     with pytest.raises(FileNotFoundError, match="config.json"):
         push_model_dir(tmp_path, REPO_ID)
+
+
+@pytest.fixture
+def in_process_hub(monkeypatch):
+    """A fake Hub that this process's HfApi objects talk to (they read the endpoint when created)."""
+    from huggingface_hub import constants
+
+    with FakeHub(token=TOKEN) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        yield hub
+
+
+def test_push_model_dir_private_branch_and_message(tiny_run, in_process_hub):
+    final_dir = tiny_run["run_dir"] / "final"
+    url = push_model_dir(
+        final_dir, "tester/private-model", private=True, revision="experiment", commit_message="try 1", token=TOKEN
+    )
+    repo = in_process_hub.repos["tester/private-model"]
+    assert url == f"{in_process_hub.url}/tester/private-model"
+    assert repo.private and set(repo.branches) == {"main", "experiment"}
+    assert repo.commit_messages[-1] == "try 1"
+    files = in_process_hub.files("tester/private-model", "experiment")
+    assert "README.md" not in files  # no card given
+    assert files["model.safetensors"] == (final_dir / "model.safetensors").read_bytes()
+    assert "model.safetensors" not in in_process_hub.files("tester/private-model")  # main untouched
+
+
+def test_push_with_a_refused_token_names_the_status_not_the_token(tiny_run, in_process_hub):
+    wrong_token = "hf_WrongTokenThatMustNotBeShown"
+    with pytest.raises(HubPushError, match="HTTP 401") as error:
+        push_model_dir(tiny_run["run_dir"] / "final", "tester/refused", token=wrong_token)
+    assert wrong_token not in str(error.value) and "tester/refused@main" in str(error.value)
+    assert "tester/refused" not in in_process_hub.repos
