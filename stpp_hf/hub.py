@@ -217,13 +217,12 @@ def _model_files(model_dir: Path) -> list[Path]:
             raise FileNotFoundError(f"{module_file} (remote code the saved model needs) is missing from {model_dir}")
         checked.add(module)
         pending += [name for name in RELATIVE_IMPORT.findall(module_file.read_text()) if name not in checked]
-    # Hidden files and temporaries of an interrupted save stay local; the card replaces any README.md.
+    # Hidden files and temporaries of an interrupted save stay local.
     return sorted(
         path
         for path in model_dir.rglob("*")
         if path.is_file()
         and not any(part.startswith(".") or part.endswith(".tmp") for part in path.relative_to(model_dir).parts)
-        and path.relative_to(model_dir).as_posix() != "README.md"
     )
 
 
@@ -251,7 +250,11 @@ def push_model_dir(
     """
     model_dir = Path(model_dir)
     files = _model_files(model_dir)
-    operations = [CommitOperationAdd(path.relative_to(model_dir).as_posix(), str(path)) for path in files]
+    operations = [
+        CommitOperationAdd(path.relative_to(model_dir).as_posix(), str(path))
+        for path in files
+        if card is None or path.relative_to(model_dir).as_posix() != "README.md"  # the card replaces a local one
+    ]
     if card is not None:
         operations.append(CommitOperationAdd("README.md", str(card).encode()))
     api = HfApi(token=token)

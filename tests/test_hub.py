@@ -151,6 +151,7 @@ def pushed(tiny_run, tmp_path_factory):
         yield {**tiny_run, "hub": hub, "environment": environment, "home": home, "push": push, "before": before}
 
 
+@pytest.mark.slow
 def test_push_uploads_final_model_and_card_without_touching_the_run(pushed):
     hub, run_dir = pushed["hub"], pushed["run_dir"]
     assert f"{hub.url}/{REPO_ID}" in pushed["push"].stdout
@@ -166,6 +167,7 @@ def test_push_uploads_final_model_and_card_without_touching_the_run(pushed):
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_card_metadata_and_model_index(pushed):
     results = pushed["results"]
     card = ModelCard(pushed["hub"].files(REPO_ID)["README.md"].decode())
@@ -184,6 +186,7 @@ def test_card_metadata_and_model_index(pushed):
     assert f'AutoModelForSemanticSegmentation.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card.text
 
 
+@pytest.mark.slow
 def test_stage_branches_hold_each_stage_best_model(pushed):
     hub, run_dir = pushed["hub"], pushed["run_dir"]
     assert set(hub.repos[REPO_ID].branches) == {"main", "stage-1-suponly", "stage-3-retrain"}
@@ -198,6 +201,7 @@ def test_stage_branches_hold_each_stage_best_model(pushed):
     assert suponly_weights != hub.files(REPO_ID)["model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "revision", "stage"), [("remote_code", "main", "retrain"), ("package", "stage-1-suponly", "suponly")])
 def test_pushed_model_loads_in_fresh_process(pushed, tmp_path, mode, revision, stage):
     """remote_code: stpp_hf cannot be imported, only the repo's code files; package: stpp_hf's own classes."""
@@ -223,6 +227,7 @@ def test_pushed_model_loads_in_fresh_process(pushed, tmp_path, mode, revision, s
     torch.testing.assert_close(loaded["pixel_values"], reference_pixels, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_infer_script_runs_on_a_hub_repo_branch(pushed, tmp_path):
     image_path = tmp_path / "photo.png"
     Image.fromarray(pushed["image"]).save(image_path)
@@ -240,6 +245,7 @@ def test_infer_script_runs_on_a_hub_repo_branch(pushed, tmp_path):
     assert (tmp_path / "out" / "photo_overlay.png").is_file()
 
 
+@pytest.mark.slow
 def test_failed_upload_raises_clear_error_and_leaves_run_intact(tiny_run, tmp_path):
     before = tree_digest(tiny_run["run_dir"])
     with FakeHub(fail_commits=True) as hub:
