@@ -35,7 +35,7 @@ DATASET_DEFAULTS = {
     "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4, preset="cityscapes"),
     "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1, preset=None),
     # small images, a ResNet-18 from scratch at output stride 16 and 6 epochs: minutes on 2 CPU cores
-    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=48, val_batch_size=25, preset=None),
+    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25, preset=None),
 }
 
 
@@ -53,9 +53,9 @@ class DataArguments:
     val_id_path: Optional[str] = field(default=None, metadata={"help": "Split file of val images."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the generated synthetic dataset."})
     synthetic_num_labeled: int = 20
-    synthetic_num_unlabeled: int = 160
+    synthetic_num_unlabeled: int = 120
     synthetic_num_val: int = 50
-    synthetic_image_size: int = 48
+    synthetic_image_size: int = 64
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
 
 

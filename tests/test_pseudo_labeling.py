@@ -30,14 +30,14 @@ def tiny_model(seed=0, perturbation_seed=None):
             model.classifier.weight.add_(0.5 * torch.randn_like(model.classifier.weight))
     model.eval()
     with torch.no_grad():  # centre each class score so the argmax varies over the image
-        probe = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(seed))
+        probe = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(seed))
         model.classifier.bias -= model(pixel_values=probe).logits.mean(dim=(0, 2, 3))
     return model
 
 
 def images_of_mixed_sizes(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    sizes = [(40, 48), (40, 48), (40, 48), (36, 52), (40, 48), (36, 52)]
+    sizes = [(32, 40), (32, 40), (32, 40), (28, 44), (32, 40), (28, 44)]
     items = []
     for height, width in sizes:
         image = torch.randn(3, height, width, generator=generator)

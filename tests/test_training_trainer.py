@@ -50,7 +50,7 @@ def recorded_steps(monkeypatch):
 def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
     hparams = StageHyperParameters(epochs=2, per_device_batch_size=2, base_lr=0.01, val_batch_size=4, channels_last=False)
-    summary = train_stage(make_model, toy_set(17, 0), toy_set(3, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
+    summary = train_stage(make_model, toy_set(17, 0), toy_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
     # 17 images, batch 2, drop_last -> 8 micro-batches -> 4 optimizer steps per epoch
     assert summary["steps"] == 8 and len(recorded_steps) == 8
     lr = scaled_lr(0.01, 2, 1, 2)
@@ -70,7 +70,7 @@ def test_too_small_training_set_is_a_clear_error(tmp_path):
 
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     hparams = StageHyperParameters(epochs=3, per_device_batch_size=4, base_lr=0.02, val_batch_size=4)
-    train, val = toy_set(12, 0), toy_set(4, 1)
+    train, val = toy_set(8, 0), toy_set(2, 1)
     reference = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "uninterrupted", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
 
     original = trainer_module._save_checkpoint

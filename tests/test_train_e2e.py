@@ -1,0 +1,96 @@
+"""End-to-end runs of examples/train_stpp.py on tiny synthetic data (one and two processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_stpp.py"
+TINY_ARGS = [
+    "--synthetic_num_labeled", "8", "--synthetic_num_unlabeled", "12", "--synthetic_num_val", "6",
+    "--synthetic_image_size", "32", "--epochs", "3", "--batch_size", "4", "--crop_size", "32",
+    "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--report_to", "none",
+]
+
+
+def script_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def run_script(output_dir, *extra, processes=1, timeout=300):
+    """Run the example (``accelerate launch`` for several processes); returns the completed process."""
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT)]
+        env = script_env()
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        ]
+        env = dict(script_env(), ACCELERATE_USE_CPU="true")
+    command += ["--output_dir", str(output_dir), *TINY_ARGS, *extra]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(completed):
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_metric(tmp_path):
+    # batch 1 at evaluation: each image's logits do not depend on which images share its batch
+    completed = run_script(tmp_path / "run", "--framework", "st", "--val_batch_size", "1", processes=2)
+    assert_ok(completed)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["hardware"] == "2x CPU"
+    assert [stage["name"] for stage in results["stages"]] == ["suponly", "label_all", "retrain"]
+    assert "ST (re-training)" in completed.stdout
+    # the final metric of the 2-process run, recomputed by one process on the same weights
+    from transformers import AutoModelForSemanticSegmentation
+
+    import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
+
+    from stpp_hf.data import EvalDataset, EvalTransform, load_source
+    from stpp_hf.training.trainer import evaluate
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "run" / "final")
+    root = tmp_path / "run" / "synthetic_data"
+    val = EvalDataset(load_source("pascal", root, root / "splits" / "val.txt"), EvalTransform())
+    one_process = evaluate(model, val, len(results["id2label"]), batch_size=1)
+    assert one_process["miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
+    # every image of the store was labeled exactly once across the two shards
+    labeled = sorted((tmp_path / "run" / "pseudo_labels").glob("label_all-*/labels/*.png"))
+    assert len(labeled) == results["num_unlabeled"]
+
+
+@pytest.mark.slow
+def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
+    completed = run_script(tmp_path / "run", "--framework", "stpp", "--teacher", "last")
+    assert_ok(completed)
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert [s["name"] for s in results["stages"]] == [
+        "suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"
+    ]
+    assert set(results["pseudo_label_miou"]) == {"reliable", "unreliable"}
+    for line in ("SupOnly", "ST++ stage-1 re-training", "final (stpp)", "pseudo labels: reliable images"):
+        assert line in completed.stdout
+    assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "preprocessor_config.json").is_file()
+    assert len(list((run / "stages" / "1-suponly" / "snapshots").iterdir())) == 3
+    assert (run / "stages" / "1-suponly" / "val_predictions.png").is_file()
+    reliable = (run / "stages" / "2-select" / "reliable_ids.txt").read_text().split("\n")
+    assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
+    # relaunching a finished run redoes nothing and reproduces results.json
+    again = run_script(run, "--framework", "stpp", "--teacher", "last")
+    assert_ok(again)
+    assert again.stdout.count("already finished") == 6
+    assert json.loads((run / "results.json").read_text())["final"] == results["final"]
+    # another setting in the same directory is refused with the differing field named
+    refused = run_script(run, "--framework", "stpp", "--teacher", "best")
+    assert refused.returncode != 0 and "teacher" in refused.stderr
