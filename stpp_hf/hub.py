@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
-CARD_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "hub_cards" / "stpp_model_card.md"
+CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "stpp_model_card.md"  # links to the root hub_cards/
 RESULTS_FILE = "results.json"
 FRAMEWORK_TITLES = {"suponly": "SupOnly (labeled images only)", "st": "ST (self-training)", "stpp": "ST++ (self-training)"}
 ARCHITECTURE_TITLES = {"deeplabv3plus": "DeepLabV3+", "deeplabv2": "DeepLabV2"}
@@ -96,7 +96,7 @@ def build_model_card(
     """
     if not Path(template_path).is_file():
         raise FileNotFoundError(
-            f"model card template {template_path} not found (it ships in the repository's hub_cards/); "
+            f"model card template {template_path} not found (it ships as stpp_hf/hub_cards/); "
             "pass template_path= to use another"
         )
     framework_title = FRAMEWORK_TITLES.get(results["framework"], results["framework"])
