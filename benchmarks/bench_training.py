@@ -83,13 +83,18 @@ def benchmark_training(args, device, peak):
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     labels = torch.randint(0, args.num_labels, (args.batch_size, args.crop_size, args.crop_size), device=device)
     results = {}
-    for name, channels_last in (("naive fp32 NCHW", False), ("trainer (channels_last)", True)):
+    variants = (
+        ("naive fp32 NCHW, for-loop SGD", False, False),
+        ("fused SGD", False, True),
+        ("fused SGD + channels_last", True, True),
+    )
+    for name, channels_last, fused in variants:
         model = copy.deepcopy(base).to(device).train()
         inputs = images
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             inputs = images.contiguous(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, 1e-3)
+        optimizer = build_optimizer(model, 1e-3, fused=fused)
 
         def step():
             loss = model(pixel_values=inputs, labels=labels).loss

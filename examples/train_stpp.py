@@ -86,7 +86,9 @@ class RunArguments:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm (multi-GPU CUDA only)."})
-    channels_last: bool = True
+    channels_last: Optional[bool] = field(
+        default=None, metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."}
+    )
     seed: int = 0
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
         num_workers=data_args.num_workers,
         seed=run_args.seed,
         sliding_window=None if window is None else (window, max(1, 2 * window // 3)),
-        channels_last=run_args.channels_last,
+        channels_last=accelerator.device.type == "cuda" if run_args.channels_last is None else run_args.channels_last,
         sync_batchnorm=run_args.sync_bn,
     )
     data = RunData(
