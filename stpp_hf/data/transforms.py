@@ -2,9 +2,9 @@
 
 ``TrainTransform(base_size, crop_size, strong=False)`` and ``EvalTransform()`` map
 ``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32 ImageNet-normalised,
-labels [H, W] int64 | None)``. Masks are ``tv_tensors.Mask`` throughout, so every geometric step
-uses nearest-neighbour sampling on them; the image stays a PIL image until the colour steps are done,
-as in the reference.
+labels [H, W] int64 | None)``. Masks are ``[H, W]`` uint8 numpy arrays until the end and only ever
+indexed (nearest-neighbour source pixels, padding, flips), so class indices are never interpolated;
+the image stays a PIL image until the colour steps are done, as in the reference.
 
 Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
 worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,
@@ -19,7 +19,6 @@ import math
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -27,6 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 MASK_MODES = ("L", "P")
+
+# (x / 255 - mean) / std as one multiply and one subtract per element, constants folded in float64
+_PIXEL_SCALE = torch.tensor([1 / (255 * std) for std in IMAGENET_STD]).view(3, 1, 1)
+_PIXEL_SHIFT = torch.tensor([mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
 
 
 def _uniform(low: float, high: float) -> float:
@@ -42,19 +45,25 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def mask_to_tensor(mask: Image.Image, image_size: tuple[int, int]) -> tv_tensors.Mask:
-    """``[1, H, W]`` uint8 class indices of a single-channel mask the size of its image."""
+def mask_array(mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` uint8 class indices of a single-channel mask the size of its image."""
     if mask.mode not in MASK_MODES:
         raise ValueError(f"mask has mode {mask.mode!r}; expected class indices in a single-channel image (L or P)")
     if mask.size != image_size:
         raise ValueError(f"image is {image_size[0]}x{image_size[1]} but its mask is {mask.size[0]}x{mask.size[1]}")
-    return tv_tensors.Mask(F.pil_to_tensor(mask))
+    return np.array(mask)
 
 
 def normalize(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` float32 ImageNet-normalised tensor of an RGB PIL image or uint8 tensor."""
-    tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
-    return F.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+    """``[3, H, W]`` float32 ImageNet-normalised tensor of an RGB PIL image or ``[3, H, W]`` uint8 tensor.
+
+    One conversion pass and two in-place passes; equal to ``(x / 255 - mean) / std`` up to float32
+    rounding (a few 1e-7).
+    """
+    pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+    normalized = torch.empty(pixels.shape, dtype=torch.float32)
+    normalized.copy_(pixels)
+    return normalized.mul_(_PIXEL_SCALE).sub_(_PIXEL_SHIFT)
 
 
 def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
@@ -64,17 +73,17 @@ def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     return long_side, int(height * long_side / width + 0.5)
 
 
-def _nearest_sources(in_size: int, out_size: int) -> torch.Tensor:
+def _nearest_sources(in_size: int, out_size: int) -> np.ndarray:
     """Source index of each output pixel of a nearest resize ``in_size -> out_size``, bit-exact with
     PIL's NEAREST, which steps the sampling position by accumulated additions (hence the cumsum)."""
     step = in_size / out_size
     positions = np.cumsum(np.concatenate([[step * 0.5], np.full(out_size - 1, step)]))
-    return torch.from_numpy(np.minimum(positions.astype(np.int64), in_size - 1))
+    return np.minimum(positions.astype(np.int64), in_size - 1)
 
 
 def random_scale_and_crop(
-    image: Image.Image, mask: tv_tensors.Mask, base_size: int, crop_size: int
-) -> tuple[Image.Image, tv_tensors.Mask]:
+    image: Image.Image, mask: np.ndarray, base_size: int, crop_size: int
+) -> tuple[Image.Image, np.ndarray]:
     """Steps 1-2 of spec section 3 in one pass: resize so the long side is a random integer in
     ``[int(0.5*base), int(2.0*base)]`` (bilinear image, nearest mask), pad right/bottom up to
     ``crop_size`` (image 0, mask 255), and take a uniformly placed ``crop_size`` square.
@@ -82,9 +91,10 @@ def random_scale_and_crop(
     Only the window that survives the crop is resampled: PIL's ``resize(box=...)`` evaluates the same
     bilinear filter at the same source positions as resizing the whole image and cropping afterwards,
     and the mask takes the same source pixels as PIL's NEAREST. The mask equals the unfused reference
-    exactly, the image up to the 8-bit rounding of PIL's intermediate pass (at most 1 grey level),
+    exactly, the image up to the 8-bit rounding of PIL's intermediate pass (0 or 1 grey level; 2 on
+    about 1e-5 of the pixels of a noise image),
     and an upscaled image costs a crop instead of a full ``2 * base`` resize. ``v2.Resize`` has no
-    source box, hence PIL here.
+    source box, hence PIL here. ``mask`` is ``[H, W]`` uint8; the result is ``[crop, crop]``.
     """
     width, height = image.size
     new_width, new_height = scaled_size(width, height, _randint(int(base_size * 0.5), int(base_size * 2.0)))
@@ -102,18 +112,19 @@ def random_scale_and_crop(
     image = image.resize((window_width, window_height), Image.BILINEAR, box=box)
     rows = _nearest_sources(height, new_height)[top : top + window_height]
     columns = _nearest_sources(width, new_width)[left : left + window_width]
-    mask = tv_tensors.wrap(mask[:, rows][:, :, columns], like=mask)
-    pad_right, pad_bottom = crop_size - window_width, crop_size - window_height
-    if pad_right or pad_bottom:
-        image = F.pad(image, [0, 0, pad_right, pad_bottom], fill=0)
-        mask = F.pad(mask, [0, 0, pad_right, pad_bottom], fill=IGNORE_INDEX)
+    window = mask.take(rows, axis=0).take(columns, axis=1)  # two takes: cheaper than one 2-D gather
+    if window_width == window_height == crop_size:
+        return image, window
+    image = F.pad(image, [0, 0, crop_size - window_width, crop_size - window_height], fill=0)
+    mask = np.full((crop_size, crop_size), IGNORE_INDEX, dtype=np.uint8)
+    mask[:window_height, :window_width] = window
     return image, mask
 
 
-def random_hflip(image: Image.Image, mask: tv_tensors.Mask) -> tuple[Image.Image, tv_tensors.Mask]:
-    """Flip image and mask together with probability 0.5."""
+def random_hflip(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+    """Flip image and mask (``[H, W]``) together with probability 0.5."""
     if torch.rand(()) < 0.5:
-        return F.horizontal_flip(image), F.horizontal_flip(mask)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask[:, ::-1]
     return image, mask
 
 
@@ -179,14 +190,14 @@ class TrainTransform:
         if mask is None:
             raise ValueError("a training sample needs a mask (true or pseudo label)")
         image = _as_rgb(image)
-        mask = mask_to_tensor(mask, image.size)
-        image, mask = random_scale_and_crop(image, mask, self.base_size, self.crop_size)
+        image, mask = random_scale_and_crop(image, mask_array(mask, image.size), self.base_size, self.crop_size)
         image, mask = random_hflip(image, mask)
+        labels = torch.from_numpy(np.ascontiguousarray(mask)).long()
         if not self.strong:
-            return normalize(image), mask[0].long().as_subclass(torch.Tensor)
+            return normalize(image), labels
         image = random_blur(self.color(image))
-        pixels, mask = cutout(F.pil_to_tensor(image), mask.as_subclass(torch.Tensor))
-        return normalize(pixels), mask[0].long()
+        pixels, labels = cutout(F.pil_to_tensor(image), labels)
+        return normalize(pixels), labels
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_size={self.base_size}, crop_size={self.crop_size}, strong={self.strong})"
@@ -197,7 +208,7 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = _as_rgb(image)
-        labels = None if mask is None else mask_to_tensor(mask, image.size)[0].long().as_subclass(torch.Tensor)
+        labels = None if mask is None else torch.from_numpy(mask_array(mask, image.size)).long()
         return normalize(image), labels
 
     def __repr__(self) -> str:
