@@ -32,7 +32,7 @@ from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
 from ..data.splits import read_split, write_split
 from .state import RunState, atomic_write_json, replace_directory, temporary_directory_for
-from .trainer import BEST_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
+from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
 from .visualization import save_prediction_grid
 
 RELIABLE_IDS = "reliable_ids.txt"
@@ -167,6 +167,8 @@ class _Run:
         if self.settings.teacher == "last":
             artefacts.append(stage_dir / LAST_DIR)
         self.finish_stage(stage, artefacts, summary)
+        if self.is_main():  # the epoch checkpoint (weights + optimizer) only serves a resume of this stage
+            shutil.rmtree(stage_dir / CHECKPOINT_DIR, ignore_errors=True)
         return summary
 
     def run_select(self, stage: Stage) -> dict:
