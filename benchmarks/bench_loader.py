@@ -9,14 +9,21 @@ decide labeled / pseudo-labeled, PIL ``Image.open`` of image and mask, PIL resiz
 Both read the same files through a ``DataLoader`` with the same workers and batch size; the membership
 lists are as long as Pascal VOC's 1/16 split (662 labeled, 9919 unlabeled ids).
 
-    python benchmarks/bench_loader.py --num-workers 2 --rounds 3
+Also printed: each side's cost per sample in this process without a loader, and the loader's own
+cost per sample (a dataset returning ready tensors of the same shapes), which both sides pay; the
+throughput is roughly one over their sum. The load average is printed because the numbers are only
+comparable on a quiet machine.
+
+    python benchmarks/bench_loader.py --num-workers 2 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import statistics
 import resource
 import tempfile
 import time
@@ -129,6 +136,34 @@ def throughput(dataset, num_workers, batch_size, max_batches):
     return seen / wall, seen / (_cpu_seconds() - cpu_started)
 
 
+class ReadyTensors(Dataset):
+    """Items of the training shapes made of nothing: what the loader itself (collate, shared memory,
+    worker hand-off) costs per sample."""
+
+    def __init__(self, length, crop_size):
+        self.length, self.crop_size = length, crop_size
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return torch.zeros(3, self.crop_size, self.crop_size), torch.zeros(self.crop_size, self.crop_size, dtype=torch.long)
+
+
+def in_process_ms(dataset, num_samples):
+    """Milliseconds of this process's CPU per sample, items fetched in a plain loop (no loader), on
+    one intra-op thread as in a loader worker."""
+    indices = torch.randperm(len(dataset))[:num_samples].tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.process_time()
+    for index in indices:
+        dataset[index]
+    elapsed = time.process_time() - started
+    torch.set_num_threads(threads)
+    return 1000 * elapsed / len(indices)
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -166,28 +201,44 @@ def main():
     parser.add_argument("--crop-size", type=int, default=321)
     parser.add_argument("--num-unlabeled", type=int, default=180)
     parser.add_argument("--max-batches", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; the best of each side is reported.")
+    parser.add_argument("--rounds", type=int, default=5, help="Alternating rounds; medians (and bests) are reported.")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir:
         ours, baseline = build(Path(workdir), args.image_size, args.num_unlabeled, args.base_size, args.crop_size)
-        results = {"stpp_hf": [], "baseline": []}
+        sides = (("stpp_hf", ours), ("baseline", baseline))
+        results = {name: [] for name, _ in sides}
         for _ in range(args.rounds):  # alternate so background load hits both sides alike
-            for name, dataset in (("stpp_hf", ours), ("baseline", baseline)):
+            for name, dataset in sides:
                 results[name].append(throughput(dataset, args.num_workers, args.batch_size, args.max_batches))
-    best_wall = {name: max(wall for wall, _ in values) for name, values in results.items()}
-    best_cpu = {name: max(cpu for _, cpu in values) for name, values in results.items()}
+        samples = args.batch_size * args.max_batches
+        per_sample = {name: statistics.median(in_process_ms(dataset, samples) for _ in range(3)) for name, dataset in sides}
+        loader_cpu = throughput(ReadyTensors(len(ours), args.crop_size), args.num_workers, args.batch_size, args.max_batches)[1]
+    load_after = os.getloadavg()
     print(
         f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
-        f"{args.num_workers} workers, best of {args.rounds} rounds"
+        f"{args.num_workers} workers, {args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        f"({os.cpu_count()} CPUs)"
     )
+    median, best = {}, {}
     for name, values in results.items():
+        median[name] = tuple(statistics.median(column) for column in zip(*values))
+        best[name] = tuple(max(column) for column in zip(*values))
         rounds = ", ".join(f"{wall:.0f}" for wall, _ in values)
-        print(f"  {name:9s} {best_wall[name]:7.1f} images/s  {best_cpu[name]:6.1f} images/CPU-s   (wall rounds: {rounds})")
+        print(
+            f"  {name:9s} median {median[name][0]:6.1f} images/s {median[name][1]:6.1f} images/CPU-s  "
+            f"best {best[name][0]:6.1f} {best[name][1]:6.1f}   (wall rounds: {rounds})"
+        )
+    for label, values in (("median", median), ("best", best)):
+        print(
+            f"  speed-up ({label}) {values['stpp_hf'][0] / values['baseline'][0]:.2f}x wall, "
+            f"{values['stpp_hf'][1] / values['baseline'][1]:.2f}x per CPU second"
+        )
     print(
-        f"  speed-up  {best_wall['stpp_hf'] / best_wall['baseline']:.2f}x wall, "
-        f"{best_cpu['stpp_hf'] / best_cpu['baseline']:.2f}x per CPU second"
+        f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f}, baseline {per_sample['baseline']:.2f} "
+        f"(one process, no loader); the loader itself {1000 / loader_cpu:.2f}"
     )
 
 
