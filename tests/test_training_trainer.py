@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from stpp_hf import build_model
 from stpp_hf.training import trainer as trainer_module
-from stpp_hf.training.trainer import StageHyperParameters, scaled_lr, train_stage
+from stpp_hf.training.trainer import StageHyperParameters, evaluate, scaled_lr, train_stage
 
 NUM_CLASSES = 2
 
@@ -68,8 +68,11 @@ def test_too_small_training_set_is_a_clear_error(tmp_path):
         train_stage(make_model, toy_set(5, 0), toy_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
-    hparams = StageHyperParameters(epochs=3, per_device_batch_size=4, base_lr=0.02, val_batch_size=4)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last):
+    # channels_last=False caught evaluation switching the trained parameters to channels_last behind
+    # the optimizer's back (fused SGD then adds momentum in the wrong layout; a resume did not)
+    hparams = StageHyperParameters(epochs=3, per_device_batch_size=4, base_lr=0.02, val_batch_size=4, channels_last=channels_last)
     train, val = toy_set(8, 0), toy_set(2, 1)
     reference = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "uninterrupted", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
 
@@ -95,3 +98,16 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_evaluation_leaves_the_trained_model_as_it_was():
+    torch.manual_seed(0)
+    model = make_model().train()
+    layouts = {name: parameter.stride() for name, parameter in model.named_parameters()}
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    metrics = evaluate(model, toy_set(3, 2), NUM_CLASSES, batch_size=2)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert model.training
+    assert {name: parameter.stride() for name, parameter in model.named_parameters()} == layouts
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

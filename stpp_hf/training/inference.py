@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.utils.fusion
 
+PROBE_SIZE = 256
+
 
 def shard_indices(num_items: int, process_index: int, num_processes: int) -> list[int]:
     """The indices of ``range(num_items)`` that process ``process_index`` handles."""
@@ -47,27 +49,28 @@ def same_size_batches(
         yield flush()
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Eval mode on ``device`` in channels_last memory format (faster convolutions, same math)."""
-    return model.to(device).eval().to(memory_format=torch.channels_last)
-
-
 def inference_model(model: torch.nn.Module, device: torch.device, example: torch.Tensor) -> torch.nn.Module:
-    """The fastest equivalent of ``model`` for repeated inference: BN folded, channels_last, eval."""
-    model = prepare_for_inference(model, device)
-    return fold_batchnorm(model, to_device_images(example, device)).to(memory_format=torch.channels_last)
+    """A copy of ``model`` for repeated inference: eval mode, on ``device``, BN folded, channels_last.
+
+    ``model`` itself is left as it was: converting a model that is being trained to channels_last
+    would leave its parameters in another memory layout than the optimizer's momentum buffers.
+    The folding is checked on a corner of ``example`` (one image, at most ``PROBE_SIZE`` pixels a
+    side), so a full-size image never has to fit through the model in one piece.
+    """
+    probe = example[:1, :, :PROBE_SIZE, :PROBE_SIZE]
+    return fold_batchnorm(model, to_device_images(probe, device)).to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
 def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4) -> torch.nn.Module:
-    """A copy of eval-mode ``model`` with every BatchNorm2d that directly follows a Conv2d folded
+    """An eval-mode copy of ``model``, on ``example``'s device, with every BatchNorm2d that directly follows a Conv2d folded
     into the convolution's weights (one layer less per pair at inference, same function).
 
     Pairs are found by running ``example`` ``[B, 3, H, W]`` once and matching each BatchNorm's input
     tensor to the Conv2d that produced it; the folded copy is checked against the original on the same
     input and a ``RuntimeError`` is raised if they differ by more than ``atol``.
     """
-    folded = copy.deepcopy(model).eval()
+    folded = copy.deepcopy(model).to(example.device).eval()
     # conv outputs are kept alive during the probe pass so their ids cannot be reused by other tensors
     conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: dict[str, str] = {}

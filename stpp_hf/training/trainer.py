@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from ..metrics import SegmentationMetric, format_per_class_iou
-from .inference import prepare_for_inference, same_size_batches, shard_indices, to_device_images
+from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 from .state import (
     atomic_write_json,
     recover_directory,
@@ -133,15 +133,15 @@ def evaluate(
     """
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    was_training = model.training
-    model = prepare_for_inference(model, device)
     metric = SegmentationMetric(num_classes, class_names)
+    folded = None  # an inference copy: the model under training keeps its mode and memory layout
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-    with autocast:
-        for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
-            logits = predict_logits(model, to_device_images(images, device), sliding_window)
-            metric.update(logits.argmax(dim=1).cpu(), masks)
-    model.train(was_training)
+    for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
+        if folded is None:
+            folded = inference_model(model, device, images[:1])
+        with autocast:
+            logits = predict_logits(folded, to_device_images(images, device), sliding_window)
+        metric.update(logits.argmax(dim=1).cpu(), masks)
     return metric.compute(accelerator)
 
 
@@ -249,8 +249,6 @@ def train_stage(
         metrics = evaluate(
             unwrapped, val_dataset, num_classes, class_names, accelerator, hparams.val_batch_size, hparams.sliding_window
         )
-        if hparams.channels_last:
-            unwrapped.to(memory_format=torch.channels_last)
         history.append({"epoch": epoch + 1, "loss": running_loss / max(seen, 1), "val_miou": metrics["miou"]})
         accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step)
         accelerator.print(

@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .inference import prepare_for_inference
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -32,7 +31,7 @@ def save_prediction_grid(
     model: torch.nn.Module, dataset: Sequence, path: str | Path, palette: list[int] | None, num_images: int = 6
 ) -> None:
     """Rows of (image | ground truth | prediction) for the first ``num_images`` of ``dataset``."""
-    model = prepare_for_inference(model, torch.device("cpu"))
+    model.eval()
     rows = []
     for index in range(min(num_images, len(dataset))):
         image, mask = dataset[index]
