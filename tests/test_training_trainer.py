@@ -105,7 +105,8 @@ def test_evaluation_leaves_the_trained_model_as_it_was():
     model = make_model().train()
     layouts = {name: parameter.stride() for name, parameter in model.named_parameters()}
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    metrics = evaluate(model, toy_set(3, 2), NUM_CLASSES, batch_size=2)
+    # two batches through the Accelerator's autocast (a fresh context per batch)
+    metrics = evaluate(model, toy_set(3, 2), NUM_CLASSES, accelerator=fresh_accelerator(), batch_size=2)
     assert 0.0 <= metrics["miou"] <= 1.0
     assert model.training
     assert {name: parameter.stride() for name, parameter in model.named_parameters()} == layouts

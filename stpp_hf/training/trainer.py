@@ -9,6 +9,7 @@ process), so it is the same whatever the number of processes or accumulation ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,11 +136,10 @@ def evaluate(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     metric = SegmentationMetric(num_classes, class_names)
     folded = None  # an inference copy: the model under training keeps its mode and memory layout
-    autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
     for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
         if folded is None:
             folded = inference_model(model, device, images[:1])
-        with autocast:
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             logits = predict_logits(folded, to_device_images(images, device), sliding_window)
         metric.update(logits.argmax(dim=1).cpu(), masks)
     return metric.compute(accelerator)
