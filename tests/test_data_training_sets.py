@@ -120,4 +120,8 @@ def test_training_sets_batch_in_dataloader_workers(sources, tmp_path):
     images = torch.cat([images for images, _ in batches])
     labels = torch.cat([labels for _, labels in batches])
     assert images.shape == (len(dataset), 3, 24, 24) and labels.shape == (len(dataset), 24, 24)
+    # training items stay uint8 through the workers; the trainer normalises on its device
+    assert images.dtype == torch.uint8 and labels.dtype == torch.uint8
     assert set(labels.unique().tolist()) <= {0, 1, 2, 3, 4, 5, 255}
+    pixels, label = SupOnlyDataset(data["labeled"], TrainTransform(32, 24))[0]
+    assert pixels.dtype == label.dtype == torch.uint8 and pixels.shape == (3, 24, 24) and label.shape == (24, 24)

@@ -8,6 +8,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 
 from stpp_hf import build_model
+from stpp_hf.data.transforms import normalize
 from stpp_hf.training import trainer as trainer_module
 from stpp_hf.training.trainer import StageHyperParameters, evaluate, scaled_lr, train_stage
 
@@ -19,12 +20,18 @@ def make_model():
 
 
 def toy_set(count, seed):
+    """Training items as ``TrainTransform`` makes them: ``(uint8 [3, 32, 32], uint8 [32, 32])``."""
     generator = torch.Generator().manual_seed(seed)
     items = []
     for _ in range(count):
-        image = torch.randn(3, 32, 32, generator=generator)
-        items.append((image, (image[0] > 0).long()))
+        pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator)
+        items.append((pixels, (pixels[0] > 127).to(torch.uint8)))
     return items
+
+
+def toy_val_set(count, seed):
+    """The same images as evaluation items, as ``EvalTransform`` makes them: ``(float32, int64)``."""
+    return [(normalize(pixels), labels.long()) for pixels, labels in toy_set(count, seed)]
 
 
 def fresh_accelerator(**kwargs):
@@ -50,7 +57,7 @@ def recorded_steps(monkeypatch):
 def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
     hparams = StageHyperParameters(epochs=2, per_device_batch_size=2, base_lr=0.01, val_batch_size=4, channels_last=False)
-    summary = train_stage(make_model, toy_set(17, 0), toy_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
+    summary = train_stage(make_model, toy_set(17, 0), toy_val_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
     # 17 images, batch 2, drop_last -> 8 micro-batches -> 4 optimizer steps per epoch
     assert summary["steps"] == 8 and len(recorded_steps) == 8
     lr = scaled_lr(0.01, 2, 1, 2)
@@ -61,11 +68,37 @@ def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorde
     assert len(summary["history"]) == 2 and (tmp_path / "stage" / "best" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
+    """uint8 items reach the model as the ImageNet-normalised float32 batch and int64 labels."""
+    seen = []
+
+    def recording_model():
+        model = make_model()
+
+        def record(module, args, kwargs):
+            if module.training:
+                seen.append((kwargs["pixel_values"].clone(), kwargs["labels"].clone()))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    train = toy_set(4, 0)
+    hparams = StageHyperParameters(epochs=1, per_device_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=channels_last)
+    train_stage(recording_model, train, toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, NUM_CLASSES)
+    (pixel_values, labels), = seen
+    assert pixel_values.dtype == torch.float32 and labels.dtype == torch.int64
+    # the batch is shuffled: match each row to its item
+    for pixels, label in train:
+        row = next(i for i in range(4) if torch.equal(labels[i], label.long()))
+        assert torch.equal(pixel_values[row], normalize(pixels))
+
+
 def test_too_small_training_set_is_a_clear_error(tmp_path):
     accelerator = fresh_accelerator()
     hparams = StageHyperParameters(epochs=1, per_device_batch_size=8, base_lr=0.01)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train_stage(make_model, toy_set(5, 0), toy_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
+        train_stage(make_model, toy_set(5, 0), toy_val_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -73,7 +106,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
     # channels_last=False caught evaluation switching the trained parameters to channels_last behind
     # the optimizer's back (fused SGD then adds momentum in the wrong layout; a resume did not)
     hparams = StageHyperParameters(epochs=3, per_device_batch_size=4, base_lr=0.02, val_batch_size=4, channels_last=channels_last)
-    train, val = toy_set(8, 0), toy_set(2, 1)
+    train, val = toy_set(8, 0), toy_val_set(2, 1)
     reference = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "uninterrupted", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
 
     original = trainer_module._save_checkpoint
@@ -106,7 +139,7 @@ def test_evaluation_leaves_the_trained_model_as_it_was():
     layouts = {name: parameter.stride() for name, parameter in model.named_parameters()}
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     # two batches through the Accelerator's autocast (a fresh context per batch)
-    metrics = evaluate(model, toy_set(3, 2), NUM_CLASSES, accelerator=fresh_accelerator(), batch_size=2)
+    metrics = evaluate(model, toy_val_set(3, 2), NUM_CLASSES, accelerator=fresh_accelerator(), batch_size=2)
     assert 0.0 <= metrics["miou"] <= 1.0
     assert model.training
     assert {name: parameter.stride() for name, parameter in model.named_parameters()} == layouts

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as v1
 
 from stpp_hf.data.transforms import (
@@ -15,6 +15,7 @@ from stpp_hf.data.transforms import (
     cutout,
     mask_array,
     normalize,
+    normalize_batch,
     random_hflip,
     random_scale_and_crop,
 )
@@ -27,12 +28,6 @@ def _noise_image(width, height, seed=0):
 
 def _mask(array):
     return Image.fromarray(np.asarray(array, dtype=np.uint8), mode="L")
-
-
-def _denormalize(pixel_values):
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixel_values * std + mean) * 255
 
 
 @pytest.mark.parametrize("width,height", [(200, 100), (90, 150)])
@@ -95,22 +90,24 @@ def test_fused_scale_and_crop_equals_the_plain_reference(width, height, base_siz
 
 @pytest.mark.parametrize("width,height", [(70, 50), (50, 70)])
 def test_weak_train_transform_equals_the_plain_reference(width, height):
-    """The whole weak path (fused scale + crop, flip, to tensor, normalise) against the spec written
-    plainly with PIL and torchvision v1, under the same draws: labels bit-identical, pixels within
-    one grey level."""
+    """The whole weak path (fused scale + crop, flip, to tensor, then the trainer's batch normalisation)
+    against the spec written plainly with PIL and torchvision v1, under the same draws: labels
+    bit-identical, pixels within one grey level."""
     image = _noise_image(width, height, seed=3)
     labels = np.random.default_rng(2).choice([0, 5, 19], size=(height, width)).astype(np.uint8)
     transform = TrainTransform(base_size=60, crop_size=48)
     flips, differences = 0, []
     for seed in range(40):
         torch.manual_seed(seed)
-        pixel_values, out_labels = transform(image, _mask(labels))
+        pixels, out_labels = transform(image, _mask(labels))
+        assert pixels.dtype == torch.uint8 and out_labels.dtype == torch.uint8
+        pixel_values = normalize_batch(pixels[None])[0]
         torch.manual_seed(seed)
         expected_image, expected_mask, _ = _reference_scale_and_crop(image, _mask(labels), 60, 48)
         if torch.rand(()) < 0.5:
             flips += 1
             expected_image, expected_mask = ImageOps.mirror(expected_image), ImageOps.mirror(expected_mask)
-        assert out_labels.dtype == torch.int64 and torch.equal(out_labels, torch.from_numpy(np.array(expected_mask)).long())
+        assert torch.equal(out_labels, torch.from_numpy(np.array(expected_mask)))
         expected = v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v1.ToTensor()(expected_image))
         assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected.shape
         grey_levels = ((pixel_values - expected).abs() * 255 * torch.tensor(IMAGENET_STD).view(3, 1, 1)).round()
@@ -129,6 +126,25 @@ def test_normalize_matches_the_imagenet_formula():
         normalized = normalize(source)
         assert normalized.dtype == torch.float32 and normalized.shape == (3, 17, 23)
         assert (normalized.double() - expected).abs().max() < 1e-6
+    batch = normalize_batch(torch.stack([pixels, pixels.flip(-1)]))
+    assert batch.dtype == torch.float32 and batch.shape == (2, 3, 17, 23)
+    assert (batch[0].double() - expected).abs().max() < 1e-6 and (batch[1].double() - expected.flip(-1)).abs().max() < 1e-6
+    for wrong in (pixels[None].float(), pixels):
+        with pytest.raises(ValueError, match=r"expected a \[B, 3, H, W\] uint8 batch"):
+            normalize_batch(wrong)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_batch_normalisation_is_bit_identical_to_the_per_sample_path(strong):
+    """Real crops: normalising the collated uint8 batch gives exactly what normalising each item's
+    PIL crop (the weak path before the move) or uint8 tensor (the strong path) gave."""
+    torch.manual_seed(0)
+    transform = TrainTransform(base_size=64, crop_size=40, strong=strong)
+    items = [transform(_noise_image(70, 50, seed), _mask(np.zeros((50, 70)))) for seed in range(8)]
+    batch = normalize_batch(default_collate(items)[0])
+    for pixels, normalized in zip((pixels for pixels, _ in items), batch):
+        assert torch.equal(normalized, normalize(pixels))
+        assert torch.equal(normalized, normalize(Image.fromarray(pixels.permute(1, 2, 0).numpy())))
 
 
 def test_masks_are_never_interpolated():
@@ -140,7 +156,7 @@ def test_masks_are_never_interpolated():
         seen = set()
         for _ in range(60):
             _, out = transform(image, mask)
-            assert out.dtype == torch.int64 and out.shape == (48, 48)
+            assert out.dtype == torch.uint8 and out.shape == (48, 48)
             seen.update(out.unique().tolist())
         # only the original values and the pad / cutout ignore value, never a blend such as 3 or 100
         assert seen <= {0, 7, 200, 255}
@@ -187,8 +203,7 @@ def test_train_transform_keeps_image_and_mask_aligned():
     labels[:, 40:] = 2
     transform = TrainTransform(base_size=80, crop_size=48)
     for _ in range(50):
-        image, mask = transform(Image.fromarray(pixels), _mask(labels))
-        rgb = _denormalize(image)
+        rgb, mask = transform(Image.fromarray(pixels), _mask(labels))
         interior = torch.nn.functional.max_pool2d((mask != 1).float()[None], 3, 1, 1)[0] == 0  # away from edges
         assert (rgb[0][interior] > 200).all() and (rgb[2][interior] < 55).all()
         interior = torch.nn.functional.max_pool2d((mask != 2).float()[None], 3, 1, 1)[0] == 0
@@ -238,8 +253,8 @@ def test_strong_augmentation_only_when_asked():
         for _ in range(200):
             pixels, labels = transform(image, mask)
             cutouts += int((labels == 255).any())
-            rgb = _denormalize(pixels)[:, labels != 255]
-            grays += int((rgb.max(dim=0).values - rgb.min(dim=0).values).max() < 1.0)
+            rgb = pixels[:, labels != 255].int()
+            grays += int((rgb.max(dim=0).values == rgb.min(dim=0).values).all())
         results[strong] = (cutouts, grays)
     assert results[False] == (0, 0)
     cutouts, grays = results[True]

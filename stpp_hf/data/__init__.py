@@ -13,7 +13,7 @@ from .splits import (
     write_split,
 )
 from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
-from .transforms import EvalTransform, TrainTransform
+from .transforms import EvalTransform, TrainTransform, normalize_batch
 
 
 
@@ -41,6 +41,7 @@ __all__ = [
     "list_shipped_splits",
     "load_source",
     "make_synthetic_dataset",
+    "normalize_batch",
     "read_id2label",
     "read_split",
     "register_source",

@@ -1,13 +1,15 @@
 """The torch datasets of a run, over the ``datasets.Dataset``\\ s of :func:`~stpp_hf.data.load_source`.
 
-Item format (all three): a tuple ``(pixel_values, labels)``
+Item format: a tuple ``(pixels, labels)``, class indices with 255 = ignore.
 
-* ``pixel_values``: ``[3, H, W]`` float32, ImageNet-normalised;
-* ``labels``: ``[H, W]`` int64 class indices, 255 = ignore (``None`` in :class:`EvalDataset` for an
-  image without a mask).
+* :class:`SupOnlyDataset`, :class:`RetrainDataset` (through :class:`TrainTransform`): ``pixels``
+  ``[3, crop, crop]`` uint8 RGB, ``labels`` ``[crop, crop]`` uint8. They batch with the default
+  collate; the trainer makes model inputs of a batch on its device with
+  :func:`~stpp_hf.data.transforms.normalize_batch` (float32, ImageNet-normalised) and ``labels.long()``.
+* :class:`EvalDataset` (through :class:`EvalTransform`): ``pixel_values`` ``[3, H, W]`` float32
+  ImageNet-normalised, ``labels`` ``[H, W]`` int64 (``None`` for an image without a mask); full
+  images of varying size, batched by size (``stpp_hf.training.inference.same_size_batches``).
 
-Training items are ``crop x crop`` and batch with the default collate. :class:`EvalDataset` items
-are full images of varying size; batch them by size (``stpp_hf.training.inference.same_size_batches``).
 The id of item ``i`` is ``dataset.ids[i]``.
 
 * :class:`SupOnlyDataset`: the labeled images, listed twice when fewer than 200 (spec section 2).

@@ -1,10 +1,15 @@
 """The method's joint image/mask augmentations (spec sections 3 and 7) on ``torchvision.transforms.v2``.
 
-``TrainTransform(base_size, crop_size, strong=False)`` and ``EvalTransform()`` map
-``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32 ImageNet-normalised,
-labels [H, W] int64 | None)``. Masks are ``[H, W]`` uint8 numpy arrays until the end and only ever
-indexed (nearest-neighbour source pixels, padding, flips), so class indices are never interpolated;
-the image stays a PIL image until the colour steps are done, as in the reference.
+``TrainTransform(base_size, crop_size, strong=False)`` maps ``(PIL image, PIL mask)`` to
+``(pixels [3, crop, crop] uint8, labels [crop, crop] uint8)``: training items cross the DataLoader's
+worker hand-off at a quarter (pixels) and an eighth (labels) of the float32 / int64 size, and the
+trainer turns each batch into model inputs on its device with :func:`normalize_batch` (float32
+ImageNet-normalised pixels) and ``labels.long()``, as timm's PrefetchLoader does.
+``EvalTransform()`` maps ``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32
+ImageNet-normalised, labels [H, W] int64 | None)`` directly. Masks are ``[H, W]`` uint8 numpy arrays
+until the end and only ever indexed (nearest-neighbour source pixels, padding, flips), so class
+indices are never interpolated; the image stays a PIL image until the colour steps are done, as in
+the reference.
 
 Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
 worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,
@@ -54,16 +59,31 @@ def mask_array(mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
     return np.array(mask)
 
 
+def _normalized(pixels: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, H, W]`` uint8 -> contiguous float32 on the same device: one conversion pass (which
+    also gathers a PIL image's channel-interleaved pixels) and two in-place passes."""
+    normalized = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
+    return normalized.mul_(_PIXEL_SCALE.to(pixels.device)).sub_(_PIXEL_SHIFT.to(pixels.device))
+
+
 def normalize(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """``[3, H, W]`` float32 ImageNet-normalised tensor of an RGB PIL image or ``[3, H, W]`` uint8 tensor.
 
-    One conversion pass and two in-place passes; equal to ``(x / 255 - mean) / std`` up to float32
-    rounding (a few 1e-7).
+    Equal to ``(x / 255 - mean) / std`` up to float32 rounding (a few 1e-7).
     """
-    pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-    normalized = torch.empty(pixels.shape, dtype=torch.float32)
-    normalized.copy_(pixels)
-    return normalized.mul_(_PIXEL_SCALE).sub_(_PIXEL_SHIFT)
+    return _normalized(F.pil_to_tensor(image) if isinstance(image, Image.Image) else image)
+
+
+def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` uint8 batch (on any device) -> ``[B, 3, H, W]`` float32 ImageNet-normalised
+    batch on the same device: the model input made of a batch of :class:`TrainTransform` items.
+
+    The same operations as :func:`normalize`, so on CPU each image equals its per-sample
+    normalisation bit for bit.
+    """
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"expected a [B, 3, H, W] uint8 batch, got {tuple(pixels.shape)} {pixels.dtype}")
+    return _normalized(pixels)
 
 
 def scaled_size(width: int, height: int, long_side: int) -> tuple[int, int]:
@@ -175,7 +195,8 @@ class TrainTransform:
     """Training augmentation: random scale, pad + crop (fused), flip; with ``strong`` also colour jitter,
     grayscale, blur and cutout (pseudo-labeled images only).
 
-    ``(PIL image, PIL mask) -> (pixel_values [3, crop, crop] float32, labels [crop, crop] int64)``.
+    ``(PIL image, PIL mask) -> (pixels [3, crop, crop] uint8, labels [crop, crop] uint8)``, 255 = ignore;
+    :func:`normalize_batch` makes model inputs of a batch of them.
     """
 
     def __init__(self, base_size: int, crop_size: int, strong: bool = False):
@@ -192,12 +213,11 @@ class TrainTransform:
         image = _as_rgb(image)
         image, mask = random_scale_and_crop(image, mask_array(mask, image.size), self.base_size, self.crop_size)
         image, mask = random_hflip(image, mask)
-        labels = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        labels = torch.from_numpy(np.ascontiguousarray(mask))
         if not self.strong:
-            return normalize(image), labels
+            return F.pil_to_tensor(image), labels
         image = random_blur(self.color(image))
-        pixels, labels = cutout(F.pil_to_tensor(image), labels)
-        return normalize(pixels), labels
+        return cutout(F.pil_to_tensor(image), labels)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_size={self.base_size}, crop_size={self.crop_size}, strong={self.strong})"

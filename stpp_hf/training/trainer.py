@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
+from ..data.transforms import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 from .state import (
@@ -171,6 +172,9 @@ def train_stage(
 ) -> dict:
     """Train one stage and return its summary (best epoch and val metrics, mIoU history).
 
+    ``train_dataset`` items are :class:`~stpp_hf.data.TrainTransform`'s ``(pixels [3, H, W] uint8,
+    labels [H, W] uint8 or int64)``; ``val_dataset`` items are ``EvalTransform``'s (float32, int64).
+
     Writes into ``stage_dir``: ``best/`` (best-val ``save_pretrained``), ``snapshots/epoch_<e>/`` for
     ``snapshot_epochs`` (1-based), ``last/`` if ``keep_last``, and ``checkpoint/`` (``save_state`` +
     ``trainer_state.json``) after every epoch, from which a relaunch continues.
@@ -228,7 +232,9 @@ def train_stage(
         model.train()
         running_loss, seen = 0.0, 0
         for batch in loader:
-            images, labels = _batch_tensors(batch)
+            pixels, labels = _batch_tensors(batch)
+            # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
+            images, labels = normalize_batch(pixels), labels.long()
             if hparams.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
