@@ -2,17 +2,22 @@
 """Re-training loader throughput: stpp_hf's data path against a reference-style baseline, same run.
 
 Ours: ``load_source`` (``datasets``) + ``RetrainDataset`` (dict membership, pseudo labels from a
-``PseudoLabelStore``) + ``TrainTransform`` (torchvision v2 on tensors/PIL).
+``PseudoLabelStore``) + ``TrainTransform`` (torchvision v2 on tensors/PIL), whose items are uint8
+pixels and labels; the consuming process then makes model inputs of every timed batch on CPU
+(``normalize_batch``, ``labels.long()``) on one intra-op thread (the workers hold the other cores),
+as the trainer does on its device, so our side pays for the normalisation it moved out of the workers.
 Baseline: what the reference code does per sample: a list of split lines, ``id in list`` tests to
 decide labeled / pseudo-labeled, PIL ``Image.open`` of image and mask, PIL resize / ``ImageOps.expand``
-/ crop / flip, torchvision v1 colour transforms, a float numpy cutout, v1 ``ToTensor`` + ``Normalize``.
+/ crop / flip, torchvision v1 colour transforms, a float numpy cutout, v1 ``ToTensor`` + ``Normalize``
+in the workers (float32 pixels, int64 labels).
 Both read the same files through a ``DataLoader`` with the same workers and batch size; the membership
 lists are as long as Pascal VOC's 1/16 split (662 labeled, 9919 unlabeled ids).
 
-Also printed: each side's cost per sample in this process without a loader, and the loader's own
-cost per sample (a dataset returning ready tensors of the same shapes), which both sides pay; the
-throughput is roughly one over their sum. The load average is printed because the numbers are only
-comparable on a quiet machine.
+Also printed: each side's cost per sample in this process without a loader (ours: the item, then
+its share of the batch normalisation), and the loader's own cost per sample for each side's item
+format (a dataset returning ready tensors of the same shapes and dtypes); the throughput is roughly
+one over their sum. The load average is printed because the numbers are only comparable on a quiet
+machine.
 
     python benchmarks/bench_loader.py --num-workers 2 --rounds 5
 """
@@ -35,7 +40,15 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
 
-from stpp_hf.data import PseudoLabelStore, RetrainDataset, TrainTransform, load_source, make_synthetic_dataset, read_split
+from stpp_hf.data import (
+    PseudoLabelStore,
+    RetrainDataset,
+    TrainTransform,
+    load_source,
+    make_synthetic_dataset,
+    normalize_batch,
+    read_split,
+)
 
 PASCAL_1_16 = (662, 9919)  # labeled / unlabeled ids of pascal/1_16/split_0
 
@@ -111,10 +124,16 @@ def _seed_worker(worker_id):
     np.random.seed(seed)
 
 
-def throughput(dataset, num_workers, batch_size, max_batches):
+def model_inputs(images, labels):
+    """What the trainer makes of a batch of our uint8 items: float32 normalised pixels, int64 labels."""
+    return normalize_batch(images), labels.long()
+
+
+def throughput(dataset, num_workers, batch_size, max_batches, consume=None):
     """``(images per wall second, images per CPU second)`` after the first batch (worker start-up
-    excluded). CPU time sums this process and its workers (reaped when the loader shuts down), so
-    it stays meaningful on a machine shared with other jobs, where wall time is not."""
+    excluded); ``consume(images, labels)`` runs on every timed batch in this process. CPU time sums
+    this process and its workers (reaped when the loader shuts down), so it stays meaningful on a
+    machine shared with other jobs, where wall time is not."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -126,28 +145,35 @@ def throughput(dataset, num_workers, batch_size, max_batches):
     )
     iterator = iter(loader)
     next(iterator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # more threads than free cores only spin against the workers
     cpu_started, started, seen = _cpu_seconds(), time.perf_counter(), 0
-    for batch_index, (images, _) in enumerate(iterator):
+    for batch_index, (images, labels) in enumerate(iterator):
+        if consume is not None:
+            consume(images, labels)
         seen += images.shape[0]
         if batch_index + 2 >= max_batches:
             break
     wall = time.perf_counter() - started
+    torch.set_num_threads(threads)
     del iterator  # joins the workers, so their CPU time is counted
     return seen / wall, seen / (_cpu_seconds() - cpu_started)
 
 
 class ReadyTensors(Dataset):
-    """Items of the training shapes made of nothing: what the loader itself (collate, shared memory,
-    worker hand-off) costs per sample."""
+    """Items of the training shapes and the given dtypes made of nothing: what the loader itself
+    (collate, shared memory, worker hand-off) costs per sample for that item format."""
 
-    def __init__(self, length, crop_size):
+    def __init__(self, length, crop_size, pixel_dtype, label_dtype):
         self.length, self.crop_size = length, crop_size
+        self.pixel_dtype, self.label_dtype = pixel_dtype, label_dtype
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
-        return torch.zeros(3, self.crop_size, self.crop_size), torch.zeros(self.crop_size, self.crop_size, dtype=torch.long)
+        size = self.crop_size
+        return torch.zeros(3, size, size, dtype=self.pixel_dtype), torch.zeros(size, size, dtype=self.label_dtype)
 
 
 def in_process_ms(dataset, num_samples):
@@ -162,6 +188,21 @@ def in_process_ms(dataset, num_samples):
     elapsed = time.process_time() - started
     torch.set_num_threads(threads)
     return 1000 * elapsed / len(indices)
+
+
+def consume_ms(batch_size, crop_size, repeats=20):
+    """Milliseconds of this process's CPU per sample for :func:`model_inputs` on one batch of our
+    items, on one intra-op thread as in :func:`throughput`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images = torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8)
+    labels = torch.randint(0, 256, (batch_size, crop_size, crop_size), dtype=torch.uint8)
+    started = time.process_time()
+    for _ in range(repeats):
+        model_inputs(images, labels)
+    elapsed = time.process_time() - started
+    torch.set_num_threads(threads)
+    return 1000 * elapsed / (repeats * batch_size)
 
 
 def _cpu_seconds() -> float:
@@ -208,19 +249,28 @@ def main():
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir:
         ours, baseline = build(Path(workdir), args.image_size, args.num_unlabeled, args.base_size, args.crop_size)
-        sides = (("stpp_hf", ours), ("baseline", baseline))
-        results = {name: [] for name, _ in sides}
+        # (name, dataset, what the consuming process does with each batch, item dtypes)
+        sides = (
+            ("stpp_hf", ours, model_inputs, (torch.uint8, torch.uint8)),
+            ("baseline", baseline, None, (torch.float32, torch.int64)),
+        )
+        results = {name: [] for name, *_ in sides}
         for _ in range(args.rounds):  # alternate so background load hits both sides alike
-            for name, dataset in sides:
-                results[name].append(throughput(dataset, args.num_workers, args.batch_size, args.max_batches))
+            for name, dataset, consume, _ in sides:
+                results[name].append(throughput(dataset, args.num_workers, args.batch_size, args.max_batches, consume))
         samples = args.batch_size * args.max_batches
-        per_sample = {name: statistics.median(in_process_ms(dataset, samples) for _ in range(3)) for name, dataset in sides}
-        loader_cpu = throughput(ReadyTensors(len(ours), args.crop_size), args.num_workers, args.batch_size, args.max_batches)[1]
+        per_sample = {name: statistics.median(in_process_ms(dataset, samples) for _ in range(3)) for name, dataset, *_ in sides}
+        normalise_ms = statistics.median(consume_ms(args.batch_size, args.crop_size) for _ in range(3))
+        loader_ms = {
+            name: 1000 / throughput(ReadyTensors(len(ours), args.crop_size, *dtypes), args.num_workers, args.batch_size, args.max_batches)[1]
+            for name, _, _, dtypes in sides
+        }
     load_after = os.getloadavg()
     print(
         f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
         f"{args.num_workers} workers, {args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-        f"({os.cpu_count()} CPUs)"
+        f"({os.cpu_count()} CPUs)\n"
+        f"  stpp_hf items are uint8, normalised per batch in this process (timed); baseline items are normalised in its workers"
     )
     median, best = {}, {}
     for name, values in results.items():
@@ -237,8 +287,9 @@ def main():
             f"{values['stpp_hf'][1] / values['baseline'][1]:.2f}x per CPU second"
         )
     print(
-        f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f}, baseline {per_sample['baseline']:.2f} "
-        f"(one process, no loader); the loader itself {1000 / loader_cpu:.2f}"
+        f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f} + {normalise_ms:.2f} batch normalisation in the "
+        f"consumer (uint8 items), baseline {per_sample['baseline']:.2f} (float32 items; one process, no loader); "
+        f"the loader itself {loader_ms['stpp_hf']:.2f} for uint8 items, {loader_ms['baseline']:.2f} for float32 / int64 ones"
     )
 
 
