@@ -86,6 +86,18 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert (run / "stages" / "1-suponly" / "val_predictions.png").is_file()
     reliable = (run / "stages" / "2-select" / "reliable_ids.txt").read_text().split("\n")
     assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
+    # the same-teacher check of the selection: recomputed from the id file used as a split
+    assert "SupOnly teacher, no TTA: reliable images" in completed.stdout
+    from transformers import AutoModelForSemanticSegmentation
+
+    import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
+    from stpp_hf.data import EvalDataset, EvalTransform, load_source
+    from stpp_hf.training.trainer import evaluate
+
+    teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
+    reliable_set = EvalDataset(load_source("pascal", run / "synthetic_data", run / "stages" / "2-select" / "reliable_ids.txt"), EvalTransform())
+    expected = evaluate(teacher, reliable_set, len(results["id2label"]), batch_size=6)["miou"]  # as --val_batch_size
+    assert results["stages"][1]["teacher_miou"]["reliable"] == pytest.approx(expected, abs=1e-9)
     # relaunching a finished run redoes nothing and reproduces results.json
     again = run_script(run, "--framework", "stpp", "--teacher", "last")
     assert_ok(again)

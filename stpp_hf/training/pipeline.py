@@ -109,6 +109,15 @@ class _Run:
             raise ValueError(f"{path} lists images that are not in the unlabeled split, e.g. {unknown[:3]}")
         return [id_of_image[entry.image] for entry in entries]
 
+    def teacher_dir(self, source: str) -> Path:
+        """The model of training stage ``source`` that labels images: its best or its last epoch."""
+        return self.stage_dir(source) / (BEST_DIR if self.settings.teacher == "best" else LAST_DIR)
+
+    def unlabeled_subset(self, ids: list[str]) -> "_Subset":
+        """The unlabeled evaluation set restricted to ``ids``, in that order."""
+        positions = {image_id: position for position, image_id in enumerate(self.unlabeled_ids)}
+        return _Subset(self.unlabeled_set, [positions[image_id] for image_id in ids])
+
     def write_ids(self, path: Path, ids: list[str]) -> None:
         """``ids`` as a split file (``<image> <mask>`` lines of the unlabeled split)."""
         entry_of_id = dict(zip(self.unlabeled_ids, self.data.unlabeled_entries))
@@ -192,16 +201,35 @@ class _Run:
             self.write_ids(stage_dir / RELIABLE_IDS, reliable)
             self.write_ids(stage_dir / UNRELIABLE_IDS, unreliable)
             atomic_write_json(stage_dir / RELIABILITY_SCORES, {i: scores[i] for i in self.unlabeled_ids})
-        summary = {"num_reliable": len(reliable), "num_unreliable": len(unreliable)}
+        summary = {
+            "num_reliable": len(reliable),
+            "num_unreliable": len(unreliable),
+            "teacher_miou": self.teacher_miou_by_subset(stage.source, {"reliable": reliable, "unreliable": unreliable}),
+        }
         self.finish_stage(stage, [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES)], summary)
         return summary
 
+    def teacher_miou_by_subset(self, source: str, subsets: dict[str, list[str]]) -> dict[str, float] | None:
+        """mIoU against the true masks of the source stage's teacher (argmax, no TTA) on each subset
+        of unlabeled ids: the check that selection picked the images the SupOnly teacher labels
+        better, with one teacher for both (``None`` when unlabeled images have no masks)."""
+        if any(entry.mask is None for entry in self.data.unlabeled_entries):
+            return None
+        teacher = self.settings.model_class.from_pretrained(self.teacher_dir(source))
+        hparams = self.settings.hparams
+        return {
+            name: evaluate(
+                teacher, self.unlabeled_subset(ids), self.num_classes,
+                accelerator=self.accelerator, batch_size=hparams.val_batch_size, sliding_window=hparams.sliding_window,
+            )["miou"]
+            for name, ids in subsets.items()
+        }
+
     def run_label(self, stage: Stage) -> dict:
-        teacher_dir = self.stage_dir(stage.source) / (BEST_DIR if self.settings.teacher == "best" else LAST_DIR)
+        teacher_dir = self.teacher_dir(stage.source)
         teacher = self.settings.model_class.from_pretrained(teacher_dir)
         ids = self.subset_ids(stage.subset)
-        positions = {image_id: position for position, image_id in enumerate(self.unlabeled_ids)}
-        subset = _Subset(self.unlabeled_set, [positions[i] for i in ids])
+        subset = self.unlabeled_subset(ids)
         # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
         store = PseudoLabelStore.for_teacher(
             self.run_dir / PSEUDO_LABEL_DIR, teacher_fingerprint(teacher_dir), stage.name, palette=self.data.palette
@@ -343,6 +371,9 @@ def results_table(results: dict) -> str:
     for subset, miou in results["pseudo_label_miou"].items():
         if miou is not None:
             rows.append((f"pseudo labels: {subset} images", miou))
+    for stage in results["stages"]:
+        for subset, miou in (stage.get("teacher_miou") or {}).items():
+            rows.append((f"SupOnly teacher, no TTA: {subset} images", miou))
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':<{width}}  mIoU", "-" * (width + 8)]
     lines += [f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{100 * value:5.2f}'}" for name, value in rows]
