@@ -16,6 +16,7 @@ from stpp_hf.data.transforms import (
     mask_array,
     normalize,
     normalize_batch,
+    planar_pixels,
     random_hflip,
     random_scale_and_crop,
 )
@@ -132,6 +133,13 @@ def test_normalize_matches_the_imagenet_formula():
     for wrong in (pixels[None].float(), pixels):
         with pytest.raises(ValueError, match=r"expected a \[B, 3, H, W\] uint8 batch"):
             normalize_batch(wrong)
+
+
+def test_planar_pixels_equal_pil_to_tensor():
+    image = _noise_image(23, 17, seed=4)
+    pixels = planar_pixels(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 17, 23) and pixels.is_contiguous()
+    assert torch.equal(pixels, torch.from_numpy(np.array(image)).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("strong", [False, True])
