@@ -19,6 +19,7 @@ and processes draw different augmentations.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -59,11 +60,18 @@ def mask_array(mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
     return np.array(mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _pixel_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # one copy per device, not a host-to-device transfer per batch
+    return _PIXEL_SCALE.to(device), _PIXEL_SHIFT.to(device)
+
+
 def _normalized(pixels: torch.Tensor) -> torch.Tensor:
     """``[..., 3, H, W]`` uint8 -> contiguous float32 on the same device: one conversion pass (which
     also gathers a PIL image's channel-interleaved pixels) and two in-place passes."""
+    scale, shift = _pixel_constants(pixels.device)
     normalized = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
-    return normalized.mul_(_PIXEL_SCALE.to(pixels.device)).sub_(_PIXEL_SHIFT.to(pixels.device))
+    return normalized.mul_(scale).sub_(shift)
 
 
 def planar_pixels(image: Image.Image) -> torch.Tensor:
