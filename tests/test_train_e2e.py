@@ -79,7 +79,12 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
         "suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"
     ]
     assert set(results["pseudo_label_miou"]) == {"reliable", "unreliable"}
-    for line in ("SupOnly", "ST++ stage-1 re-training", "final (stpp)", "pseudo labels: reliable images"):
+    table_lines = (
+        "SupOnly", "ST++ stage-1 re-training", "final (stpp)",
+        "pseudo labels: reliable images (teacher 1-suponly/last, TTA)",
+        "pseudo labels: unreliable images (teacher 4-retrain_reliable/last, TTA)",
+    )
+    for line in table_lines:
         assert line in completed.stdout
     assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "preprocessor_config.json").is_file()
     assert len(list((run / "stages" / "1-suponly" / "snapshots").iterdir())) == 3

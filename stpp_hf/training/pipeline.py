@@ -245,6 +245,7 @@ class _Run:
         if miou is not None:
             self.accelerator.print(f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)")
         summary = {
+            "subset": stage.subset,
             "num_images": len(ids),
             "pseudo_label_miou": miou,
             "teacher": teacher_dir.relative_to(self.run_dir).as_posix(),
@@ -368,9 +369,11 @@ def results_table(results: dict) -> str:
         if stage["kind"] == "train":
             rows.append((names.get(stage["name"], stage["name"]), stage["val_miou"]))
     rows.append((f"final ({results['framework']})", results["final"]["val_miou"]))
-    for subset, miou in results["pseudo_label_miou"].items():
-        if miou is not None:
-            rows.append((f"pseudo labels: {subset} images", miou))
+    for stage in results["stages"]:
+        # stage 5's teacher is the stage-4 model, so compare subsets on the same-teacher rows below
+        if stage["kind"] == "label" and stage["pseudo_label_miou"] is not None:
+            teacher = stage["teacher"].removeprefix("stages/")
+            rows.append((f"pseudo labels: {stage['subset']} images (teacher {teacher}, TTA)", stage["pseudo_label_miou"]))
     for stage in results["stages"]:
         for subset, miou in (stage.get("teacher_miou") or {}).items():
             rows.append((f"SupOnly teacher, no TTA: {subset} images", miou))
