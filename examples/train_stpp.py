@@ -245,7 +245,8 @@ def main(argv=None) -> dict:
         if run_args.push_to_hub:
             from stpp_hf.hub import push_run_to_hub
 
-            push_run_to_hub(output_dir, run_args.hub_model_id, private=run_args.hub_private, push_stages=run_args.push_stage_branches)
+            url = push_run_to_hub(output_dir, run_args.hub_model_id, private=run_args.hub_private, push_stages=run_args.push_stage_branches)
+            print(f"pushed to {url}")
     return results
 
 
