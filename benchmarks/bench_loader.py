@@ -270,7 +270,7 @@ def main():
         f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
         f"{args.num_workers} workers, {args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} CPUs)\n"
-        f"  stpp_hf items are uint8, normalised per batch in this process (timed); baseline items are normalised in its workers"
+        f"  stpp_hf items are uint8, normalised per batch in this process (timed); baseline items are normalised per sample by its dataset"
     )
     median, best = {}, {}
     for name, values in results.items():
