@@ -76,6 +76,33 @@ def test_head_channels_come_from_the_backbone(backbone, low_level_channels, high
     assert logits.shape == (2, 21, 65, 81)
 
 
+@pytest.mark.parametrize("height,width,dilation,kernel_size", [(3, 3, 6, 3), (3, 5, 4, 3), (4, 4, 2, 3), (9, 2, 3, 5), (8, 8, 12, 3)])
+def test_atrous_conv_skips_padding_only_taps_with_the_plain_conv_result(height, width, dilation, kernel_size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
+
+    torch.manual_seed(0)
+    padding = dilation * (kernel_size // 2)
+    atrous = AtrousConv2d(5, 4, kernel_size, padding=padding, dilation=dilation)
+    plain = torch.nn.Conv2d(5, 4, kernel_size, padding=padding, dilation=dilation)
+    plain.load_state_dict(atrous.state_dict())
+    inputs = [torch.randn(2, 5, height, width).requires_grad_() for _ in range(2)]
+    inputs[1].data.copy_(inputs[0].data)
+    outputs = [atrous(inputs[0]), plain(inputs[1])]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    upstream = torch.randn_like(outputs[0])
+    for output in outputs:
+        output.backward(upstream)
+    torch.testing.assert_close(atrous.weight.grad, plain.weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=0, atol=1e-6)
+    # the work done: only taps that reach the map along each axis
+    reach = [min(kernel_size // 2, (extent - 1) // dilation) for extent in (height, width)]
+    with FlopCounterMode(display=False) as counter:
+        atrous(inputs[0])
+    assert counter.get_total_flops() == 2 * 2 * 4 * 5 * height * width * (2 * reach[0] + 1) * (2 * reach[1] + 1)
+
+
 def test_deeplabv2_head_is_four_summed_dilated_classifiers():
     torch.manual_seed(0)
     model = DeepLabV2ForSemanticSegmentation(DeepLabV2Config(backbone="resnet18", num_labels=21))

@@ -110,12 +110,36 @@ def mark_initialized(module: nn.Module):
         submodule._is_hf_initialized = True
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A stride-1 dilated conv with "same" padding (`padding = dilation * (kernel_size // 2)`) that leaves
+    out the kernel rows / columns whose taps land on zero padding only, which happens when the dilation
+    is at least the feature map's height or width (small crops: a 48-px crop at output stride 16 gives
+    3x3 maps under ASPP rates 6/12/18, where each dilated 3x3 conv is in fact its centre 1x1 tap).
+
+    Same output and gradients as `nn.Conv2d` (the omitted terms are products with zeros), same
+    parameters and state-dict keys. [B, in_channels, H, W] -> [B, out_channels, H, W]
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        keep = [
+            min(size // 2, (extent - 1) // dilation)  # taps kept on each side of the centre
+            for size, extent, dilation in zip(self.kernel_size, input.shape[-2:], self.dilation)
+        ]
+        if all(side == size // 2 for side, size in zip(keep, self.kernel_size)):
+            return super().forward(input)
+        (rows, columns), (center_row, center_column) = keep, (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        weight = self.weight[:, :, center_row - rows : center_row + rows + 1, center_column - columns : center_column + columns + 1]
+        padding = (rows * self.dilation[0], columns * self.dilation[1])
+        return F.conv2d(input, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
 class ConvNormAct(nn.Sequential):
     """Bias-free conv -> BatchNorm -> ReLU, the building block of the DeepLab heads."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(
+        conv_class = AtrousConv2d if dilation > 1 else nn.Conv2d
+        self.conv = conv_class(
             in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, bias=False
         )
         self.norm = nn.BatchNorm2d(out_channels)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_deeplabv2 import DeepLabV2Config
-from .deeplab_common import DeepLabPreTrainedModel, check_state_dict_matches, read_pth_state_dict
+from .deeplab_common import AtrousConv2d, DeepLabPreTrainedModel, check_state_dict_matches, read_pth_state_dict
 
 
 class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
@@ -23,7 +23,7 @@ class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
         super().__init__(config)
         _, high_level_in = self._build_backbone(config)
         self.classifier = nn.ModuleList(
-            nn.Conv2d(high_level_in, config.num_labels, 3, padding=rate, dilation=rate)
+            AtrousConv2d(high_level_in, config.num_labels, 3, padding=rate, dilation=rate)
             for rate in config.classifier_rates
         )
         self.post_init()
