@@ -145,3 +145,39 @@ def test_evaluation_leaves_the_trained_model_as_it_was():
     assert {name: parameter.stride() for name, parameter in model.named_parameters()} == layouts
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_path):
+    accelerator = fresh_accelerator(mixed_precision="bf16")
+    seen = []
+
+    def factory():
+        model = make_model()
+        model.classifier.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+        return model
+
+    hparams = StageHyperParameters(epochs=1, per_device_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
+    summary = train_stage(factory, toy_set(8, 0), toy_val_set(3, 1), accelerator, tmp_path / "stage", hparams, 3, NUM_CLASSES)
+    assert 0.0 <= summary["val_miou"] <= 1.0
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    # evaluation: the BN-folding check runs twice in fp32, then the 2 val batches run in bf16
+    assert [dtype for training, dtype in seen if not training] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    # the weights stay fp32: autocast changes the compute dtype, not the parameters
+    saved = load_file(tmp_path / "stage" / "best" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values() if tensor.is_floating_point()} == {torch.float32}
+
+
+def test_sliding_window_evaluation_equals_window_by_window_prediction():
+    torch.manual_seed(0)
+    model = make_model().eval()
+    with torch.no_grad():  # larger logits: the argmax varies across the image, so windows matter
+        model.classifier.weight.mul_(50)
+    val = toy_val_set(3, 4)
+    metrics = evaluate(model, val, NUM_CLASSES, batch_size=2, sliding_window=(16, 12))
+    manual = trainer_module.SegmentationMetric(NUM_CLASSES)
+    with torch.no_grad():
+        for image, mask in val:
+            manual.update(model.predict_sliding_window(image[None], window=16, stride=12).argmax(1), mask[None])
+    assert metrics["miou"] == pytest.approx(manual.compute()["miou"], abs=1e-12)
+    whole = evaluate(model, val, NUM_CLASSES, batch_size=2)
+    assert whole["miou"] != metrics["miou"]  # the windows really were used

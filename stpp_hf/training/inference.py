@@ -93,7 +93,10 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 
             hooks.append(module.register_forward_hook(record_conv(name)))
         elif isinstance(module, torch.nn.BatchNorm2d):
             hooks.append(module.register_forward_pre_hook(record_bn(name)))
-    reference = folded(pixel_values=example).logits
+    # The class's forward, not the instance attribute: a model prepared for mixed precision has its
+    # forward wrapped in autocast, and the check must compare fp32 results.
+    fp32_forward = type(folded).forward
+    reference = fp32_forward(folded, pixel_values=example).logits
     for hook in hooks:
         hook.remove()
     conv_outputs.clear()
@@ -101,7 +104,7 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 
         fused = torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv_name], modules[bn_name])
         _set_submodule(folded, conv_name, fused)
         _set_submodule(folded, bn_name, torch.nn.Identity())
-    difference = (folded(pixel_values=example).logits - reference).abs().max().item()
+    difference = (fp32_forward(folded, pixel_values=example).logits - reference).abs().max().item()
     if difference > atol:
         raise RuntimeError(f"BatchNorm folding changed the logits by {difference:.2e}: a folded conv output has other users")
     return folded
