@@ -42,6 +42,35 @@ def assert_ok(completed):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
 
 
+# One training stage on two processes; afterwards both must hold the BatchNorm statistics of the main
+# process, which is what it saves and what the per-epoch val must have scored.
+BN_SYNC_SCRIPT = """
+import sys
+import torch
+from accelerate import Accelerator
+from stpp_hf import build_model
+from stpp_hf.training.trainer import StageHyperParameters, train_stage
+
+accelerator = Accelerator()
+generator = torch.Generator().manual_seed(0)
+pixels = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(8)]
+train = [(image, (image[0] > 127).to(torch.uint8)) for image in pixels]
+val = [(torch.randn(3, 32, 32, generator=generator), torch.randint(0, 2, (32, 32), generator=generator)) for _ in range(2)]
+models = []
+
+def factory():
+    models.append(build_model("deeplabv3plus", num_labels=2, backbone="resnet18", output_stride=16))
+    return models[-1]
+
+hparams = StageHyperParameters(epochs=1, per_device_batch_size=2, base_lr=0.01, channels_last=False)
+train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
+statistics = torch.cat([buffer.float().flatten() for buffer in models[0].buffers()])
+gathered = accelerator.gather(statistics[None])
+if accelerator.is_main_process and not torch.equal(gathered[0], gathered[1]):
+    sys.exit("BatchNorm running statistics differ between the processes")
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_metric(tmp_path):
     # batch 1 at evaluation: each image's logits do not depend on which images share its batch
@@ -64,9 +93,23 @@ def test_two_processes_give_the_one_process_metric(tmp_path):
     val = EvalDataset(load_source("pascal", root, root / "splits" / "val.txt"), EvalTransform())
     one_process = evaluate(model, val, len(results["id2label"]), batch_size=1)
     assert one_process["miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
+    # the per-epoch val of the 2 processes scored the weights that were saved (BN stats of the main process)
+    assert results["stages"][-1]["val_miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
     # every image of the store was labeled exactly once across the two shards
     labeled = sorted((tmp_path / "run" / "pseudo_labels").glob("label_all-*/labels/*.png"))
     assert len(labeled) == results["num_unlabeled"]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
+    script = tmp_path / "bn_sync.py"
+    script.write_text(BN_SYNC_SCRIPT)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "stage"),
+    ]
+    completed = subprocess.run(command, env=dict(script_env(), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_ok(completed)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast, set_seed
 from torch.utils.data import DataLoader
 
 from ..data.transforms import normalize_batch
@@ -252,6 +252,9 @@ def train_stage(
                 accelerator.log({f"{log_prefix}/loss": loss.item(), f"{log_prefix}/lr": current_lr}, step=step)
 
         unwrapped = accelerator.unwrap_model(model)
+        # DDP copies BatchNorm running stats from the main process only at the start of a forward, so
+        # after the last step each process holds its own; evaluate the ones the main process saves.
+        broadcast(list(unwrapped.buffers()), from_process=0)
         metrics = evaluate(
             unwrapped, val_dataset, num_classes, class_names, accelerator, hparams.val_batch_size, hparams.sliding_window
         )
