@@ -157,7 +157,15 @@ def build_model_card(
     miou_rows = [{"name": column, "miou": f"{_percent(stage['val_miou']):.2f}"} for column, (_, stage) in zip(iou_columns, stages)]
     miou_rows.append({"name": f"final model, {framework_title}", "miou": f"{_percent(results['final']['val_miou']):.2f}"})
     pseudo_label_rows = [
-        {"name": subset, "miou": f"{_percent(miou):.2f}"} for subset, miou in results.get("pseudo_label_miou", {}).items()
+        {"name": f"{subset} images, TTA labels of their stage's teacher", "miou": f"{_percent(miou):.2f}"}
+        for subset, miou in results.get("pseudo_label_miou", {}).items()
+        if miou is not None
+    ]
+    # ST++ selection check: one teacher (SupOnly, no TTA) for both subsets, so they compare
+    pseudo_label_rows += [
+        {"name": f"{subset} images, SupOnly teacher without TTA", "miou": f"{_percent(miou):.2f}"}
+        for stage in results["stages"]
+        for subset, miou in (stage.get("teacher_miou") or {}).items()
     ]
     return ModelCard.from_template(
         card_data,

@@ -324,3 +324,13 @@ def test_push_with_a_refused_token_names_the_status_not_the_token(tiny_run, in_p
         push_model_dir(tiny_run["run_dir"] / "final", "tester/refused", token=wrong_token)
     assert wrong_token not in str(error.value) and "tester/refused@main" in str(error.value)
     assert "tester/refused" not in in_process_hub.repos
+
+
+def test_card_pseudo_label_rows_name_their_teacher_and_show_the_selection_check(tiny_run):
+    results = json.loads(json.dumps(tiny_run["results"]))
+    results["framework"] = "stpp"
+    results["pseudo_label_miou"] = {"reliable": 0.6, "unreliable": 0.7}
+    results["stages"][1]["teacher_miou"] = {"reliable": 0.55, "unreliable": 0.45}
+    text = build_model_card(results, REPO_ID).text
+    assert "| reliable images, TTA labels of their stage's teacher | 60.00 |" in text
+    assert "| unreliable images, SupOnly teacher without TTA | 45.00 |" in text
