@@ -10,8 +10,10 @@ from torchvision import transforms as v1
 from stpp_hf.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ColorJitter,
     EvalTransform,
     TrainTransform,
+    adjust_hue,
     cutout,
     mask_array,
     normalize,
@@ -317,3 +319,36 @@ def test_seeded_reproducible_and_distinct_across_workers():
     assert not torch.equal(first[0], first[1])
     flat = first.flatten(1)
     assert len({tuple(row[:50].tolist()) for row in flat}) == len(flat)
+
+
+def _every_colour() -> Image.Image:
+    codes = np.arange(1 << 24, dtype=np.uint32)
+    return Image.fromarray(np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3))
+
+
+@pytest.mark.parametrize("hue_factor", [-0.5, -0.25, -0.013, 0.0, 0.1, 0.25, 0.5])
+def test_adjust_hue_gives_torchvision_bytes_for_every_colour(hue_factor):
+    from torchvision.transforms.v2 import functional as F
+
+    image = _every_colour()
+    assert np.array_equal(np.asarray(adjust_hue(image, hue_factor)), np.asarray(F.adjust_hue(image, hue_factor)))
+
+
+def test_adjust_hue_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="not in"):
+        adjust_hue(Image.new("RGB", (4, 4)), 0.6)
+    with pytest.raises(ValueError, match="RGB"):
+        adjust_hue(Image.new("L", (4, 4)), 0.1)
+
+
+def test_color_jitter_draws_and_returns_what_torchvision_does():
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    ours, reference = ColorJitter(0.5, 0.5, 0.5, 0.25), v2.ColorJitter(0.5, 0.5, 0.5, 0.25)
+    for seed in range(50):
+        torch.manual_seed(seed)
+        jittered, next_draw = np.asarray(ours(image)), torch.rand(())
+        torch.manual_seed(seed)
+        expected, expected_next_draw = np.asarray(reference(image)), torch.rand(())
+        assert np.array_equal(jittered, expected) and next_draw == expected_next_draw, seed

@@ -212,6 +212,61 @@ def cutout(
     return image, mask
 
 
+def _pack_rgb(pixels: np.ndarray) -> np.ndarray:
+    """``[..., 3]`` uint8 -> ``[...]`` uint32 colour codes ``c0 << 16 | c1 << 8 | c2``."""
+    return (pixels[..., 0].astype(np.uint32) << 16) | (pixels[..., 1].astype(np.uint32) << 8) | pixels[..., 2]
+
+
+@functools.cache
+def _hue_tables() -> tuple[np.ndarray, np.ndarray]:
+    """PIL's own RGB -> HSV and HSV -> RGB conversions of all 2^24 colours, 64 MB each.
+
+    ``to_hsv[rgb code]`` is the HSV code; ``to_rgb[hsv code]`` holds the RGB bytes (plus one pad byte)
+    of an HSV code. Built once per process (about 1.5 s); DataLoader workers forked later share them.
+    """
+    codes = np.arange(1 << 24, dtype=np.uint32)
+    grid = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    to_hsv = _pack_rgb(np.asarray(Image.fromarray(grid, "RGB").convert("HSV"))).ravel()
+    to_rgb = np.zeros((1 << 24, 4), dtype=np.uint8)
+    to_rgb[:, :3] = np.asarray(Image.fromarray(grid, "HSV").convert("RGB")).reshape(-1, 3)
+    return to_hsv, to_rgb.view(np.uint32).ravel()
+
+
+def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
+    """``torchvision.transforms.v2.functional.adjust_hue`` for an RGB PIL image, byte for byte, in about half
+    the time: the HSV round trip is two look-ups in :func:`_hue_tables` instead of two per-pixel PIL
+    conversions. The hue shift is torchvision's: ``hue_factor * 255`` truncated, added modulo 256."""
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5]")
+    if image.mode != "RGB":
+        raise ValueError(f"adjust_hue takes an RGB image, got mode {image.mode!r}")
+    to_hsv, to_rgb = _hue_tables()
+    shift = np.uint32(np.int32(hue_factor * 255).astype(np.uint8)) << 16
+    hsv = to_hsv[_pack_rgb(np.asarray(image))]
+    rgbx = to_rgb[(hsv + shift) & 0xFFFFFF]  # the mask drops the carry out of the hue byte
+    return Image.frombytes("RGB", image.size, rgbx.tobytes(), "raw", "RGBX")
+
+
+class ColorJitter(v2.ColorJitter):
+    """``v2.ColorJitter`` with the same parameters, random draws and output bytes, whose hue step on RGB
+    PIL images is :func:`adjust_hue` (the slowest of the four steps in PIL, about 4 ms on a 321-px crop)."""
+
+    def transform(self, inpt, params: dict):
+        if not (isinstance(inpt, Image.Image) and inpt.mode == "RGB"):
+            return super().transform(inpt, params)
+        steps = (
+            (F.adjust_brightness, "brightness_factor"),
+            (F.adjust_contrast, "contrast_factor"),
+            (F.adjust_saturation, "saturation_factor"),
+            (adjust_hue, "hue_factor"),
+        )
+        for index in params["fn_idx"].tolist():
+            function, factor = steps[index]
+            if params[factor] is not None:
+                inpt = function(inpt, params[factor])
+        return inpt
+
+
 class TrainTransform:
     """Training augmentation: random scale, pad + crop (fused), flip; with ``strong`` also colour jitter,
     grayscale, blur and cutout (pseudo-labeled images only).
@@ -224,9 +279,9 @@ class TrainTransform:
         if base_size < 2 or crop_size < 1:
             raise ValueError(f"base_size must be >= 2 and crop_size >= 1, got {base_size} and {crop_size}")
         self.base_size, self.crop_size, self.strong = base_size, crop_size, strong
-        self.color = v2.Compose(
-            [v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        )
+        self.color = v2.Compose([v2.RandomApply([ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v2.RandomGrayscale(p=0.2)])
+        if strong:
+            _hue_tables()  # now, so DataLoader workers forked from this process share them
 
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:
