@@ -19,7 +19,7 @@ format (a dataset returning ready tensors of the same shapes and dtypes); the th
 one over their sum. The load average is printed because the numbers are only comparable on a quiet
 machine.
 
-    python benchmarks/bench_loader.py --num-workers 2 --rounds 5
+    python benchmarks/bench_loader.py --num-workers 2 --rounds 9
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def main():
     parser.add_argument("--crop-size", type=int, default=321)
     parser.add_argument("--num-unlabeled", type=int, default=180)
     parser.add_argument("--max-batches", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5, help="Alternating rounds; medians (and bests) are reported.")
+    parser.add_argument("--rounds", type=int, default=9, help="Alternating rounds; medians (and bests) are reported.")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
