@@ -124,9 +124,9 @@ class AtrousConv2d(nn.Conv2d):
       the dilation is at least the map's height or width (a 48-px crop at output stride 16 gives 3x3 maps
       under ASPP rates 6/12/18, where each dilated 3x3 conv is in fact its centre 1x1 tap);
     - on CPU, a contiguous (NCHW) map of at most `SMALL_MAP_POSITIONS` positions is convolved as one
-      matmul over its unfolded patches: oneDNN's conv kernels are tuned for large maps, and on 3x3 or 4x4
-      maps of 256 to 2048 channels the matmul is 1.2-2x faster forward + backward (measured on a 2-core
-      CPU). Unfolding a channels_last map is slow, so those stay with oneDNN.
+      matmul over its unfolded patches: oneDNN's conv kernels are tuned for large maps, and on the 3x3 and
+      4x4 maps of 512 to 2048 channels measured on a 2-core CPU the matmul was 1.15-2.2x faster forward +
+      backward (about even at 64-256 channels). Unfolding a channels_last map is slow, so those stay with oneDNN.
 
     Same output and gradients as `nn.Conv2d` up to float rounding (the omitted terms are products with
     zeros), same parameters and state-dict keys. [B, in_channels, H, W] -> [B, out_channels, H, W]
@@ -176,8 +176,8 @@ class AtrousConv2d(nn.Conv2d):
 
 
 def with_atrous_convs(module: nn.Module) -> nn.Module:
-    """Swap each plain stride-1, "same"-padded `nn.Conv2d` of `module` with a kernel larger than 1x1 (a
-    dilated ResNet's 3x3 convs after the stride-2 ones) for an `AtrousConv2d` holding the same parameters."""
+    """Swap each plain stride-1, "same"-padded `nn.Conv2d` of `module` with a kernel larger than 1x1 (in a
+    ResNet: every 3x3 conv but the stride-2 ones) for an `AtrousConv2d` holding the same parameters."""
     for name, conv in list(module.named_modules()):
         if type(conv) is nn.Conv2d and max(conv.kernel_size) > 1 and AtrousConv2d.is_same_padded_stride_1(conv):
             parent, _, child = name.rpartition(".")
