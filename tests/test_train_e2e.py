@@ -114,9 +114,10 @@ def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
 
 @pytest.mark.slow
 def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
-    completed = run_script(tmp_path / "run", "--framework", "stpp", "--teacher", "last")
-    assert_ok(completed)
     run = tmp_path / "run"
+    # a relative --output_dir, as in the README's first command (the script runs from the repository root)
+    completed = run_script(os.path.relpath(run, REPO), "--framework", "stpp", "--teacher", "last")
+    assert_ok(completed)
     results = json.loads((run / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == [
         "suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"

@@ -78,7 +78,8 @@ class RunSettings:
 class _Run:
     def __init__(self, accelerator, data: RunData, settings: RunSettings):
         self.accelerator, self.data, self.settings = accelerator, data, settings
-        self.run_dir = Path(settings.run_dir)
+        # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
+        self.run_dir = Path(settings.run_dir).resolve()
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]
