@@ -32,9 +32,11 @@ def test_a_failed_rendezvous_names_the_address_and_port(rank, expected):
         script_env(), ACCELERATE_USE_CPU="true", RANK=rank, WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    completed = subprocess.run([sys.executable, "-c", JOIN], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", JOIN]
+    completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode != 0
-    error = [line for line in completed.stderr.splitlines() if line.startswith("stpp_hf.training.distributed.RendezvousError")]
+    prefix = "stpp_hf.training.distributed.RendezvousError:"
+    error = [line for line in completed.stderr.splitlines() if line.startswith(prefix)]
     assert len(error) == 1, completed.stderr[-3000:]
     assert expected.format(host=socket.gethostname(), port=port) in error[0]
     assert "--main_process_ip" in error[0]

@@ -60,11 +60,15 @@ def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
     port = free_port()
     launches, logs = [], []
     for rank, output_dir in enumerate(output_dirs):
-        command, env = script_command(output_dir, *extra, processes=2, machines=2, machine_rank=rank, main_process_port=port)
+        command, env = script_command(
+            output_dir, *extra, processes=2, machines=2, machine_rank=rank, main_process_port=port
+        )
         # files, not pipes: a machine blocked on a full pipe would stall the other one in a collective
         logs.append((Path(log_dir) / f"machine{rank}.stdout", Path(log_dir) / f"machine{rank}.stderr"))
         with open(logs[-1][0], "w") as stdout, open(logs[-1][1], "w") as stderr:
-            launches.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True))
+            launches.append(
+                subprocess.Popen(command, env=env, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True)
+            )
     deadline = time.monotonic() + timeout
     try:
         for launch in launches:
@@ -226,10 +230,11 @@ def test_two_machines_give_the_single_machine_two_process_run(tmp_path):
     for store in stores:
         labels = sorted(path.name for path in (single / "pseudo_labels" / store / "labels").iterdir())
         assert sorted(path.name for path in (nodes / "pseudo_labels" / store / "labels").iterdir()) == labels
-        for label in labels:
-            assert (nodes / "pseudo_labels" / store / "labels" / label).read_bytes() == (single / "pseudo_labels" / store / "labels" / label).read_bytes()
+        for label in (Path("pseudo_labels", store, "labels", name) for name in labels):
+            assert (nodes / label).read_bytes() == (single / label).read_bytes(), label
         assert len(list((nodes / "pseudo_labels" / store).glob("journal-*.jsonl"))) == 2
-    assert (nodes / "final" / "model.safetensors").read_bytes() == (single / "final" / "model.safetensors").read_bytes()
+    final = Path("final", "model.safetensors")
+    assert (nodes / final).read_bytes() == (single / final).read_bytes()
     results = {run: json.loads((run / "results.json").read_text()) for run in (nodes, single)}
     for run in results.values():
         del run["wall_time_s"]

@@ -54,7 +54,7 @@ def create_accelerator(**accelerator_kwargs) -> Accelerator:
     try:
         return Accelerator(**accelerator_kwargs)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as error:
-        address = f"{os.environ.get('MASTER_ADDR', '<MASTER_ADDR unset>')}:{os.environ.get('MASTER_PORT', '<MASTER_PORT unset>')}"
+        address = ":".join(os.environ.get(name, f"<{name} unset>") for name in ("MASTER_ADDR", "MASTER_PORT"))
         rank, world_size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
         if rank == "0":
             problem = (
@@ -66,12 +66,12 @@ def create_accelerator(**accelerator_kwargs) -> Accelerator:
                 f"process {rank} of {world_size} on {socket.gethostname()} could not reach the main process at "
                 f"{address} in time"
             )
+        cause = f"{error.__class__.__name__}: {str(error).splitlines()[0].rstrip('.')}"
         raise RendezvousError(
-            f"{problem} ({error.__class__.__name__}: {str(error).splitlines()[0].rstrip('.')}). Check that the main node "
-            "(machine rank 0) was started, that this address is the main node's as seen from every node (not "
-            "127.0.0.1 unless all processes run on one machine), that no firewall blocks the port, and that every "
-            "node was given the same address, port and number of processes (--main_process_ip, "
-            "--main_process_port, --num_processes, --num_machines)."
+            f"{problem} ({cause}). Check that the main node (machine rank 0) was started, that this address is "
+            "the main node's as seen from every node (not 127.0.0.1 unless all processes run on one machine), that "
+            "no firewall blocks the port, and that every node was given the same address, port and number of "
+            "processes (--main_process_ip, --main_process_port, --num_processes, --num_machines)."
         ) from None
 
 
