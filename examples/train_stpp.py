@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 import transformers
 from transformers import HfArgumentParser
 
 from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
+from stpp_hf.training.distributed import check_shared_run_dir, create_accelerator
 from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
 
@@ -155,13 +155,14 @@ def main(argv=None) -> dict:
     output_dir = Path(run_args.output_dir)
     synthetic = data_args.data_root is None
     defaults = DATASET_DEFAULTS["synthetic" if synthetic else data_args.dataset]
-    accelerator = Accelerator(
+    accelerator = create_accelerator(
         mixed_precision=run_args.mixed_precision,
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         log_with=None if run_args.report_to == "none" else run_args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run_args.seed),
     )
+    check_shared_run_dir(accelerator, output_dir)  # before the synthetic data and dataset caches are written there
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load

@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,19 +26,79 @@ def script_env():
     return env
 
 
-def run_script(output_dir, *extra, processes=1, timeout=300):
-    """Run the example (``accelerate launch`` for several processes); returns the completed process."""
+def script_command(output_dir, *extra, processes=1, machines=1, machine_rank=0, main_process_port=None):
+    """``(command, env)`` that runs the example on tiny data: plain Python for one process, otherwise
+    ``accelerate launch`` of CPU processes (gloo), ``processes`` in all over ``machines`` "machines" (one
+    launch per machine, all on this host, meeting at 127.0.0.1:``main_process_port``)."""
     if processes == 1:
         command = [sys.executable, str(SCRIPT)]
         env = script_env()
     else:
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+            "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no",
         ]
+        if machines > 1:
+            command += [
+                "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(main_process_port),
+            ]
+        command.append(str(SCRIPT))
         env = dict(script_env(), ACCELERATE_USE_CPU="true")
-    command += ["--output_dir", str(output_dir), *TINY_ARGS, *extra]
+    return [*command, "--output_dir", str(output_dir), *TINY_ARGS, *extra], env
+
+
+def run_script(output_dir, *extra, processes=1, timeout=300):
+    """Run the example (``accelerate launch`` for several processes); returns the completed process."""
+    command, env = script_command(output_dir, *extra, processes=processes)
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
+    """Launch the example as two one-process "machines" (machine ranks 0 and 1, ``output_dirs[rank]``
+    each) and wait for both; returns their ``(returncode, stdout, stderr)``."""
+    port = free_port()
+    launches, logs = [], []
+    for rank, output_dir in enumerate(output_dirs):
+        command, env = script_command(
+            output_dir, *extra, processes=2, machines=2, machine_rank=rank, main_process_port=port
+        )
+        # files, not pipes: a machine blocked on a full pipe would stall the other one in a collective
+        logs.append((Path(log_dir) / f"machine{rank}.stdout", Path(log_dir) / f"machine{rank}.stderr"))
+        with open(logs[-1][0], "w") as stdout, open(logs[-1][1], "w") as stderr:
+            launches.append(
+                subprocess.Popen(command, env=env, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True)
+            )
+    deadline = time.monotonic() + timeout
+    try:
+        for launch in launches:
+            launch.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for launch in launches:
+            if launch.poll() is None:  # ends a machine left waiting, with the workers it started
+                os.killpg(launch.pid, signal.SIGKILL)
+                launch.wait()
+    return [(launch.returncode, out.read_text(), err.read_text()) for launch, (out, err) in zip(launches, logs)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def one_process_final_miou(run_dir) -> float:
+    """Val mIoU of ``run_dir/final`` evaluated by this process alone (batch 1) on the run's synthetic val set."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
+    from stpp_hf.data import EvalDataset, EvalTransform, load_source
+    from stpp_hf.training.trainer import evaluate
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(Path(run_dir) / "final")
+    root = Path(run_dir) / "synthetic_data"
+    val = EvalDataset(load_source("pascal", root, root / "splits" / "val.txt"), EvalTransform())
+    return evaluate(model, val, model.config.num_labels, batch_size=1)["miou"]
 
 
 def assert_ok(completed):
@@ -81,18 +144,7 @@ def test_two_processes_give_the_one_process_metric(tmp_path):
     assert [stage["name"] for stage in results["stages"]] == ["suponly", "label_all", "retrain"]
     assert "ST (re-training)" in completed.stdout
     # the final metric of the 2-process run, recomputed by one process on the same weights
-    from transformers import AutoModelForSemanticSegmentation
-
-    import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
-
-    from stpp_hf.data import EvalDataset, EvalTransform, load_source
-    from stpp_hf.training.trainer import evaluate
-
-    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "run" / "final")
-    root = tmp_path / "run" / "synthetic_data"
-    val = EvalDataset(load_source("pascal", root, root / "splits" / "val.txt"), EvalTransform())
-    one_process = evaluate(model, val, len(results["id2label"]), batch_size=1)
-    assert one_process["miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
+    assert one_process_final_miou(tmp_path / "run") == pytest.approx(results["final"]["val_miou"], abs=1e-12)
     # the per-epoch val of the 2 processes scored the weights that were saved (BN stats of the main process)
     assert results["stages"][-1]["val_miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
     # every image of the store was labeled exactly once across the two shards
@@ -155,3 +207,55 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     # another setting in the same directory is refused with the differing field named
     refused = run_script(run, "--framework", "stpp", "--teacher", "best")
     assert refused.returncode != 0 and "teacher" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_machines_give_the_single_machine_two_process_run(tmp_path):
+    # the same 2 processes (same ranks, same global batch) once as two one-process "machines" sharing the
+    # run directory, once on one machine; batch 1 at evaluation so one process can recompute the final metric
+    extra = ("--framework", "stpp", "--val_batch_size", "1")
+    machines = run_two_machines([tmp_path / "nodes"] * 2, tmp_path, *extra)
+    for returncode, stdout, stderr in machines:
+        assert returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert_ok(run_script(tmp_path / "single", *extra, processes=2))
+    nodes, single = tmp_path / "nodes", tmp_path / "single"
+    assert not list(nodes.glob(".shared-dir-check-*"))  # the launch's markers are gone
+    select = Path("stages", "2-select")
+    for name in ("reliable_ids.txt", "unreliable_ids.txt", "reliability.json"):
+        assert (nodes / select / name).read_bytes() == (single / select / name).read_bytes(), name
+    # each store is named after its teacher's weights: the same teachers, and from them the same labels,
+    # written by both machines (one journal per writing process)
+    stores = sorted(path.name for path in (single / "pseudo_labels").iterdir())
+    assert sorted(path.name for path in (nodes / "pseudo_labels").iterdir()) == stores and len(stores) == 2
+    for store in stores:
+        labels = sorted(path.name for path in (single / "pseudo_labels" / store / "labels").iterdir())
+        assert sorted(path.name for path in (nodes / "pseudo_labels" / store / "labels").iterdir()) == labels
+        for label in (Path("pseudo_labels", store, "labels", name) for name in labels):
+            assert (nodes / label).read_bytes() == (single / label).read_bytes(), label
+        assert len(list((nodes / "pseudo_labels" / store).glob("journal-*.jsonl"))) == 2
+    final = Path("final", "model.safetensors")
+    assert (nodes / final).read_bytes() == (single / final).read_bytes()
+    results = {run: json.loads((run / "results.json").read_text()) for run in (nodes, single)}
+    for run in results.values():
+        del run["wall_time_s"]
+    assert results[nodes] == results[single]
+    assert one_process_final_miou(nodes) == pytest.approx(results[nodes]["final"]["val_miou"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_machines_without_a_shared_run_directory_are_refused_before_writing(tmp_path):
+    node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    node0.mkdir(parents=True)  # one existing (with a marker left by an earlier launch), one to be created
+    stale = node0 / ".shared-dir-check-00000000000000000000000000000000-1"
+    stale.write_text("{}")
+    machines = run_two_machines([node0, node1], tmp_path, "--framework", "stpp")
+    for returncode, stdout, stderr in machines:
+        assert returncode != 0
+        errors = [line for line in stderr.splitlines() if "RunDirNotSharedError:" in line]
+        assert len(errors) == 1, stderr[-5000:]
+        assert "must be on a filesystem that all nodes share" in errors[0]
+        assert f"process 0 (host {socket.gethostname()}, run directory {node0})" in errors[0]
+        assert f"did not see the marker of process 1 (host {socket.gethostname()}, run directory {node1})" in errors[0]
+    # nothing half-written: no synthetic data, dataset cache, stage directory or state.json, no marker
+    assert [path.name for path in node0.iterdir()] == [stale.name]
+    assert not node1.exists()

@@ -27,6 +27,7 @@ from ..data import (
     TrainTransform,
     teacher_fingerprint,
 )
+from .distributed import check_shared_run_dir
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
@@ -80,6 +81,7 @@ class _Run:
         self.accelerator, self.data, self.settings = accelerator, data, settings
         # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
         self.run_dir = Path(settings.run_dir).resolve()
+        check_shared_run_dir(accelerator, self.run_dir)  # before anything is read from or written to it
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..metrics import SegmentationMetric
+from .distributed import rank_and_world_size
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -43,7 +44,7 @@ def label_images(
     if len(dataset) != len(ids):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = rank_and_world_size(accelerator)
     # shard the full id list (not just the pending ids, which other processes are already changing)
     my_indices = shard_indices(len(ids), rank, world)
     pending = set(store.pending([ids[index] for index in my_indices]))
@@ -64,7 +65,7 @@ def label_images(
 
 def pseudo_label_miou(store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None) -> float | None:
     """mIoU of the stored pseudo labels of ``ids`` against the true masks (``None`` without masks)."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = rank_and_world_size(accelerator)
     metric = SegmentationMetric(num_classes)
     has_masks = torch.zeros(1, dtype=torch.int64)
     for index in shard_indices(len(ids), rank, world):

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..metrics import per_image_miou
+from .distributed import rank_and_world_size
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 
 
@@ -54,7 +55,7 @@ def compute_reliability(
     if len(dataset) != len(ids):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = rank_and_world_size(accelerator)
     local_scores = []
     folded = None
     for indices, images, _ in same_size_batches(dataset, shard_indices(len(ids), rank, world), batch_size):

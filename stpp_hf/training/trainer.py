@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..data.transforms import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
+from .distributed import rank_and_world_size
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
 from .state import (
     atomic_write_json,
@@ -134,7 +135,7 @@ def evaluate(
     Returns :meth:`SegmentationMetric.compute`'s dictionary (identical on every process).
     """
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = rank_and_world_size(accelerator)
     metric = SegmentationMetric(num_classes, class_names)
     folded = None  # an inference copy: the model under training keeps its mode and memory layout
     for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
