@@ -91,8 +91,10 @@ def build_model_card(
         template_path: the Jinja2 template (`hub_cards/stpp_model_card.md`).
 
     Returns:
-        A `ModelCard` whose metadata hold library name, tags, datasets, license and a `model-index` with the val
-        mIoU (%) of the model in this revision first, then (final card only) each training stage.
+        A `ModelCard` whose metadata hold library name, tags, datasets, license, `base_model` (the Hub repo of the
+        backbone's initial weights, from `results["config"]["backbone_weights"]["hub_id"]`; absent when they came
+        from no Hub repo) and a `model-index` with the val mIoU (%) of the model in this revision first, then (final
+        card only) each training stage.
     """
     if not Path(template_path).is_file():
         raise FileNotFoundError(
@@ -134,6 +136,8 @@ def build_model_card(
 
     architecture = ARCHITECTURE_TITLES.get(results["model"], results["model"])
     model_name = repo_id.split("/")[-1] + (f" ({revision})" if revision else "")
+    # the resolved `backbone_weights` setting (stpp_hf.models.backbone_weights.describe_backbone_weights)
+    backbone_hub_id = results.get("config", {}).get("backbone_weights", {}).get("hub_id")
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
@@ -144,6 +148,7 @@ def build_model_card(
         metrics=["mean_iou"],
         eval_results=eval_results,
         backbone=results["backbone"],
+        base_model=backbone_hub_id.partition("@")[0] if backbone_hub_id else None,  # a repo id, without @revision
         paper=PAPER_URL,
     )
 
