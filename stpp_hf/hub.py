@@ -72,6 +72,18 @@ def _format_wall_time(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
 
 
+def _backbone_weights_hub_id(results: dict) -> str | None:
+    """The Hub repo (`owner/name[@revision]`) the backbone's weights came from, or None: read from the resolved
+    `backbone_weights` setting, the dict of `stpp_hf.models.backbone_weights.describe_backbone_weights`."""
+    weights = results.get("config", {}).get("backbone_weights", {})
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"results.json: config.backbone_weights must be the dict of describe_backbone_weights "
+            f"(spec, kind, hub_id, path), got {weights!r}"
+        )
+    return weights.get("hub_id")
+
+
 def build_model_card(
     results: dict,
     repo_id: str,
@@ -136,8 +148,7 @@ def build_model_card(
 
     architecture = ARCHITECTURE_TITLES.get(results["model"], results["model"])
     model_name = repo_id.split("/")[-1] + (f" ({revision})" if revision else "")
-    # the resolved `backbone_weights` setting (stpp_hf.models.backbone_weights.describe_backbone_weights)
-    backbone_hub_id = results.get("config", {}).get("backbone_weights", {}).get("hub_id")
+    backbone_hub_id = _backbone_weights_hub_id(results)
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",

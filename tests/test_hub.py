@@ -353,3 +353,6 @@ def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tm
         for stage_index in (None, 0):
             card = ModelCard(str(build_model_card(results, REPO_ID, stage_index=stage_index)))  # as pushed
             assert card.data.to_dict().get("base_model") == expected, spec
+    results["config"] = {"backbone_weights": "tv_in1k"}  # the spec alone says neither kind nor repo
+    with pytest.raises(ValueError, match="config.backbone_weights must be the dict of describe_backbone_weights"):
+        build_model_card(results, REPO_ID)
