@@ -3,9 +3,9 @@
 It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
 (every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
 `HEAD|GET /{repo}/resolve/{rev}/{path}`, the agent-harness registry it reads while downloading). `add_repo`
-serves a repo without pushing it (e.g. timm weights for a download test). Point a process at it with `HF_ENDPOINT=hub.url` (and
-`HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there. `save_tiny_model` writes the small real
-model these tests push, download and run.
+serves a repo without pushing it (e.g. timm weights for a download test). Point a process at it with
+`HF_ENDPOINT=hub.url` (and `HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
+`save_tiny_model` writes the small real model these tests push, download and run.
 """
 
 import base64

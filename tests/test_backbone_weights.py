@@ -79,7 +79,9 @@ def served(tmp_path_factory):
 def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_path, monkeypatch):
     hub, reference = served["hub"], served["resnet18"]
     home = tmp_path / "hf_home"
-    environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    environment = {
+        **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(REPO_ROOT),
+    }  # fmt: skip
     environment.pop("HF_HUB_OFFLINE", None)
     environment.pop("HF_HUB_CACHE", None)
     output = tmp_path / "backbone.safetensors"
@@ -114,10 +116,12 @@ def test_hub_repos_of_another_architecture_or_layout_are_clear_errors(served, tm
     use_hub(monkeypatch, served["hub"].url, tmp_path / "cache")
     model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
     before = {key: value.clone() for key, value in model.backbone.state_dict().items()}
-    with pytest.raises(ValueError, match=r"'someone/resnet34-weights' holds resnet34 weights, but the model's backbone is resnet18"):
+    other_architecture = r"'someone/resnet34-weights' holds resnet34 weights, but the model's backbone is resnet18"
+    with pytest.raises(ValueError, match=other_architecture):
         load_backbone_weights(model, "someone/resnet34-weights")
     # a config.json that names resnet18 over resnet34 tensors: the key check names the repo
-    with pytest.raises(ValueError, match=r"'someone/mislabelled' \(Hub repo someone/mislabelled\), loaded into a resnet18 backbone, does not match .*unexpected keys: .*layer1\.2\."):
+    mislabelled = r"'someone/mislabelled' \(Hub repo someone/mislabelled\), loaded into a resnet18 backbone, does not match"
+    with pytest.raises(ValueError, match=mislabelled + r" .*unexpected keys: .*layer1\.2\."):
         load_backbone_weights(model, "someone/mislabelled")
     with pytest.raises(ValueError, match=r"someone/weights-without-config cannot be used as timm weights .*config\.json"):
         load_backbone_weights(model, "someone/weights-without-config")
@@ -138,7 +142,8 @@ def test_local_files_in_torchvision_and_timm_layout(tmp_path):
     timm_weights = timm.create_model("resnet18", pretrained=False).state_dict()
     save_file(timm_weights, tmp_path / "resnet18.safetensors")
     torch.save({"model": timm_weights, "epoch": 3}, tmp_path / "checkpoint.bin")  # a training checkpoint
-    for name, reference in (("resnet18.pth", torchvision_weights), ("resnet18.safetensors", timm_weights), ("checkpoint.bin", timm_weights)):
+    files = {"resnet18.pth": torchvision_weights, "resnet18.safetensors": timm_weights, "checkpoint.bin": timm_weights}
+    for name, reference in files.items():
         model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
         description = load_backbone_weights(model, str(tmp_path / name))
         assert description == {"spec": str(tmp_path / name), "kind": "file", "hub_id": None, "path": str(tmp_path / name)}
@@ -148,7 +153,8 @@ def test_local_files_in_torchvision_and_timm_layout(tmp_path):
 def test_a_weights_file_of_another_architecture_is_a_clear_error(tmp_path):
     save_file(timm.create_model("resnet34", pretrained=False).state_dict(), tmp_path / "resnet34.safetensors")
     model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
-    with pytest.raises(ValueError, match=r"resnet34\.safetensors, loaded into a resnet18 backbone, does not match .*unexpected keys"):
+    other_architecture = r"resnet34\.safetensors, loaded into a resnet18 backbone, does not match .*unexpected keys"
+    with pytest.raises(ValueError, match=other_architecture):
         load_backbone_weights(model, str(tmp_path / "resnet34.safetensors"))
     small_stem = {**torchvision.models.resnet18().state_dict(), "conv1.weight": torch.zeros(64, 3, 3, 3)}  # a CIFAR stem
     torch.save(small_stem, tmp_path / "cifar_resnet18.pth")
@@ -175,11 +181,13 @@ def test_describe_resolves_tags_and_hub_ids_without_downloading(tmp_path, monkey
 
 
 def test_describe_rejects_bad_specs_with_the_option_and_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match=r"--backbone_weights 'resnet50\.tv_in1k' holds resnet50 weights, but the model's backbone is resnet101"):
+    mismatch = r"--backbone_weights 'resnet50\.tv_in1k' holds resnet50 weights, but the model's backbone is resnet101"
+    with pytest.raises(ValueError, match=mismatch):
         describe_backbone_weights("resnet50.tv_in1k", "resnet101")
     with pytest.raises(ValueError, match=r"--backbone_weights 'timm/resnet50\.a1_in1k' holds resnet50 weights.* resnet101"):
         describe_backbone_weights("timm/resnet50.a1_in1k", "resnet101")
-    with pytest.raises(ValueError, match=r"no pretrained weights named 'resnet18\.tv_in21k'.*resnet18\.tv_in1k.*timm\.list_pretrained\('resnet18\*'\)"):
+    unknown = r"no pretrained weights named 'resnet18\.tv_in21k'.*resnet18\.tv_in1k.*timm\.list_pretrained\('resnet18\*'\)"
+    with pytest.raises(ValueError, match=unknown):
         describe_backbone_weights("tv_in21k", "resnet18")
     with pytest.raises(ValueError, match=r"no pretrained weights named 'resnet101\.resnet101'"):
         describe_backbone_weights("resnet101", "resnet101")  # an architecture, not weights

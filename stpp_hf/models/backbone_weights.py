@@ -51,7 +51,8 @@ def _describe_timm_tag(spec: str, backbone: str) -> str:
     if name not in timm.list_pretrained(name):
         known = ", ".join(timm.list_pretrained(f"{backbone}.*")) or "none"
         raise ValueError(
-            f"{OPTION} {spec!r}: timm has no pretrained weights named {name!r}. The {backbone} weights timm knows: {known} "
+            f"{OPTION} {spec!r}: timm has no pretrained weights named {name!r}. "
+            f"The {backbone} weights timm knows: {known} "
             f"(`python -c \"import timm; print(timm.list_pretrained('{backbone}*'))\"` lists them). A Hub repo id "
             f"(owner/name), a local {' / '.join(WEIGHT_FILE_SUFFIXES)} file or 'none' are also accepted."
         )

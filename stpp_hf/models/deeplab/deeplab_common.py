@@ -418,7 +418,8 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         `stpp_hf.models.backbone_weights.load_backbone_weights(model, spec)` also takes timm tags and Hub repos.
         """
         path = os.fspath(path)
-        self.load_backbone_state_dict(read_state_dict_file(path, "backbone weights file"), f"backbone weights file {path}")
+        state_dict = read_state_dict_file(path, "backbone weights file")
+        self.load_backbone_state_dict(state_dict, f"backbone weights file {path}")
 
     def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load a ResNet classification state dict into the backbone; `source` names it in errors.
@@ -426,7 +427,8 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         The classifier (`fc.*`) is ignored; any other missing, unexpected or wrongly shaped key is an error.
         """
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-        check_state_dict_matches(state_dict, self.backbone.state_dict(), f"{source}, loaded into a {self.config.backbone} backbone,")
+        what = f"{source}, loaded into a {self.config.backbone} backbone,"
+        check_state_dict_matches(state_dict, self.backbone.state_dict(), what)
         self.backbone.load_state_dict(state_dict)
 
     @classmethod
