@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .models import MODEL_REGISTRY, DeepLabImageProcessor
-from .models.deeplab.deeplab_common import read_pth_state_dict
+from .models.deeplab.deeplab_common import read_state_dict_file
 
 # Class names used when --preset is not given but the class count is a known dataset's.
 PRESET_BY_NUM_LABELS = {21: "pascal_voc", 19: "cityscapes"}
@@ -41,7 +41,7 @@ def convert_original_checkpoint(
         config = config_class.from_preset(preset, backbone=backbone, num_labels=num_labels)
     else:
         config = config_class(backbone=backbone, num_labels=num_labels)
-    state_dict = read_pth_state_dict(checkpoint, "ST++ checkpoint")
+    state_dict = read_state_dict_file(checkpoint, "ST++ checkpoint")
     # Build without allocating or initialising weights: every tensor comes from the checkpoint.
     with torch.device("meta"):
         model = model_class(config)

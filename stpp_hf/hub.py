@@ -72,6 +72,18 @@ def _format_wall_time(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
 
 
+def _backbone_weights_hub_id(results: dict) -> str | None:
+    """The Hub repo (`owner/name[@revision]`) the backbone's weights came from, or None: read from the resolved
+    `backbone_weights` setting, the dict of `stpp_hf.models.backbone_weights.describe_backbone_weights`."""
+    weights = results.get("config", {}).get("backbone_weights", {})
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"results.json: config.backbone_weights must be the dict of describe_backbone_weights "
+            f"(spec, kind, hub_id, path), got {weights!r}"
+        )
+    return weights.get("hub_id")
+
+
 def build_model_card(
     results: dict,
     repo_id: str,
@@ -91,8 +103,10 @@ def build_model_card(
         template_path: the Jinja2 template (`hub_cards/stpp_model_card.md`).
 
     Returns:
-        A `ModelCard` whose metadata hold library name, tags, datasets, license and a `model-index` with the val
-        mIoU (%) of the model in this revision first, then (final card only) each training stage.
+        A `ModelCard` whose metadata hold library name, tags, datasets, license, `base_model` (the Hub repo of the
+        backbone's initial weights, from `results["config"]["backbone_weights"]["hub_id"]`; absent when they came
+        from no Hub repo) and a `model-index` with the val mIoU (%) of the model in this revision first, then (final
+        card only) each training stage.
     """
     if not Path(template_path).is_file():
         raise FileNotFoundError(
@@ -134,6 +148,7 @@ def build_model_card(
 
     architecture = ARCHITECTURE_TITLES.get(results["model"], results["model"])
     model_name = repo_id.split("/")[-1] + (f" ({revision})" if revision else "")
+    backbone_hub_id = _backbone_weights_hub_id(results)
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
@@ -144,6 +159,7 @@ def build_model_card(
         metrics=["mean_iou"],
         eval_results=eval_results,
         backbone=results["backbone"],
+        base_model=backbone_hub_id.partition("@")[0] if backbone_hub_id else None,  # a repo id, without @revision
         paper=PAPER_URL,
     )
 

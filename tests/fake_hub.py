@@ -2,9 +2,10 @@
 
 It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
 (every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
-`HEAD|GET /{repo}/resolve/{rev}/{path}`). Point a process at it with `HF_ENDPOINT=hub.url` (and
-`HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there. `save_tiny_model` writes the small real
-model these tests push, download and run.
+`HEAD|GET /{repo}/resolve/{rev}/{path}`, the agent-harness registry it reads while downloading). `add_repo`
+serves a repo without pushing it (e.g. timm weights for a download test). Point a process at it with
+`HF_ENDPOINT=hub.url` (and `HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
+`save_tiny_model` writes the small real model these tests push, download and run.
 """
 
 import base64
@@ -29,6 +30,7 @@ API_ROUTES = {
     ("POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
     ("POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
     ("GET", re.compile(rf"^/api/models/{REPO}/revision/(?P<revision>[^/]+)$")): "model_info",
+    ("GET", re.compile(r"^/api/agent-harnesses$")): "agent_harnesses",
     ("GET", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
     ("HEAD", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
 }
@@ -79,6 +81,12 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False):
+        """Serve a repo whose `main` holds `files` (path -> content), as if someone had pushed it."""
+        repo = FakeRepo(private=private)
+        repo.record("main", _sha(repo_id, files), dict(files), "initial commit")
+        self.repos[repo_id] = repo
+
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id].branches[revision][1]
 
@@ -89,10 +97,8 @@ class FakeHub:
         if repo_id in self.repos:
             # like the Hub, a conflict still names the repo URL (create_repo(exist_ok=True) reads it)
             return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-        repo = FakeRepo(private=request["json"].get("visibility") == "private")
         initial_files = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
-        repo.record("main", _sha(repo_id, initial_files), initial_files, "initial commit")
-        self.repos[repo_id] = repo
+        self.add_repo(repo_id, initial_files, private=request["json"].get("visibility") == "private")
         return 200, {}, {"url": f"{self.url}/{repo_id}"}
 
     def validate_yaml(self, request: dict) -> tuple:
@@ -144,6 +150,10 @@ class FakeHub:
         sha, files = repo.lookup(revision)
         siblings = [{"rfilename": path} for path in sorted(files)]
         return 200, {}, {"id": request["repo"], "sha": sha, "private": repo.private, "siblings": siblings, "tags": []}
+
+    def agent_harnesses(self, request: dict) -> tuple:
+        # huggingface_hub's agent detection (download progress bars) reads this registry; an empty one detects none
+        return 200, {}, {"standardEnvVars": [], "harnesses": {}}
 
     def resolve(self, request: dict, repo: FakeRepo, revision: str, path: str) -> tuple:
         if repo.lookup(revision) is None:

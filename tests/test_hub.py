@@ -22,6 +22,7 @@ from fake_hub import FakeHub, save_tiny_model
 
 from stpp_hf import DeepLabImageProcessor
 from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir
+from stpp_hf.models.backbone_weights import describe_backbone_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
@@ -334,3 +335,24 @@ def test_card_pseudo_label_rows_name_their_teacher_and_show_the_selection_check(
     text = build_model_card(results, REPO_ID).text
     assert "| reliable images, TTA labels of their stage's teacher | 60.00 |" in text
     assert "| unreliable images, SupOnly teacher without TTA | 45.00 |" in text
+
+
+def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tmp_path):
+    results = json.loads(json.dumps(tiny_run["results"]))
+    assert "base_model" not in build_model_card(results, REPO_ID).data.to_dict()  # no resolved config: no claim
+    weights_file = tmp_path / "resnet18.pth"
+    weights_file.write_bytes(b"")
+    for spec, expected in (
+        ("tv_in1k", "timm/resnet18.tv_in1k"),
+        ("timm/resnet18.a1_in1k", "timm/resnet18.a1_in1k"),
+        ("someone/resnet18-weights@v2", "someone/resnet18-weights"),  # metadata name a repo, not a revision
+        (str(weights_file), None),
+        ("none", None),
+    ):
+        results["config"] = {"backbone_weights": describe_backbone_weights(spec, results["backbone"])}
+        for stage_index in (None, 0):
+            card = ModelCard(str(build_model_card(results, REPO_ID, stage_index=stage_index)))  # as pushed
+            assert card.data.to_dict().get("base_model") == expected, spec
+    results["config"] = {"backbone_weights": "tv_in1k"}  # the spec alone says neither kind nor repo
+    with pytest.raises(ValueError, match="config.backbone_weights must be the dict of describe_backbone_weights"):
+        build_model_card(results, REPO_ID)

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import clean_state_dict
+from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -198,24 +200,22 @@ class ConvNormAct(nn.Sequential):
         self.act = nn.ReLU(inplace=True)
 
 
-def _strip_data_parallel_prefix(state_dict: dict) -> dict:
-    if state_dict and all(key.startswith("module.") for key in state_dict):
-        return {key[len("module.") :]: value for key, value in state_dict.items()}
-    return state_dict
-
-
-def read_pth_state_dict(path: str | os.PathLike, description: str) -> dict[str, torch.Tensor]:
-    """Read a `.pth` state dict safely (`weights_only=True`), unwrapping a DataParallel `module.` prefix."""
+def read_state_dict_file(path: str | os.PathLike, description: str) -> dict[str, torch.Tensor]:
+    """Read a flat state dict of tensors from a `.safetensors` file or a torch pickle (`.pth`, `.bin`), through
+    timm's checkpoint reader: pickles are read with `weights_only=True`, a training checkpoint's weights are taken
+    from its `state_dict` / `model` entry (its EMA weights when it has them, as timm does), and DataParallel /
+    torch.compile key prefixes (`module.`, `_orig_mod.`) are removed.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{description} not found: {path}")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = timm_load_state_dict(path, weights_only=True)
     except Exception as error:
-        raise ValueError(f"{description} {path} is not a readable torch state dict: {error}") from error
+        raise ValueError(f"{description} {path} is not a readable torch or safetensors state dict: {error}") from error
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         raise ValueError(f"{description} {path} does not hold a flat state dict of tensors")
-    return _strip_data_parallel_prefix(state_dict)
+    return state_dict
 
 
 def check_state_dict_matches(source: dict, target: dict, what: str):
@@ -412,20 +412,29 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         ]
 
     def load_backbone_weights(self, path: str | os.PathLike) -> None:
-        """Initialise the backbone from a torchvision-layout ResNet `.pth` (e.g. ImageNet `resnet50.pth`).
+        """Initialise the backbone from an ImageNet ResNet file of torchvision or timm layout (the same keys):
+        `.pth` / `.bin` (read with `weights_only=True`) or `.safetensors`, e.g. torchvision's `resnet50.pth`.
+
+        `stpp_hf.models.backbone_weights.load_backbone_weights(model, spec)` also takes timm tags and Hub repos.
+        """
+        path = os.fspath(path)
+        state_dict = read_state_dict_file(path, "backbone weights file")
+        self.load_backbone_state_dict(state_dict, f"backbone weights file {path}")
+
+    def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load a ResNet classification state dict into the backbone; `source` names it in errors.
 
         The classifier (`fc.*`) is ignored; any other missing, unexpected or wrongly shaped key is an error.
         """
-        state_dict = read_pth_state_dict(path, "backbone weights file")
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-        target = self.backbone.state_dict()
-        check_state_dict_matches(state_dict, target, f"backbone weights file {os.fspath(path)} ({self.config.backbone})")
+        what = f"{source}, loaded into a {self.config.backbone} backbone,"
+        check_state_dict_matches(state_dict, self.backbone.state_dict(), what)
         self.backbone.load_state_dict(state_dict)
 
     @classmethod
     def convert_original_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename an official ST++ state dict (module names backbone/head/reduce/fuse/classifier) to this model's."""
-        return rename_by_prefix(_strip_data_parallel_prefix(state_dict), cls._original_prefix_map, "original state dict")
+        return rename_by_prefix(clean_state_dict(state_dict), cls._original_prefix_map, "original state dict")
 
     def load_original_state_dict(
         self, state_dict: dict[str, torch.Tensor], what: str = "original state dict", assign: bool = False

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_deeplabv2 import DeepLabV2Config
-from .deeplab_common import AtrousConv2d, DeepLabPreTrainedModel, check_state_dict_matches, read_pth_state_dict
+from .deeplab_common import AtrousConv2d, DeepLabPreTrainedModel, check_state_dict_matches, read_state_dict_file
 
 
 class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
@@ -44,7 +44,7 @@ class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
 
         Set `include_classifier=False` to take only the backbone (e.g. when `num_labels` differs from the file's).
         """
-        state_dict = read_pth_state_dict(path, "COCO-pretrained DeepLabV2 file")
+        state_dict = read_state_dict_file(path, "COCO-pretrained DeepLabV2 file")
         what = f"COCO-pretrained DeepLabV2 file {os.fspath(path)}"
         if include_classifier:
             self.load_original_state_dict(state_dict, what)
