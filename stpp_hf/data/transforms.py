@@ -28,6 +28,8 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .images import rgb_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
@@ -45,10 +47,6 @@ def _uniform(low: float, high: float) -> float:
 def _randint(low: int, high: int) -> int:
     """An integer drawn uniformly from ``[low, high]`` (both ends included)."""
     return int(torch.randint(low, high + 1, ()).item())
-
-
-def _as_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def mask_array(mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
@@ -286,7 +284,7 @@ class TrainTransform:
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:
             raise ValueError("a training sample needs a mask (true or pseudo label)")
-        image = _as_rgb(image)
+        image = rgb_image(image)
         image, mask = random_scale_and_crop(image, mask_array(mask, image.size), self.base_size, self.crop_size)
         image, mask = random_hflip(image, mask)
         labels = torch.from_numpy(np.ascontiguousarray(mask))
@@ -303,7 +301,7 @@ class EvalTransform:
     """Full image, no resize: ``(PIL image, PIL mask | None) -> (pixel_values [3, H, W], labels [H, W] | None)``."""
 
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = _as_rgb(image)
+        image = rgb_image(image)
         labels = None if mask is None else torch.from_numpy(mask_array(mask, image.size)).long()
         return normalize(image), labels
 
