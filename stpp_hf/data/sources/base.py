@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ FEATURES = Features({"id": Value("string"), "image": ImageFeature(), "label": Im
 MASK_MODES = ("L", "P")
 # bump when rows change meaning for the same files or validation tightens, so old caches are not reused
 ROW_FORMAT_VERSION = 2
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,15 +149,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def iter_rows(source: DatasetSource, records: Sequence[Record], validate: bool = True) -> Iterator[dict]:
     """``{"id", "image", "label"}`` rows; with ``validate`` each image and mask is decoded exactly once
-    here and checked (readable, same stored size, mask encoding, mode and values), and labeled images with
-    an EXIF orientation tag are reported (a warning: their masks must follow the stored pixels)."""
-    turned = []
+    here and checked (readable, same stored size, mask encoding, mode and values)."""
     for record in records:
         image = None
         if validate:
             image = open_image(record.image, "image")
-            if record.mask is not None and exif_orientation(image) != 1:
-                turned.append(record.image)
         elif not record.image.is_file():
             raise FileNotFoundError(f"image {record.image} does not exist")
         label = None
@@ -174,12 +167,6 @@ def iter_rows(source: DatasetSource, records: Sequence[Record], validate: bool =
                     raise FileNotFoundError(f"mask {record.mask} does not exist")
                 label = {"path": str(record.mask), "bytes": None}
         yield {"id": record.id, "image": {"path": str(record.image), "bytes": None}, "label": label}
-    if turned:
-        logger.warning(
-            "%d labeled images carry an EXIF orientation tag (first: %s); images and masks are read as stored, "
-            "the tag ignored: their masks must be drawn on the stored pixels, not on the turned view",
-            len(turned), turned[0],
-        )
 
 
 def fingerprint(source: DatasetSource, root: Path, split_text: str, records: Sequence[Record], validate: bool) -> str:
