@@ -6,7 +6,8 @@ worker hand-off at a quarter (pixels) and an eighth (labels) of the float32 / in
 trainer turns each batch into model inputs on its device with :func:`normalize_batch` (float32
 ImageNet-normalised pixels) and ``labels.long()``, as timm's PrefetchLoader does.
 ``EvalTransform()`` maps ``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32
-ImageNet-normalised, labels [H, W] int64 | None)`` directly. Masks are ``[H, W]`` uint8 numpy arrays
+ImageNet-normalised, labels [H, W] int64 | None)`` directly. Images of any mode become 8-bit RGB first
+(:func:`~stpp_hf.data.images.rgb_image`: 16-bit and float images stretched per image). Masks are ``[H, W]`` uint8 numpy arrays
 until the end and only ever indexed (nearest-neighbour source pixels, padding, flips), so class
 indices are never interpolated; the image stays a PIL image until the colour steps are done, as in
 the reference.
