@@ -87,7 +87,8 @@ def read_image(path: Path) -> tuple[Image.Image, int]:
 
 
 def batches_by_size(images: list[Path], batch_size: int) -> list[list[tuple[Path, Image.Image, int]]]:
-    """Open every image (see `read_image`) and group them into batches of one size each (the processor does not resize)."""
+    """Open every image (see `read_image`) and group them into batches of one size each (the processor does not
+    resize)."""
     by_size = defaultdict(list)
     for path in images:
         image, orientation = read_image(path)

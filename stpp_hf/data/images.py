@@ -143,4 +143,6 @@ def check_lossless_mask(path: str | os.PathLike) -> None:
     """Refuse a mask file encoded lossily (see :func:`lossy_format`), naming it."""
     lossy = lossy_format(path)
     if lossy is not None:
-        raise ValueError(f"mask {path} is a {lossy} file; lossy coding changes class ids at region edges: export masks as PNG")
+        raise ValueError(
+            f"mask {path} is a {lossy} file; lossy coding changes class ids at region edges: export masks as PNG"
+        )

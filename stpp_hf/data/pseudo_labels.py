@@ -10,11 +10,12 @@ Layout of a store (one directory per teacher and stage, see :meth:`PseudoLabelSt
                                        the journals merged, written by :meth:`verify`
 
 Ids are percent-encoded into file names, so ids with ``/`` (Cityscapes cities) never collide and
-map back unambiguously; long or non-ASCII ids (a CJK character takes 9 characters) are shortened with a hash
-("+" never occurs in an encoded id, so the two forms cannot collide), keeping every name, with the temporary
-file's suffix, within 255 bytes and even eCryptfs's 143. :func:`check_label_file_names` tries the longest
-name of a run's ids on its file system before any training. A manifest entry's file must lie in the store's
-``labels/`` (a damaged or edited manifest cannot make :meth:`~PseudoLabelStore.open` read elsewhere). Every PNG is written to a temporary file and renamed; its manifest entry is
+map back unambiguously; long or non-ASCII ids (a CJK character takes 9 characters) are shortened with a
+hash ("+" never occurs in an encoded id, so the two forms cannot collide), which keeps every name, with the
+temporary file's suffix, under 120 characters (the limit is 255 bytes, 143 on eCryptfs).
+:func:`check_label_file_names` tries the longest name of a run's ids on its file system before any training.
+A manifest entry's file must resolve into the store's ``labels/``: a damaged or edited manifest cannot make
+the store read elsewhere. Every PNG is written to a temporary file and renamed; its manifest entry is
 appended to the writer's own journal afterwards, so several processes can label disjoint shards at
 once and a killed writer leaves at most an unrecorded file, which :meth:`pending` reports as to do.
 A missing entry, a missing file, or a size or checksum mismatch is an error naming the id, never a
@@ -41,7 +42,7 @@ from .splits import atomic_write_bytes
 
 STORE_VERSION = 1
 LABELS_DIR, MANIFEST_FILE, META_FILE = "labels", "manifest.json", "store.json"
-# encoded ids up to this many characters name their file as they are (all stores written before kept theirs)
+# encoded ids up to this many characters name their file as they are (as before: ordinary ids keep their names)
 MAX_READABLE_NAME, HASHED_NAME_PREFIX, HASHED_NAME_DIGEST = 100, 64, 32
 _writer_counter = itertools.count()
 
@@ -280,8 +281,8 @@ def check_label_file_names(directory: str | os.PathLike, ids: Iterable[str]) -> 
         handle, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # as atomic_write_bytes
     except OSError as error:
         raise ValueError(
-            f"cannot create a pseudo-label file for id {longest!r} in {directory} ({len(name)}-character name {name!r}): "
-            f"{error}; put the run directory on another file system"
+            f"cannot create a pseudo-label file for id {longest!r} in {directory} ({len(name)}-character name "
+            f"{name!r}): {error}; put the run directory on another file system"
         ) from error
     os.close(handle)
     os.unlink(probe)

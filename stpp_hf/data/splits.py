@@ -58,7 +58,9 @@ def parse_split(text: str, source: str = "<split>", require_masks: bool = False)
             continue
         if len(fields) > 2 or "" in fields:
             hint = "" if "\t" in line else " (paths with spaces: separate image and mask with a tab)"
-            raise ValueError(f"{source}:{line_number}: expected '<image> [<mask>]', got {len(fields)} fields{hint}: {line!r}")
+            raise ValueError(
+                f"{source}:{line_number}: expected '<image> [<mask>]', got {len(fields)} fields{hint}: {line!r}"
+            )
         if require_masks and len(fields) == 1:
             raise ValueError(f"{source}:{line_number}: a mask path is required here, got only {fields[0]!r}")
         image = fields[0]
@@ -78,8 +80,8 @@ def read_split_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(
-            f"split file {path} is not UTF-8 text (byte {error.start}: {error.object[error.start:error.start + 1]!r}); "
-            f"save it as UTF-8"
+            f"split file {path} is not UTF-8 text (byte {error.start}: "
+            f"{error.object[error.start:error.start + 1]!r}); save it as UTF-8"
         ) from None
 
 
@@ -203,7 +205,9 @@ def _identities(part) -> tuple[list[str], list[str | None]]:
         return ids, [None] * len(ids)
     columns = undecoded(part.select_columns([c for c in ("id", "image") if c in part.column_names]), ("image",))
     ids = list(columns["id"])
-    return ids, [resolved_path(value) for value in columns["image"]] if "image" in columns.column_names else [None] * len(ids)
+    if "image" not in columns.column_names:
+        return ids, [None] * len(ids)
+    return ids, [resolved_path(value) for value in columns["image"]]
 
 
 def _shared(part: tuple[list[str], list[str | None]], others: tuple[list[str], list[str | None]]) -> list[str]:

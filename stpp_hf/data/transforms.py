@@ -7,10 +7,10 @@ trainer turns each batch into model inputs on its device with :func:`normalize_b
 ImageNet-normalised pixels) and ``labels.long()``, as timm's PrefetchLoader does.
 ``EvalTransform()`` maps ``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32
 ImageNet-normalised, labels [H, W] int64 | None)`` directly. Images of any mode become 8-bit RGB first
-(:func:`~stpp_hf.data.images.rgb_image`: 16-bit and float images stretched per image). Masks are ``[H, W]`` uint8 numpy arrays
-until the end and only ever indexed (nearest-neighbour source pixels, padding, flips), so class
-indices are never interpolated; the image stays a PIL image until the colour steps are done, as in
-the reference.
+(:func:`~stpp_hf.data.images.rgb_image`: 16-bit and float images stretched per image). Masks are
+``[H, W]`` uint8 numpy arrays until the end and only ever indexed (nearest-neighbour source pixels,
+padding, flips), so class indices are never interpolated; the image stays a PIL image until the colour
+steps are done, as in the reference.
 
 Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
 worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,

@@ -110,8 +110,8 @@ def check_not_binary_export(source: DatasetSource, records: Sequence[Record], wh
             first_ignore = record.mask
     if first_ignore is not None and background:
         raise ValueError(
-            f"{where}: every mask holds only the values 0 and {IGNORE_INDEX} (e.g. {first_ignore}); {IGNORE_INDEX} means "
-            f"ignore, so no pixel would be learned as a class other than 0. A binary 0/255 export must map its "
+            f"{where}: every mask holds only the values 0 and {IGNORE_INDEX} (e.g. {first_ignore}); "
+            f"{IGNORE_INDEX} means ignore, so no pixel would be learned as a class other than 0. A binary 0/255 export must map its "
             f"foreground to class 1 (mask[mask == 255] = 1) and be saved again as an 8-bit PNG"
         )
 
@@ -128,7 +128,10 @@ def validated_mask(source: DatasetSource, record: Record, image: Image.Image | N
             f"(mode {' or '.join(MASK_MODES)}), {kind}"
         )
     if image is not None and mask.size != image.size:
-        message = f"image {record.image} is {image.size[0]}x{image.size[1]} but its mask {record.mask} is {mask.size[0]}x{mask.size[1]}"
+        message = (
+            f"image {record.image} is {image.size[0]}x{image.size[1]} but its mask {record.mask} is "
+            f"{mask.size[0]}x{mask.size[1]}"
+        )
         orientation = exif_orientation(image)
         if swaps_sides(orientation) and mask.size == image.size[::-1]:
             message += (
