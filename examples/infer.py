@@ -7,6 +7,11 @@
 gets `<stem>_mask.png` (palette PNG: shows the class colours, its pixel values are the class ids) and
 `<stem>_overlay.png` (the image blended with the colours); `class_areas.json` holds every image's class areas,
 which are also printed.
+
+Images are read as the model was trained: the pixels as stored, an EXIF orientation tag ignored, 16-bit images
+stretched to 8-bit (stpp_hf.data.images). Mask and overlay are in the stored orientation too, so mask pixel (x, y)
+labels photo pixel (x, y) as a program reads them, and carry the photo's orientation tag, so an EXIF-aware viewer
+turns them as it turns the photo.
 """
 
 import argparse
@@ -20,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import stpp_hf  # noqa: F401  (registers the models with the Auto classes, so no remote code is needed)
+from stpp_hf.data.images import exif_orientation, open_image, rgb_image, with_orientation
 from stpp_hf.models import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_VOC_PALETTE, colorize
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -74,15 +80,19 @@ def collect_images(paths: list[str]) -> list[Path]:
     return images
 
 
-def batches_by_size(images: list[Path], batch_size: int) -> list[list[tuple[Path, Image.Image]]]:
-    """Open every image (RGB) and group them into batches of one size each (the processor does not resize)."""
+def read_image(path: Path) -> tuple[Image.Image, int]:
+    """The stored pixels of `path` as 8-bit RGB, and its EXIF orientation (1: none) for the outputs."""
+    image = open_image(path)
+    return rgb_image(image), exif_orientation(image)
+
+
+def batches_by_size(images: list[Path], batch_size: int) -> list[list[tuple[Path, Image.Image, int]]]:
+    """Open every image (see `read_image`) and group them into batches of one size each (the processor does not
+    resize)."""
     by_size = defaultdict(list)
     for path in images:
-        try:
-            image = Image.open(path).convert("RGB")
-        except OSError as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
-        by_size[image.size].append((path, image))
+        image, orientation = read_image(path)
+        by_size[image.size].append((path, image, orientation))
     return [group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 
@@ -125,13 +135,14 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     batches = batches_by_size(images, args.batch_size)
     with tqdm(total=len(images), desc="segmenting", unit="image") as progress:
         for batch in batches:
-            pixel_values = processor(images=[image for _, image in batch], return_tensors="pt")["pixel_values"]
+            pixel_values = processor(images=[image for _, image, _ in batch], return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
                 label_maps = predict(model, pixel_values.to(args.device, dtype), args).cpu()
-            for (path, image), label_map in zip(batch, label_maps):
+            for (path, image, orientation), label_map in zip(batch, label_maps):
                 mask = colorize(label_map, palette)
-                mask.save(output_dir / f"{path.stem}_mask.png")
-                Image.blend(image, mask.convert("RGB"), args.overlay_alpha).save(output_dir / f"{path.stem}_overlay.png")
+                mask.save(output_dir / f"{path.stem}_mask.png", exif=with_orientation(orientation))
+                overlay = Image.blend(image, mask.convert("RGB"), args.overlay_alpha)
+                overlay.save(output_dir / f"{path.stem}_overlay.png", exif=with_orientation(orientation))
                 fractions = torch.bincount(label_map.flatten(), minlength=len(id2label)).double() / label_map.numel()
                 image_areas = {id2label[index]: round(float(fraction), 6) for index, fraction in enumerate(fractions) if fraction > 0}
                 areas[str(path)] = image_areas

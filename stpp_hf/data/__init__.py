@@ -1,10 +1,11 @@
 """Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
-from .pseudo_labels import PseudoLabelStore, teacher_fingerprint
+from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
     SplitEntry,
+    check_split_overlap,
     generate_split,
     list_shipped_splits,
     read_split,
@@ -37,6 +38,8 @@ __all__ = [
     "SupOnlyDataset",
     "SyntheticDataset",
     "TrainTransform",
+    "check_label_file_names",
+    "check_split_overlap",
     "generate_split",
     "list_shipped_splits",
     "load_source",

@@ -3,13 +3,19 @@
 Layout of a store (one directory per teacher and stage, see :meth:`PseudoLabelStore.for_teacher`)::
 
     store.json                         {"version", "fingerprint"}: the teacher this store belongs to
-    labels/<id, percent-encoded>.png   e.g. labels/train%2Faachen%2Faachen_000000_000019.png
+    labels/<id, percent-encoded>.png   e.g. labels/train%2Faachen%2Faachen_000000_000019.png; an id whose
+                                       encoding is over 100 characters: its first 64, "+", 32 hex of its SHA-256
     journal-<host>-<pid>-<n>.jsonl     one manifest entry per line, appended by the process that wrote it
     manifest.json                      {"entries": {id: {"file", "size", "height", "width", "sha256"}}},
                                        the journals merged, written by :meth:`verify`
 
 Ids are percent-encoded into file names, so ids with ``/`` (Cityscapes cities) never collide and
-map back unambiguously. Every PNG is written to a temporary file and renamed; its manifest entry is
+map back unambiguously; long or non-ASCII ids (a CJK character takes 9 characters) are shortened with a
+hash ("+" never occurs in an encoded id, so the two forms cannot collide), which keeps every name, with the
+temporary file's suffix, under 120 characters (the limit is 255 bytes, 143 on eCryptfs).
+:func:`check_label_file_names` tries the longest name of a run's ids on its file system before any training.
+A manifest entry's file must resolve into the store's ``labels/``: a damaged or edited manifest cannot make
+the store read elsewhere. Every PNG is written to a temporary file and renamed; its manifest entry is
 appended to the writer's own journal afterwards, so several processes can label disjoint shards at
 once and a killed writer leaves at most an unrecorded file, which :meth:`pending` reports as to do.
 A missing entry, a missing file, or a size or checksum mismatch is an error naming the id, never a
@@ -24,6 +30,7 @@ import itertools
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import quote
@@ -35,6 +42,8 @@ from .splits import atomic_write_bytes
 
 STORE_VERSION = 1
 LABELS_DIR, MANIFEST_FILE, META_FILE = "labels", "manifest.json", "store.json"
+# encoded ids up to this many characters name their file as they are (as before: ordinary ids keep their names)
+MAX_READABLE_NAME, HASHED_NAME_PREFIX, HASHED_NAME_DIGEST = 100, 64, 32
 _writer_counter = itertools.count()
 
 
@@ -103,8 +112,20 @@ class PseudoLabelStore:
     # ---- paths and manifest ---------------------------------------------------------------------
     @staticmethod
     def file_name(image_id: str) -> str:
-        """``labels/<percent-encoded id>.png``: unambiguous even when ids hold ``/``."""
-        return f"{LABELS_DIR}/{quote(image_id, safe='')}.png"
+        """``labels/<percent-encoded id>.png``, unambiguous even when ids hold ``/``; an encoding over 100
+        characters becomes ``<its first 64>+<32 hex of the id's SHA-256>``."""
+        stem = quote(image_id, safe="", errors="surrogateescape")  # surrogates: undecodable bytes of file names
+        if len(stem) > MAX_READABLE_NAME:
+            prefix = stem[:HASHED_NAME_PREFIX]
+            cut = prefix.rfind("%", len(prefix) - 2)
+            digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).hexdigest()
+            stem = f"{prefix if cut < 0 else prefix[:cut]}+{digest[:HASHED_NAME_DIGEST]}"
+        return f"{LABELS_DIR}/{stem}.png"
+
+    def _label_path(self, entry: dict) -> Path | None:
+        """The file of manifest ``entry``, or ``None`` when it does not resolve into the store's ``labels/``."""
+        path = (self.directory / entry["file"]).resolve()
+        return path if path.is_relative_to((self.directory / LABELS_DIR).resolve()) else None
 
     def _read_entries(self) -> dict[str, dict]:
         """The manifest merged with every journal (journal lines are newer)."""
@@ -181,7 +202,9 @@ class PseudoLabelStore:
         """Why the label of ``image_id`` is not usable, or ``None`` when it is."""
         if entry is None:
             return "no manifest entry"
-        path = self.directory / entry["file"]
+        path = self._label_path(entry)
+        if path is None:
+            return f"its entry names {entry['file']!r}, outside {self.directory / LABELS_DIR}"
         if not path.is_file():
             return f"file {path} is missing"
         if path.stat().st_size != entry["size"]:
@@ -215,7 +238,12 @@ class PseudoLabelStore:
         entry = self.entries(refresh=False).get(image_id) or self.entries().get(image_id)
         if entry is None:
             raise KeyError(f"pseudo-label store {self.directory} has no label for id {image_id!r}")
-        path = self.directory / entry["file"]
+        path = self._label_path(entry)
+        if path is None:
+            raise ValueError(
+                f"pseudo-label store {self.directory}: the entry of {image_id!r} names {entry['file']!r}, outside "
+                f"{self.directory / LABELS_DIR}; the manifest or a journal was edited or damaged: label the id again"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"pseudo label of {image_id!r} ({path}) is missing")
         image = Image.open(path)
@@ -234,3 +262,27 @@ class PseudoLabelStore:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.directory)!r})"
+
+
+def check_label_file_names(directory: str | os.PathLike, ids: Iterable[str]) -> None:
+    """Check, before any training, that the pseudo labels of ``ids`` can be written under ``directory`` (a run's
+    pseudo-label root, created if missing): the longest file name they get, as the temporary file a store
+    writes first, is created and removed there. Raises ``ValueError`` naming the id and the file system's
+    complaint, so a file system with short names (eCryptfs, some network shares) fails now, not after SupOnly.
+    """
+    ids = list(ids)
+    if not ids:
+        return
+    longest = max(ids, key=lambda image_id: len(PseudoLabelStore.file_name(image_id)))
+    name = Path(PseudoLabelStore.file_name(longest)).name
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # as atomic_write_bytes
+    except OSError as error:
+        raise ValueError(
+            f"cannot create a pseudo-label file for id {longest!r} in {directory} ({len(name)}-character name "
+            f"{name!r}): {error}; put the run directory on another file system"
+        ) from error
+    os.close(handle)
+    os.unlink(probe)

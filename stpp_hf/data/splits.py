@@ -1,8 +1,10 @@
 """Split files: read, write, generate, and the standard partitions shipped with the package.
 
 A split file lists one sample per line, ``<image path> <mask path>``, relative to the dataset root
-(spec section 7). A line holding only an image path is valid for unlabeled images. A missing final
-newline is tolerated; malformed lines and duplicate images are errors that name the line.
+(spec section 7). A line holding only an image path is valid for unlabeled images. Paths that hold
+spaces are written ``<image path><TAB><mask path>``: a line with a tab is split at tabs only. Files are
+UTF-8 (a byte-order mark is skipped). A missing final newline is tolerated; malformed lines and duplicate
+images are errors that name the line.
 
 The partitions of the paper ship as package data and are addressed by name::
 
@@ -13,6 +15,7 @@ The partitions of the paper ship as package data and are addressed by name::
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -22,8 +25,13 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .images import resolved_path, undecoded
+
 SHIPPED_SPLITS_DIR = Path(__file__).parent / "splits"
 SPLIT_PARTS = ("labeled", "unlabeled", "val")
+OVERLAP_EXAMPLES = 5
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,18 +42,25 @@ class SplitEntry:
     mask: str | None = None
 
     def to_line(self) -> str:
-        return self.image if self.mask is None else f"{self.image} {self.mask}"
+        """``image mask``, or ``image<TAB>mask`` when a path holds a space."""
+        paths = [self.image] if self.mask is None else [self.image, self.mask]
+        if any(character in path for path in paths for character in "\t\r\n"):
+            raise ValueError(f"split paths cannot hold tabs or line breaks: {paths}")
+        return ("\t" if any(" " in path for path in paths) else " ").join(paths)
 
 
 def parse_split(text: str, source: str = "<split>", require_masks: bool = False) -> list[SplitEntry]:
     """Parse split-file ``text``; ``source`` names the file in error messages."""
     entries, first_line_of = [], {}
     for line_number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
+        fields = [field.strip() for field in line.strip().split("\t")] if "\t" in line.strip() else line.split()
         if not fields:
             continue
-        if len(fields) > 2:
-            raise ValueError(f"{source}:{line_number}: expected '<image> [<mask>]', got {len(fields)} fields: {line!r}")
+        if len(fields) > 2 or "" in fields:
+            hint = "" if "\t" in line else " (paths with spaces: separate image and mask with a tab)"
+            raise ValueError(
+                f"{source}:{line_number}: expected '<image> [<mask>]', got {len(fields)} fields{hint}: {line!r}"
+            )
         if require_masks and len(fields) == 1:
             raise ValueError(f"{source}:{line_number}: a mask path is required here, got only {fields[0]!r}")
         image = fields[0]
@@ -58,10 +73,22 @@ def parse_split(text: str, source: str = "<split>", require_masks: bool = False)
     return entries
 
 
+def read_split_text(path: Path) -> str:
+    """The text of split file ``path``: UTF-8, a leading byte-order mark skipped; other encodings are an
+    error naming the file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"split file {path} is not UTF-8 text (byte {error.start}: "
+            f"{error.object[error.start:error.start + 1]!r}); save it as UTF-8"
+        ) from None
+
+
 def read_split(path: str | os.PathLike, require_masks: bool = False) -> list[SplitEntry]:
     """The entries of split file ``path`` (a file path or a shipped name, see :func:`resolve_split_file`)."""
     path = resolve_split_file(path)
-    return parse_split(path.read_text(encoding="utf-8"), source=str(path), require_masks=require_masks)
+    return parse_split(read_split_text(path), source=str(path), require_masks=require_masks)
 
 
 def write_split(path: str | os.PathLike, entries: Iterable[SplitEntry]) -> Path:
@@ -169,3 +196,53 @@ def resolve_split_file(split: str | os.PathLike) -> Path:
     if path.suffix == ".txt" or path.is_absolute():
         raise FileNotFoundError(f"split file {path} does not exist")
     return shipped_split_path(str(split))
+
+
+def _identities(part) -> tuple[list[str], list[str | None]]:
+    """Ids and real image paths (``None`` where unknown) of a ``datasets.Dataset`` or a sequence of ids."""
+    if not hasattr(part, "features"):
+        ids = [str(image_id) for image_id in part]
+        return ids, [None] * len(ids)
+    columns = undecoded(part.select_columns([c for c in ("id", "image") if c in part.column_names]), ("image",))
+    ids = list(columns["id"])
+    if "image" not in columns.column_names:
+        return ids, [None] * len(ids)
+    return ids, [resolved_path(value) for value in columns["image"]]
+
+
+def _shared(part: tuple[list[str], list[str | None]], others: tuple[list[str], list[str | None]]) -> list[str]:
+    """Images of ``part`` that are in ``others`` too, by id or by real image path, as ``id`` or ``id (path)``."""
+    other_ids, other_paths = set(others[0]), set(path for path in others[1] if path is not None)
+    shared = []
+    for image_id, path in zip(*part):
+        if image_id in other_ids:
+            shared.append(image_id)
+        elif path is not None and path in other_paths:
+            shared.append(f"{image_id} ({path})")
+    return shared
+
+
+def check_split_overlap(labeled, unlabeled, val) -> None:
+    """Refuse a val set that shares images with the training sets; warn about labeled images also listed
+    as unlabeled.
+
+    Each argument is a ``datasets.Dataset`` of :func:`~stpp_hf.data.load_source` (images are compared by id
+    and by real path, so one file under two ids or two roots is found) or a sequence of ids.
+    Raises ``ValueError`` naming counts and a few ids: val mIoU measured on training images says nothing.
+    """
+    labeled, unlabeled, val = _identities(labeled), _identities(unlabeled), _identities(val)
+    in_labeled, in_unlabeled = _shared(val, labeled), _shared(val, unlabeled)
+    if in_labeled or in_unlabeled:
+        examples = ", ".join(list(dict.fromkeys(in_labeled + in_unlabeled))[:OVERLAP_EXAMPLES])
+        raise ValueError(
+            f"the val set ({len(val[0])} images) shares {len(in_labeled)} images with the labeled set and "
+            f"{len(in_unlabeled)} with the unlabeled set (e.g. {examples}); val mIoU would be measured on training "
+            f"images: remove them from the val split or from the training splits"
+        )
+    both = _shared(labeled, unlabeled)
+    if both:
+        logger.warning(
+            "%d of %d labeled images are also in the unlabeled set (e.g. %s); they are trained on with their mask "
+            "and with a pseudo label. The paper's partitions are disjoint: remove them from the unlabeled split",
+            len(both), len(labeled[0]), ", ".join(both[:OVERLAP_EXAMPLES]),
+        )

@@ -10,7 +10,9 @@ Item format: a tuple ``(pixels, labels)``, class indices with 255 = ignore.
   ImageNet-normalised, ``labels`` ``[H, W]`` int64 (``None`` for an image without a mask); full
   images of varying size, batched by size (``stpp_hf.training.inference.same_size_batches``).
 
-The id of item ``i`` is ``dataset.ids[i]``.
+The id of item ``i`` is ``dataset.ids[i]``. Images and masks are read as stored, an EXIF orientation tag
+ignored (:mod:`stpp_hf.data.images`): the datasets' image columns are read undecoded and decoded here,
+not by ``datasets`` (which would turn a tagged image but not its mask).
 
 * :class:`SupOnlyDataset`: the labeled images, listed twice when fewer than 200 (spec section 2).
 * :class:`RetrainDataset`: the labeled images repeated ``ceil(U / L)`` times, then the ``U``
@@ -29,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import open_image, undecoded
 from .pseudo_labels import PseudoLabelStore
 from .transforms import EvalTransform
 
@@ -45,11 +48,19 @@ def _row_positions(source, what: str) -> dict[str, int]:
     return {image_id: row for row, image_id in enumerate(ids)}
 
 
+def _read(row: dict, labeled: bool = False) -> tuple[Image.Image, "Image.Image | None"]:
+    """The image and mask (``None`` when absent) of an undecoded row, as stored; ``labeled`` requires the mask."""
+    if labeled and row["label"] is None:
+        raise ValueError(f"labeled image {row['id']!r} has no mask")
+    mask = None if row.get("label") is None else open_image(row["label"], "mask")
+    return open_image(row["image"], "image"), mask
+
+
 class EvalDataset(Dataset):
     """Full images of a ``datasets.Dataset`` through ``transform`` (default :class:`EvalTransform`)."""
 
     def __init__(self, source, transform: Transform | None = None):
-        self.source = source
+        self.source = undecoded(source)
         self.transform = transform or EvalTransform()
         self.ids: list[str] = list(source["id"])
 
@@ -57,15 +68,14 @@ class EvalDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        row = self.source[index]
-        return self.transform(row["image"], row["label"])
+        return self.transform(*_read(self.source[index]))
 
 
 class SupOnlyDataset(Dataset):
     """The labeled images (twice when fewer than 200) through ``transform``."""
 
     def __init__(self, labeled, transform: Transform):
-        self.source, self.transform = labeled, transform
+        self.source, self.transform = undecoded(labeled), transform
         self.num_labeled = len(_row_positions(labeled, "labeled"))
         self.repeats = 2 if self.num_labeled < SUPONLY_REPEAT_BELOW else 1
         self.ids: list[str] = list(labeled["id"]) * self.repeats
@@ -74,10 +84,7 @@ class SupOnlyDataset(Dataset):
         return self.num_labeled * self.repeats
 
     def __getitem__(self, index: int):
-        row = self.source[index % self.num_labeled]
-        if row["label"] is None:
-            raise ValueError(f"labeled image {row['id']!r} has no mask")
-        return self.transform(row["image"], row["label"])
+        return self.transform(*_read(self.source[index % self.num_labeled], labeled=True))
 
 
 class RetrainDataset(Dataset):
@@ -101,8 +108,8 @@ class RetrainDataset(Dataset):
         weak_transform: Transform,
         strong_transform: Transform,
     ):
-        self.labeled = labeled
-        self.unlabeled_images = unlabeled.select_columns(["id", "image"])
+        self.labeled = undecoded(labeled)
+        self.unlabeled_images = undecoded(unlabeled.select_columns(["id", "image"]))
         self.weak_transform, self.strong_transform = weak_transform, strong_transform
         self.num_labeled = len(_row_positions(labeled, "labeled"))
         unlabeled_rows = _row_positions(unlabeled, "unlabeled")
@@ -135,13 +142,10 @@ class RetrainDataset(Dataset):
         if index < 0:
             index += len(self)
         if not self.is_pseudo_labeled(index):
-            row = self.labeled[index % self.num_labeled]
-            if row["label"] is None:
-                raise ValueError(f"labeled image {row['id']!r} has no mask")
-            return self.weak_transform(row["image"], row["label"])
+            return self.weak_transform(*_read(self.labeled[index % self.num_labeled], labeled=True))
         position = index - self.num_labeled_items
         image_id = self.pseudo_ids[position]
-        image = self.unlabeled_images[self.pseudo_rows[position]]["image"]
+        image, _ = _read(self.unlabeled_images[self.pseudo_rows[position]])
         label = self.store_of[image_id].open(image_id)
         if label.size != image.size:
             raise ValueError(

@@ -6,10 +6,11 @@ worker hand-off at a quarter (pixels) and an eighth (labels) of the float32 / in
 trainer turns each batch into model inputs on its device with :func:`normalize_batch` (float32
 ImageNet-normalised pixels) and ``labels.long()``, as timm's PrefetchLoader does.
 ``EvalTransform()`` maps ``(PIL image, PIL mask | None)`` to ``(pixel_values [3, H, W] float32
-ImageNet-normalised, labels [H, W] int64 | None)`` directly. Masks are ``[H, W]`` uint8 numpy arrays
-until the end and only ever indexed (nearest-neighbour source pixels, padding, flips), so class
-indices are never interpolated; the image stays a PIL image until the colour steps are done, as in
-the reference.
+ImageNet-normalised, labels [H, W] int64 | None)`` directly. Images of any mode become 8-bit RGB first
+(:func:`~stpp_hf.data.images.rgb_image`: 16-bit and float images stretched per image). Masks are
+``[H, W]`` uint8 numpy arrays until the end and only ever indexed (nearest-neighbour source pixels,
+padding, flips), so class indices are never interpolated; the image stays a PIL image until the colour
+steps are done, as in the reference.
 
 Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
 worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,
@@ -28,6 +29,8 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .images import rgb_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
@@ -45,10 +48,6 @@ def _uniform(low: float, high: float) -> float:
 def _randint(low: int, high: int) -> int:
     """An integer drawn uniformly from ``[low, high]`` (both ends included)."""
     return int(torch.randint(low, high + 1, ()).item())
-
-
-def _as_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def mask_array(mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
@@ -286,7 +285,7 @@ class TrainTransform:
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:
             raise ValueError("a training sample needs a mask (true or pseudo label)")
-        image = _as_rgb(image)
+        image = rgb_image(image)
         image, mask = random_scale_and_crop(image, mask_array(mask, image.size), self.base_size, self.crop_size)
         image, mask = random_hflip(image, mask)
         labels = torch.from_numpy(np.ascontiguousarray(mask))
@@ -303,7 +302,7 @@ class EvalTransform:
     """Full image, no resize: ``(PIL image, PIL mask | None) -> (pixel_values [3, H, W], labels [H, W] | None)``."""
 
     def __call__(self, image: Image.Image, mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = _as_rgb(image)
+        image = rgb_image(image)
         labels = None if mask is None else torch.from_numpy(mask_array(mask, image.size)).long()
         return normalize(image), labels
 

@@ -4,6 +4,10 @@ Every source yields the features ``id`` (string), ``image`` (``Image()``) and ``
 ``None`` for an unlabeled image without a mask). Sources are registered in :data:`SOURCES`
 (``pascal``, ``cityscapes``, ``folder``); add one with :func:`register_source`.
 
+The method reads images and masks as stored (:mod:`stpp_hf.data.images`): validation does, and so do the
+training sets, which decode rows themselves. ``datasets`` turns an image with an EXIF orientation tag when
+it decodes a row, so read rows for the method with ``images.open_image(images.undecoded(dataset)[i]["image"])``.
+
 The map-style dataset is built once with ``Dataset.from_generator`` under a fingerprint of the root,
 split file contents and file list (sizes and mtimes), so a changed split or file rebuilds it. With
 ``streaming=True`` an ``IterableDataset`` with one shard per image is returned instead; give it to
@@ -20,8 +24,8 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 from datasets.exceptions import DatasetGenerationError
 
-from ..splits import resolve_split_file
-from .base import FEATURES, DatasetSource, Record, fingerprint, iter_rows
+from ..splits import read_split_text, resolve_split_file
+from .base import FEATURES, DatasetSource, Record, check_not_binary_export, fingerprint, iter_rows
 from .cityscapes import CityscapesSource
 from .folder import FolderSource, read_id2label
 from .pascal import PascalVOCSource
@@ -69,7 +73,9 @@ def load_source(
         num_labels: number of classes, for the mask value check (default: the source's own).
         require_masks: every sample must have a mask (labeled and val sets).
         validate: decode every image and mask once while building and check readability, equal
-            sizes, mask mode and values; errors name the file. Missing files are always errors.
+            sizes, mask encoding (no JPEG), mode and values, and that not every mask holds only 0 and 255
+            (a binary export whose foreground would be ignored); errors name the file. Missing files are
+            always errors.
         streaming: return an ``IterableDataset`` (validated lazily, while iterating).
         cache_dir: where ``datasets`` keeps the built Arrow table (default: its own cache).
         num_proc: processes that build (and validate) the table.
@@ -84,10 +90,12 @@ def load_source(
         unlabeled = [record for record in records if record.mask is None]
         if unlabeled:
             raise ValueError(f"{split_path or root}: {len(unlabeled)} images have no mask (first: {unlabeled[0].image}), but masks are required")
+    if validate:
+        check_not_binary_export(source, records, str(split_path or root))
     gen_kwargs = {"source": source, "records": records, "validate": validate}
     if streaming:
         return IterableDataset.from_generator(iter_rows, features=FEATURES, gen_kwargs=gen_kwargs)
-    split_text = split_path.read_text(encoding="utf-8") if split_path is not None else ""
+    split_text = read_split_text(split_path) if split_path is not None else ""
     try:
         return Dataset.from_generator(
             iter_rows,

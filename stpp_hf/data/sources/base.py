@@ -17,15 +17,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from datasets import Features, Image as ImageFeature, Value
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..images import check_lossless_mask, exif_orientation, open_image, swaps_sides
 from ..splits import SplitEntry, read_split
 
 IGNORE_INDEX = 255
 FEATURES = Features({"id": Value("string"), "image": ImageFeature(), "label": ImageFeature()})
 MASK_MODES = ("L", "P")
-# bump when rows change meaning for the same files, so old caches are not reused
-ROW_FORMAT_VERSION = 1
+# bump when rows change meaning for the same files or validation tightens, so old caches are not reused
+ROW_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class DatasetSource:
 
     def read_mask(self, mask_path: Path) -> Image.Image:
         """The mask as a single-channel image of class indices (255 = ignore)."""
-        return open_image_checked(mask_path, "mask")
+        return open_image(mask_path, "mask")
 
 
 def check_unique_ids(records: Sequence[Record], source: str) -> None:
@@ -74,18 +75,6 @@ def check_unique_ids(records: Sequence[Record], source: str) -> None:
         if record.id in seen:
             raise ValueError(f"{source}: images {seen[record.id].image} and {record.image} map to the same id {record.id!r}")
         seen[record.id] = record
-
-
-def open_image_checked(path: Path, what: str) -> Image.Image:
-    """Open and fully decode ``path``; any failure is an error naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot decode {what} {path}: {error}") from error
-    return image
 
 
 def check_mask_values(mask: np.ndarray, num_labels: int | None, where: str) -> None:
@@ -98,16 +87,59 @@ def check_mask_values(mask: np.ndarray, num_labels: int | None, where: str) -> N
         raise ValueError(f"{where}: mask values {values} are outside [0, {num_labels}) and {IGNORE_INDEX} (ignore)")
 
 
-def validated_mask(source: DatasetSource, record: Record, image_size: tuple[int, int] | None) -> Image.Image:
-    """Read ``record``'s mask through ``source`` and check its mode, size (if given) and values."""
+def check_not_binary_export(source: DatasetSource, records: Sequence[Record], where: str) -> None:
+    """Refuse a set whose masks hold only 0 and 255 (both present): the usual export of binary annotation
+    tools, whose foreground the method would ignore (255 = ignore) everywhere.
+
+    Decided per set, not per file: one mask of background and ignore is legitimate (an image with no object
+    but an unsure border), a set without a single pixel of a class other than 0 is not. Stops at the first
+    mask with a class in ``1..254``, so an ordinary set costs one or a few mask reads.
+    """
+    first_ignore, background = None, False
+    for record in records:
+        if record.mask is None:
+            continue
+        mask = source.read_mask(record.mask)
+        if mask.mode not in MASK_MODES:
+            return  # not class indices at all: validation refuses it, naming the file
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=256)
+        if counts[1:IGNORE_INDEX].any():
+            return
+        background = background or bool(counts[0])
+        if counts[IGNORE_INDEX] and first_ignore is None:
+            first_ignore = record.mask
+    if first_ignore is not None and background:
+        raise ValueError(
+            f"{where}: every mask holds only the values 0 and {IGNORE_INDEX} (e.g. {first_ignore}); "
+            f"{IGNORE_INDEX} means ignore, so no pixel would be learned as a class other than 0. A binary 0/255 export must map its "
+            f"foreground to class 1 (mask[mask == 255] = 1) and be saved again as an 8-bit PNG"
+        )
+
+
+def validated_mask(source: DatasetSource, record: Record, image: Image.Image | None) -> Image.Image:
+    """Read ``record``'s mask through ``source`` and check its encoding, mode, size (that of ``image``, if
+    given, as stored) and values."""
+    check_lossless_mask(record.mask)
     mask = source.read_mask(record.mask)
     if mask.mode not in MASK_MODES:
+        kind = "a 16-bit or float image" if mask.mode[0] in "IF" else "not a colour rendering"
         raise ValueError(
-            f"mask {record.mask} has mode {mask.mode!r}; expected a single-channel class-index PNG "
-            f"(mode {' or '.join(MASK_MODES)}), not a colour rendering"
+            f"mask {record.mask} has mode {mask.mode!r}; expected a single-channel 8-bit class-index PNG "
+            f"(mode {' or '.join(MASK_MODES)}), {kind}"
         )
-    if image_size is not None and mask.size != image_size:
-        raise ValueError(f"image {record.image} is {image_size[0]}x{image_size[1]} but its mask {record.mask} is {mask.size[0]}x{mask.size[1]}")
+    if image is not None and mask.size != image.size:
+        message = (
+            f"image {record.image} is {image.size[0]}x{image.size[1]} but its mask {record.mask} is "
+            f"{mask.size[0]}x{mask.size[1]}"
+        )
+        orientation = exif_orientation(image)
+        if swaps_sides(orientation) and mask.size == image.size[::-1]:
+            message += (
+                f". The image carries EXIF orientation {orientation} (turned by 90 degrees when viewed) and its mask "
+                f"seems drawn on the turned view; images are read as stored (the tag is ignored), so the mask must be "
+                f"in the stored orientation: turn the mask back, or save the image upright without the tag"
+            )
+        raise ValueError(message)
     check_mask_values(np.asarray(mask), source.num_labels, str(record.mask))
     return mask
 
@@ -120,16 +152,17 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def iter_rows(source: DatasetSource, records: Sequence[Record], validate: bool = True) -> Iterator[dict]:
     """``{"id", "image", "label"}`` rows; with ``validate`` each image and mask is decoded exactly once
-    here and checked (readable, same size, mask mode and values)."""
+    here and checked (readable, same stored size, mask encoding, mode and values)."""
     for record in records:
+        image = None
         if validate:
-            image_size = open_image_checked(record.image, "image").size
+            image = open_image(record.image, "image")
         elif not record.image.is_file():
             raise FileNotFoundError(f"image {record.image} does not exist")
         label = None
         if record.mask is not None:
             convert = source.needs_conversion(record.mask)
-            mask = validated_mask(source, record, image_size) if validate else None
+            mask = validated_mask(source, record, image) if validate else None
             if convert:
                 label = {"path": None, "bytes": png_bytes(mask if mask is not None else source.read_mask(record.mask))}
             else:

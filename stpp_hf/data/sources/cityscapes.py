@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..splits import SplitEntry
-from .base import IGNORE_INDEX, DatasetSource, Record, open_image_checked
+from ..images import open_image
+from .base import IGNORE_INDEX, DatasetSource, Record
 
 TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
 LABEL_IDS_SUFFIX = "_labelIds.png"
@@ -60,7 +61,7 @@ class CityscapesSource(DatasetSource):
         return mask_path.name.endswith(LABEL_IDS_SUFFIX)
 
     def read_mask(self, mask_path: Path) -> Image.Image:
-        mask = open_image_checked(mask_path, "mask")
+        mask = open_image(mask_path, "mask")
         if not self.needs_conversion(mask_path):
             return mask
         if mask.mode not in ("L", "P"):
