@@ -14,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 import yaml
@@ -22,15 +22,19 @@ import yaml
 from stpp_hf import DeepLabImageProcessor, build_model
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+API = r"^/api/(?P<kind>models|datasets)"  # model and dataset repos answer the same routes
+RESOLVE = rf"^/(?:(?P<kind>datasets)/)?{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$"
 API_ROUTES = {
     ("POST", re.compile(r"^/api/repos/create$")): "create_repo",
     ("POST", re.compile(r"^/api/validate-yaml$")): "validate_yaml",
-    ("POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<revision>[^/]+)$")): "preupload",
-    ("POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
-    ("POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
-    ("GET", re.compile(rf"^/api/models/{REPO}/revision/(?P<revision>[^/]+)$")): "model_info",
-    ("GET", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
-    ("HEAD", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
+    ("POST", re.compile(rf"{API}/{REPO}/preupload/(?P<revision>[^/]+)$")): "preupload",
+    ("POST", re.compile(rf"{API}/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
+    ("POST", re.compile(rf"{API}/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
+    ("GET", re.compile(rf"{API}/{REPO}(?:/revision/(?P<revision>[^/]+))?$")): "model_info",
+    ("GET", re.compile(rf"{API}/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$")): "tree",
+    ("POST", re.compile(rf"{API}/{REPO}/paths-info/(?P<revision>[^/]+)$")): "paths_info",
+    ("GET", re.compile(RESOLVE)): "resolve",
+    ("HEAD", re.compile(RESOLVE)): "resolve",
 }
 WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch"}
 
@@ -79,13 +83,20 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        return self.repos[repo_id].branches[revision][1]
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        return self.repos[repo_key(repo_id, repo_type)].branches[revision][1]
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model") -> None:
+        """Create a repo whose `main` holds `files` (as if pushed), e.g. a dataset repo for `load_dataset`."""
+        repo = FakeRepo(private=False)
+        repo.record("main", _sha(repo_id, files), dict(files), "initial commit")
+        self.repos[repo_key(repo_id, repo_type)] = repo
 
     # ----- route handlers: (status, headers, body) -----
 
     def create_repo(self, request: dict) -> tuple:
         repo_id = "/".join(part for part in (request["json"].get("organization"), request["json"]["name"]) if part)
+        repo_id = repo_key(repo_id, request["json"].get("type"))
         if repo_id in self.repos:
             # like the Hub, a conflict still names the repo URL (create_repo(exist_ok=True) reads it)
             return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
@@ -138,12 +149,47 @@ class FakeHub:
         repo.branches[branch] = repo.branches[starting_point]
         return 200, {}, {}
 
-    def model_info(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+    def model_info(self, request: dict, repo: FakeRepo, revision: str | None) -> tuple:
+        revision = revision or "main"
         if repo.lookup(revision) is None:
             return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
         sha, files = repo.lookup(revision)
         siblings = [{"rfilename": path} for path in sorted(files)]
         return 200, {}, {"id": request["repo"], "sha": sha, "private": repo.private, "siblings": siblings, "tags": []}
+
+    def tree(self, request: dict, repo: FakeRepo, revision: str, path: str | None) -> tuple:
+        """The files and folders under `path` (all levels with `recursive=true`), as `list_repo_tree` reads them."""
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        prefix = f"{path.strip('/')}/" if path else ""
+        entries = {}
+        for name, content in repo.lookup(revision)[1].items():
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            depth = len(parts) if "recursive=true" in request["query"] else 1
+            for level in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
+                folder = prefix + "/".join(parts[:level])
+                entries[folder] = {"type": "directory", "path": folder, "oid": _sha(folder)}
+            if len(parts) <= depth:
+                entries[name] = _file_entry(name, content)
+        if path and not entries:
+            return 404, {"X-Error-Code": "EntryNotFound"}, {"error": f"{path} not found"}
+        return 200, {}, [entries[name] for name in sorted(entries)]
+
+    def paths_info(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        files = repo.lookup(revision)[1]
+        asked = request["json"].get("paths") or parse_qs(request["body"].decode()).get("paths", [])
+        found = []
+        for path in asked:
+            path = path.strip("/")
+            if path in files:
+                found.append(_file_entry(path, files[path]))
+            elif any(name.startswith(f"{path}/") for name in files):
+                found.append({"type": "directory", "path": path, "oid": _sha(path)})
+        return 200, {}, found
 
     def resolve(self, request: dict, repo: FakeRepo, revision: str, path: str) -> tuple:
         if repo.lookup(revision) is None:
@@ -166,6 +212,15 @@ def save_tiny_model(directory, class_names: tuple[str, ...], seed: int = 0):
     model.save_pretrained(directory)
     DeepLabImageProcessor().save_pretrained(directory)
     return model
+
+
+def repo_key(repo_id: str, repo_type: str | None) -> str:
+    """Where `FakeHub.repos` keeps a repo: models under their id, datasets under `datasets/<id>` (ids may repeat)."""
+    return repo_id if repo_type in (None, "model", "models") else f"datasets/{repo_id}"
+
+
+def _file_entry(path: str, content: bytes) -> dict:
+    return {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
 
 
 def _sha(*parts) -> str:
@@ -201,15 +256,16 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self.reply(method, 404, {}, {"error": f"the fake Hub has no route {method} {path}"})
             if name in WRITE_ROUTES and hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                 return self.reply(method, 401, {}, {"error": "Invalid credentials in Authorization header"})
-            arguments = {key: unquote(value) for key, value in match.groupdict().items()}
+            arguments = {key: None if value is None else unquote(value) for key, value in match.groupdict().items()}
             is_json = self.headers.get("Content-Type", "").startswith("application/json")
-            request = {"path": path, "body": body, "json": json.loads(body) if is_json and body else {}}
+            request = {"path": path, "query": urlsplit(self.path).query, "body": body, "json": json.loads(body) if is_json and body else {}}
             request["repo"] = arguments.pop("repo", None)
+            stored_as = repo_key(request["repo"], arguments.pop("kind", None))
             with hub.lock:
                 if request["repo"] is not None:
-                    if request["repo"] not in hub.repos:
+                    if stored_as not in hub.repos:
                         return self.reply(method, 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
-                    arguments = {"repo": hub.repos[request["repo"]], **arguments}
+                    arguments = {"repo": hub.repos[stored_as], **arguments}
                 status, headers, payload = getattr(hub, name)(request, **arguments)
             self.reply(method, status, headers, payload)
 
