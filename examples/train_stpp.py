@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
+from stpp_hf.data.sources import get_source
 from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
 
@@ -31,11 +32,11 @@ logger = logging.getLogger("train_stpp")
 
 # spec section 2; "synthetic" is the built-in dataset used when no --data_root is given
 DATASET_DEFAULTS = {
-    "pascal": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1, preset="pascal_voc"),
-    "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4, preset="cityscapes"),
-    "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1, preset=None),
+    "pascal": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4),
+    "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
     # small images, a ResNet-18 from scratch at output stride 16 and 6 epochs: minutes on 2 CPU cores
-    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25, preset=None),
+    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25),
 }
 
 
@@ -126,7 +127,7 @@ def _labeled_sources(data_args: DataArguments, output_dir: Path, accelerator):
     else:
         root, name, dataset = data_args.data_root, data_args.dataset, data_args.dataset
         files = _split_files(data_args)
-        id2label, palette = None, None
+        id2label, palette = get_source(dataset).classes(root)  # the data owns its class names and colours
     sources = {}
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
@@ -169,15 +170,7 @@ def main(argv=None) -> dict:
     sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
     backbone = model_args.backbone or ("resnet18" if synthetic else "resnet50")
     output_stride = model_args.output_stride or (16 if synthetic else 8)
-    config_kwargs = dict(backbone=backbone, output_stride=output_stride)
-    model_config_class = MODEL_REGISTRY[model_args.model][0]
-    if id2label is not None:
-        config_kwargs.update(num_labels=len(id2label), id2label=id2label)
-        probe_config = model_config_class(**config_kwargs)
-    else:
-        probe_config = model_config_class.from_preset(defaults["preset"], **config_kwargs)
-        config_kwargs.update(num_labels=probe_config.num_labels, id2label=dict(probe_config.id2label))
-    id2label = {int(k): v for k, v in probe_config.id2label.items()}
+    config_kwargs = dict(backbone=backbone, output_stride=output_stride, num_labels=len(id2label), id2label=id2label)
 
     def model_factory():
         model = build_model(model_args.model, **config_kwargs)
