@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
+from stpp_hf.data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
 from stpp_hf.data.sources import get_source
 from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
@@ -35,13 +36,14 @@ DATASET_DEFAULTS = {
     "pascal": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
     "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4),
     "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    "hub": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),  # --dataset_name
     # small images, a ResNet-18 from scratch at output stride 16 and 6 epochs: minutes on 2 CPU cores
     "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25),
 }
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDataArguments):  # --dataset_name etc.: a datasets dataset instead of --data_root
     dataset: Literal["pascal", "cityscapes", "folder"] = field(
         default="pascal", metadata={"help": "Dataset layout. Without --data_root the built-in synthetic dataset is generated."}
     )
@@ -154,8 +156,11 @@ def main(argv=None) -> dict:
     if run_args.push_to_hub and run_args.hub_model_id is None:
         raise ValueError("--push_to_hub needs --hub_model_id")
     output_dir = Path(run_args.output_dir)
-    synthetic = data_args.data_root is None
-    defaults = DATASET_DEFAULTS["synthetic" if synthetic else data_args.dataset]
+    hub = data_args.dataset_name is not None
+    if hub and data_args.data_root is not None:
+        raise ValueError("give --dataset_name (a datasets dataset) or --data_root (a local layout), not both")
+    synthetic = data_args.data_root is None and not hub
+    defaults = DATASET_DEFAULTS["hub" if hub else "synthetic" if synthetic else data_args.dataset]
     accelerator = Accelerator(
         mixed_precision=run_args.mixed_precision,
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
@@ -167,7 +172,10 @@ def main(argv=None) -> dict:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
 
-    sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
+    if hub:
+        sources, id2label, palette, dataset_name = load_hub_run_sources(data_args, output_dir, accelerator)
+    else:
+        sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
     backbone = model_args.backbone or ("resnet18" if synthetic else "resnet50")
     output_stride = model_args.output_stride or (16 if synthetic else 8)
     config_kwargs = dict(backbone=backbone, output_stride=output_stride, num_labels=len(id2label), id2label=id2label)
@@ -206,6 +214,7 @@ def main(argv=None) -> dict:
     metadata = {
         "dataset": dataset_name,
         "split": data_args.split or ("synthetic" if synthetic else "custom"),
+        **({"split": hub_split_name(sources["metadata"]), "hub_dataset": sources["metadata"]} if hub else {}),
         "model": model_args.model,
         "backbone": backbone,
         "output_stride": output_stride,

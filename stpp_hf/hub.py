@@ -139,7 +139,7 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         license=license,
-        datasets=[dataset] if dataset != "synthetic" else None,
+        datasets=_dataset_ids(results),
         tags=["semantic-segmentation", "semi-supervised", "self-training", "stpp", results["model"], results["backbone"]],
         metrics=["mean_iou"],
         eval_results=eval_results,
@@ -181,6 +181,7 @@ def build_model_card(
         pretrained_backbone={True: "yes", False: "no"}.get(results.get("pretrained_backbone"), "unknown"),
         dataset=dataset,
         split=results["split"],
+        hub_dataset=_hub_dataset_rows(results),
         num_labeled=results["num_labeled"],
         num_unlabeled=results["num_unlabeled"],
         epochs=results.get("epochs", "unknown"),
@@ -194,6 +195,28 @@ def build_model_card(
         iou_columns=iou_columns,
         iou_rows=iou_rows,
     )
+
+
+def _dataset_ids(results: dict) -> list[str] | None:
+    """The card's `datasets` metadata: the Hub dataset a run trained on, or the name of a known dataset."""
+    if "hub_dataset" in results:
+        return [results["hub_dataset"]["dataset_name"]]
+    return [results["dataset"]] if results["dataset"] != "synthetic" else None
+
+
+def _hub_dataset_rows(results: dict) -> list[dict]:
+    """Training-setup rows naming the `datasets` dataset, its columns and the labeled / unlabeled partition."""
+    hub = results.get("hub_dataset")
+    if hub is None:
+        return []
+    partition = hub["partition"]
+    amount = f"{partition['num_labeled']} rows" if partition["num_labeled"] is not None else f"fraction {partition['labeled_fraction']}"
+    return [
+        {"name": "Hub dataset", "value": f"`{hub['dataset_name']}`" + (f" (config `{hub['dataset_config']}`)" if hub["dataset_config"] else "")},
+        {"name": "Columns (image / label)", "value": f"`{hub['image_column']}` / `{hub['label_column']}`"},
+        {"name": "Splits (train / val)", "value": f"`{hub['train_split']}` / `{hub['val_split']}`"},
+        {"name": "Labeled partition", "value": f"{amount} of {partition['num_rows']} train rows, seed {partition['partition_seed']}"},
+    ]
 
 
 def _model_files(model_dir: Path) -> list[Path]:

@@ -164,3 +164,51 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
         assert streamed[key] == eager[key], key
     assert eager["unlabeled_has_label"].count(False) == 2
+
+
+def hub_environment(hub: FakeHub, home: Path) -> dict:
+    environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_CPU"):
+        environment.pop(name, None)
+    return environment
+
+
+TRAIN_ARGS = [
+    "--dataset_name", "tester/tiny-seg", "--labeled_fraction", "1/4", "--partition_seed", "2", "--framework", "stpp",
+    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--batch_size", "4", "--crop_size", "32",
+    "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02", "--report_to", "none",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
+    run = tmp_path / "run"
+    with FakeHub() as hub:
+        hub.add_repo("tester/tiny-seg", segmentation_repo_files(size=(32, 24)), repo_type="dataset")
+        environment = hub_environment(hub, tmp_path / "home")
+        command = [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(run)]
+        completed = subprocess.run([*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+        # a relaunch with another partition seed is refused before anything is trained
+        refused = subprocess.run(
+            [*command, *TRAIN_ARGS, "--partition_seed", "3"],  # the last occurrence wins
+            env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert refused.returncode != 0 and "partition_seed: recorded 2, now 3" in refused.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["dataset"] == "tester/tiny-seg" and results["split"] == "train: 1/4 labeled, seed 2"
+    assert results["hub_dataset"]["label_column"] == "annotation"
+    assert results["hub_dataset"]["partition"] == {
+        "train_split": "train", "num_labeled": None, "labeled_fraction": "1/4", "partition_seed": 2, "num_rows": 24,
+    }  # fmt: skip
+    assert (results["num_labeled"], results["num_unlabeled"]) == (6, 18)
+    assert results["id2label"] == {str(index): name for index, name in enumerate(CLASS_NAMES)}
+    labeled = (run / "partition" / "labeled.txt").read_text().split()
+    assert len(labeled) == 12 and labeled[0].startswith("train/")  # 6 lines of "<row> <row>/annotation"
+    # pseudo labels carry the dataset's palette; their mIoU is measured on the unlabeled rows that have a mask
+    store = next((run / "pseudo_labels").glob("label_reliable-*"))
+    pseudo = Image.open(next((store / "labels").glob("*.png")))
+    assert pseudo.mode == "P" and pseudo.getpalette()[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]
+    assert all(0 <= miou <= 1 for miou in results["pseudo_label_miou"].values())
+    assert results["stages"][1]["teacher_miou"] is None  # not every unlabeled row has a mask to compare with

@@ -371,6 +371,13 @@ def stream_rows(dataset_name: str, split: str, columns: _Columns, keep: set[int]
     return stream.filter(lambda row: row_index(row["id"]) in keep).cast(FEATURES)
 
 
+def hub_split_name(metadata: dict) -> str:
+    """The partition in words, e.g. ``"train: 1/16 labeled, seed 0"``, from :attr:`HubSources.metadata`."""
+    partition = metadata["partition"]
+    amount = partition["labeled_fraction"] if partition["num_labeled"] is None else partition["num_labeled"]
+    return f"{partition['train_split']}: {amount} labeled, seed {partition['partition_seed']}"
+
+
 def load_hub_run_sources(args: HubDataArguments, run_dir: str | os.PathLike, accelerator) -> tuple[dict, dict, list, str]:
     """What ``train_stpp.py`` needs from ``args``: ``(sources, id2label, palette, name)``, ``sources`` holding
     ``labeled``, ``unlabeled``, ``val``, ``unlabeled_entries`` and ``metadata`` (for ``results.json``).
