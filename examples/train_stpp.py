@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -26,6 +26,8 @@ from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
 from stpp_hf.data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
 from stpp_hf.data.sources import get_source
+from stpp_hf.data.splits import resolve_split_file
+from stpp_hf.training.pseudo_label_export import record_unlabeled_source
 from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
 
@@ -137,6 +139,9 @@ def _labeled_sources(data_args: DataArguments, output_dir: Path, accelerator):
                 dataset, root, files[part], require_masks=part != "unlabeled", cache_dir=output_dir / "datasets_cache"
             )
     sources["unlabeled_entries"] = read_split(files["unlabeled"])
+    if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
+        unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())
+        record_unlabeled_source(output_dir, {"kind": "local", "source": dataset, "root": str(Path(root).resolve()), "split_file": unlabeled_file})
     return sources, id2label, palette, name
 
 
@@ -174,6 +179,9 @@ def main(argv=None) -> dict:
 
     if hub:
         sources, id2label, palette, dataset_name = load_hub_run_sources(data_args, output_dir, accelerator)
+        if accelerator.is_main_process:
+            hub_options = {option.name: getattr(data_args, option.name) for option in fields(HubDataArguments)}
+            record_unlabeled_source(output_dir, {"kind": "hub", **hub_options})
     else:
         sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
     backbone = model_args.backbone or ("resnet18" if synthetic else "resnet50")

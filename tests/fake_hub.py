@@ -1,8 +1,10 @@
 """A small in-memory Hugging Face Hub on 127.0.0.1 for tests that push and download without network.
 
 It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
-(every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
-`HEAD|GET /{repo}/resolve/{rev}/{path}`). Point a process at it with `HF_ENDPOINT=hub.url` (and
+(files are "regular" uploads sent base64 in the commit, except parquet shards, which go through the LFS batch
+API as `datasets.push_to_hub` needs) and download (`/api/models/{repo}/revision/{rev}`,
+`HEAD|GET /{repo}/resolve/{rev}/{path}`), for model repos and, under `/api/datasets/` and `/datasets/`, for
+dataset repos, with the `tree` and `paths-info` listings `datasets.load_dataset` reads. Point a process at it with `HF_ENDPOINT=hub.url` (and
 `HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there. `save_tiny_model` writes the small real
 model these tests push, download and run.
 """
@@ -33,10 +35,13 @@ API_ROUTES = {
     ("GET", re.compile(rf"{API}/{REPO}(?:/revision/(?P<revision>[^/]+))?$")): "model_info",
     ("GET", re.compile(rf"{API}/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$")): "tree",
     ("POST", re.compile(rf"{API}/{REPO}/paths-info/(?P<revision>[^/]+)$")): "paths_info",
+    ("POST", re.compile(rf"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$")): "lfs_batch",
+    ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")): "lfs_upload",
     ("GET", re.compile(RESOLVE)): "resolve",
     ("HEAD", re.compile(RESOLVE)): "resolve",
 }
-WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch"}
+WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch", "lfs_batch"}
+LFS_SUFFIXES = (".parquet",)  # uploaded through the LFS batch API, as `datasets.push_to_hub` expects
 
 
 @dataclass
@@ -69,6 +74,7 @@ class FakeHub:
     def __init__(self, token: str | None = None, fail_commits: bool = False):
         self.token, self.fail_commits = token, fail_commits
         self.repos: dict[str, FakeRepo] = {}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS batch API
         self.unhandled: list[str] = []  # requests with no route: the fake must grow, or the client changed
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -119,9 +125,10 @@ class FakeHub:
 
     def preupload(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
         files = [
-            {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            {"path": entry["path"], "uploadMode": "lfs" if entry["path"].endswith(LFS_SUFFIXES) else "regular",
+             "shouldIgnore": False, "oid": None}
             for entry in request["json"]["files"]
-        ]
+        ]  # fmt: skip
         return 200, {}, {"files": files}
 
     def commit(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
@@ -134,6 +141,10 @@ class FakeHub:
         for line in lines:
             if line["key"] == "file":
                 files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] == "lfsFile":
+                if line["value"]["oid"] not in self.lfs_objects:
+                    return 400, {}, {"error": f"LFS object {line['value']['oid']} of {line['value']['path']} was never uploaded"}
+                files[line["value"]["path"]] = self.lfs_objects[line["value"]["oid"]]
             elif line["key"] == "deletedFile":
                 files.pop(line["value"]["path"], None)
             elif line["key"] != "header":
@@ -141,6 +152,22 @@ class FakeHub:
         sha = _sha(request["path"], files)
         repo.record(revision, sha, files, lines[0]["value"]["summary"])
         return 200, {}, {"commitUrl": f"{self.url}/{request['repo']}/commit/{sha}", "commitOid": sha}
+
+    def lfs_batch(self, request: dict, repo: FakeRepo) -> tuple:
+        """Upload instructions (a PUT to this server) for every object not stored yet."""
+        objects = []
+        for item in json.loads(request["body"])["objects"]:
+            entry = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.lfs_objects:
+                entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{item['oid']}"}}
+            objects.append(entry)
+        return 200, {}, {"transfer": "basic", "objects": objects}
+
+    def lfs_upload(self, request: dict, oid: str) -> tuple:
+        if hashlib.sha256(request["body"]).hexdigest() != oid:
+            return 400, {}, {"error": "content does not match its sha256"}
+        self.lfs_objects[oid] = request["body"]
+        return 200, {}, {}
 
     def create_branch(self, request: dict, repo: FakeRepo, branch: str) -> tuple:
         if branch in repo.branches:
@@ -242,6 +269,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self):
             self.dispatch("POST")
+
+        def do_PUT(self):
+            self.dispatch("PUT")
 
         def dispatch(self, method: str):
             path = urlsplit(self.path).path
