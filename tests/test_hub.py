@@ -334,3 +334,25 @@ def test_card_pseudo_label_rows_name_their_teacher_and_show_the_selection_check(
     text = build_model_card(results, REPO_ID).text
     assert "| reliable images, TTA labels of their stage's teacher | 60.00 |" in text
     assert "| unreliable images, SupOnly teacher without TTA | 45.00 |" in text
+
+
+def test_card_embeds_the_selection_picture_uploaded_with_the_model(tiny_run, in_process_hub, tmp_path):
+    import shutil
+
+    from stpp_hf.hub import push_run_to_hub
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["stages"][1]["figure"] = "stages/2-label_all/selection.png"
+    (run_dir / "results.json").write_text(json.dumps(results))
+    with pytest.raises(FileNotFoundError, match="selection.png"):
+        push_run_to_hub(run_dir, "tester/with-figure", token=TOKEN)
+    assert "tester/with-figure" not in in_process_hub.repos  # checked before any request
+    (run_dir / "stages" / "2-label_all").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(run_dir / "stages" / "2-label_all" / "selection.png")
+    push_run_to_hub(run_dir, "tester/with-figure", token=TOKEN)
+    files = in_process_hub.files("tester/with-figure")
+    assert files["selection.png"] == (run_dir / "stages" / "2-label_all" / "selection.png").read_bytes()
+    assert "![ST++ selection of reliable images](selection.png)" in files["README.md"].decode()
+    assert "selection.png" not in build_model_card(results, REPO_ID, stage_index=0).text  # stage cards: no picture
