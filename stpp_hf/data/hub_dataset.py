@@ -168,9 +168,12 @@ def check_label_row(row: dict, columns: _Columns, num_labels: int, where: str) -
     check_mask_values(np.asarray(label), num_labels, f"{where}, column {columns.label!r}")
 
 
-def _validate_rows(dataset: Dataset, indices: list[int], columns: _Columns, num_labels: int, split: str, cache: dict) -> None:
-    """Check every labeled row of ``indices`` once; ``cache`` remembers fingerprints already checked."""
-    key = f"{split}:{dataset._fingerprint}:{num_labels}"
+def _validate_rows(
+    dataset: Dataset, indices: list[int], columns: _Columns, num_labels: int, split: str, part: str, cache: dict
+) -> None:
+    """Check every labeled row of ``indices`` once; ``cache`` remembers the parts (by the dataset's
+    fingerprint, which changes with its files) already checked in an earlier launch."""
+    key = f"{part}:{split}:{dataset._fingerprint}:{num_labels}"
     if cache.get(key) == len(indices):
         return
     rows = dataset.select_columns([columns.image, columns.label]).select(indices)
@@ -305,10 +308,10 @@ def load_hub_sources(
     validated_path = Path(partition_dir) / VALIDATED_FILE
     validated = json.loads(validated_path.read_text(encoding="utf-8")) if validated_path.is_file() else {}
     num_labels = len(id2label)
-    _validate_rows(train, indices["labeled"], columns, num_labels, train_split, validated)
-    _validate_rows(val, list(range(len(val))), columns, num_labels, val_split, validated)
+    _validate_rows(train, indices["labeled"], columns, num_labels, train_split, "labeled", validated)
+    _validate_rows(val, list(range(len(val))), columns, num_labels, val_split, "val", validated)
     if not streaming:
-        _validate_rows(train, indices["unlabeled"], columns, num_labels, train_split, validated)
+        _validate_rows(train, indices["unlabeled"], columns, num_labels, train_split, "unlabeled", validated)
     atomic_write_bytes(validated_path, json.dumps(validated, indent=1).encode("utf-8"))
 
     labeled = columns.to_common(train.select(indices["labeled"]), [entry.image for entry in parts["labeled"]])
@@ -340,9 +343,9 @@ def _load_split(dataset_name: str, split: str, load_kwargs: dict) -> Dataset:
     try:
         return load_dataset(dataset_name, split=split, **load_kwargs)
     except ValueError as error:
-        if "Unknown split" in str(error) or "split" in str(error).lower():
-            raise ValueError(f"dataset {dataset_name!r} has no split {split!r}: {error}") from error
-        raise
+        if "Unknown split" not in str(error):
+            raise
+        raise ValueError(f"dataset {dataset_name!r} has no split {split!r} ({error}); name one with --train_split / --val_split") from error
 
 
 def _checked_index(entry: SplitEntry, num_rows: int, path: Path) -> int:
