@@ -80,6 +80,7 @@ def test_fractions():
         (dict(labeled_fraction="1/100"), "0 labeled of the 24 rows of .* leaves no labeled image"),
         (dict(num_labeled=24, labeled_fraction=None), "24 labeled of the 24 rows .* leaves no unlabeled image"),
         (dict(num_labeled=23, labeled_fraction=None), "only 22 rows have a label"),
+        (dict(num_labeled=5), "give --num_labeled or --labeled_fraction, not both"),
         (dict(label_column="mask"), "split 'train' has no label column 'mask' \\(columns: image, annotation, caption\\)"),
         (dict(image_column="picture"), "has no image column 'picture'"),
         (dict(label_column="caption"), "column 'caption' is Value.*not an Image feature; the label column must hold a class-index mask"),
@@ -181,6 +182,18 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+EXPORT = textwrap.dedent(
+    """
+    import json, sys
+    from stpp_hf.training.pseudo_label_export import pseudo_label_dataset
+
+    pseudo = pseudo_label_dataset(sys.argv[1])
+    print(json.dumps({"ids": list(pseudo["id"]), "subsets": list(pseudo["subset"]),
+                      "sizes": [list(row["pseudo_label"].size) for row in pseudo]}))
+    """
+)
+
+
 @pytest.mark.slow
 def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
     run = tmp_path / "run"
@@ -195,7 +208,14 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
             [*command, *TRAIN_ARGS, "--partition_seed", "3"],  # the last occurrence wins
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        # the run's pseudo labels as a dataset, the images read again from the Hub dataset
+        exported = subprocess.run([sys.executable, "-c", EXPORT, str(run)], env=environment, capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0, exported.stderr[-3000:]
     assert refused.returncode != 0 and "partition_seed: recorded 2, now 3" in refused.stderr
+    export = json.loads(exported.stdout.strip().splitlines()[-1])
+    unlabeled = (run / "partition" / "unlabeled.txt").read_text().split("\n")
+    assert export["ids"] == [line.split()[0] for line in unlabeled if line]
+    assert sorted(set(export["subsets"])) == ["reliable", "unreliable"] and export["sizes"] == [[32, 24]] * 18
     results = json.loads((run / "results.json").read_text())
     assert results["dataset"] == "tester/tiny-seg" and results["split"] == "train: 1/4 labeled, seed 2"
     assert results["hub_dataset"]["label_column"] == "annotation"

@@ -1,6 +1,7 @@
 """Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
+from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
 from .pseudo_labels import PseudoLabelStore, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
@@ -31,6 +32,8 @@ __all__ = [
     "DatasetSource",
     "EvalDataset",
     "EvalTransform",
+    "HubDataArguments",
+    "HubSources",
     "PseudoLabelStore",
     "RetrainDataset",
     "SplitEntry",
@@ -39,6 +42,7 @@ __all__ = [
     "TrainTransform",
     "generate_split",
     "list_shipped_splits",
+    "load_hub_sources",
     "load_source",
     "make_synthetic_dataset",
     "normalize_batch",
