@@ -17,11 +17,11 @@ from pathlib import Path
 from datasets import Dataset, Features, Image as ImageFeature, Value
 
 from ..data import PseudoLabelStore, load_source
+from .pipeline import RELIABILITY_SCORES
 from .stages import build_stages, stage_dir_name
 from .state import atomic_write_json
 
 UNLABELED_SOURCE_FILE = "unlabeled_source.json"
-RELIABILITY_FILE = "reliability.json"  # written by the selection stage (pipeline.RELIABILITY_SCORES)
 PSEUDO_LABEL_FEATURES = Features(
     {
         "id": Value("string"),
@@ -84,7 +84,7 @@ def pseudo_label_dataset(run_dir: str | os.PathLike, unlabeled: Dataset | None =
     label_of: dict[str, tuple[PseudoLabelStore, str, str]] = {}
     for stage in label_stages(results):
         if stage["kind"] == "select":
-            reliability = json.loads((run_dir / stage["dir"] / RELIABILITY_FILE).read_text(encoding="utf-8"))
+            reliability = json.loads((run_dir / stage["dir"] / RELIABILITY_SCORES).read_text(encoding="utf-8"))
             continue
         store = PseudoLabelStore(run_dir / stage["store_dir"])
         ids = list(store.entries())
