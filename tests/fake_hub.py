@@ -35,7 +35,7 @@ API_ROUTES = {
     ("GET", re.compile(rf"{API}/{REPO}(?:/revision/(?P<revision>[^/]+))?$")): "model_info",
     ("GET", re.compile(rf"{API}/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$")): "tree",
     ("POST", re.compile(rf"{API}/{REPO}/paths-info/(?P<revision>[^/]+)$")): "paths_info",
-    ("POST", re.compile(rf"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$")): "lfs_batch",
+    ("POST", re.compile(r"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$")): "lfs_batch",
     ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")): "lfs_upload",
     ("GET", re.compile(RESOLVE)): "resolve",
     ("HEAD", re.compile(RESOLVE)): "resolve",
