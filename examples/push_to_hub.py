@@ -2,6 +2,7 @@
 
     python examples/push_to_hub.py --run-dir runs/stpp --repo-id you/deeplabv3plus-stpp-pascal --push-stages
     python examples/push_to_hub.py --model-dir runs/stpp/final --repo-id you/my-model --revision experiment
+    python examples/push_to_hub.py --run-dir runs/stpp --pseudo-labels-repo you/stpp-pseudo-labels   # a dataset repo
 
 The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`); it is never printed.
 """
@@ -16,7 +17,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="Run directory of examples/train_stpp.py (pushes final/ with a card).")
     source.add_argument("--model-dir", help="Any save_pretrained directory (pushed without a card).")
-    parser.add_argument("--repo-id", required=True, help="Hub model repo, 'user/name' (created if needed).")
+    parser.add_argument("--repo-id", help="Hub model repo, 'user/name' (created if needed).")
+    parser.add_argument(
+        "--pseudo-labels-repo", help="Also (or only) push the run's pseudo labels to this Hub dataset repo (with --run-dir)."
+    )
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
     parser.add_argument("--revision", default=None, help="Branch to push to (default main).")
     parser.add_argument("--commit-message", default=None)
@@ -27,6 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    if args.repo_id is None and args.pseudo_labels_repo is None:
+        raise SystemExit("give --repo-id (the model) and/or --pseudo-labels-repo (the pseudo labels, with --run-dir)")
+    if args.pseudo_labels_repo is not None:
+        if args.run_dir is None:
+            raise SystemExit("--pseudo-labels-repo needs --run-dir (the pseudo labels of a finished run)")
+        from stpp_hf.hub_pseudo_labels import push_pseudo_labels
+
+        print(f"pushed pseudo labels to {push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}")
+        if args.repo_id is None:
+            return None
     if args.run_dir is not None:
         url = push_run_to_hub(
             args.run_dir, args.repo_id, private=args.private, revision=args.revision,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -23,6 +23,10 @@ from transformers import HfArgumentParser
 
 from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
+from stpp_hf.data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
+from stpp_hf.data.sources import get_source
+from stpp_hf.data.splits import resolve_split_file
+from stpp_hf.training.pseudo_label_export import record_unlabeled_source
 from stpp_hf.training.distributed import check_shared_run_dir, create_accelerator
 from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
@@ -31,16 +35,17 @@ logger = logging.getLogger("train_stpp")
 
 # spec section 2; "synthetic" is the built-in dataset used when no --data_root is given
 DATASET_DEFAULTS = {
-    "pascal": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1, preset="pascal_voc"),
-    "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4, preset="cityscapes"),
-    "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1, preset=None),
+    "pascal": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    "cityscapes": dict(epochs=240, lr=0.004, crop_size=721, base_size=2048, val_batch_size=4),
+    "folder": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    "hub": dict(epochs=80, lr=0.001, crop_size=321, base_size=400, val_batch_size=1),  # --dataset_name
     # small images, a ResNet-18 from scratch at output stride 16 and 6 epochs: minutes on 2 CPU cores
-    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25, preset=None),
+    "synthetic": dict(epochs=6, lr=0.02, crop_size=48, base_size=64, val_batch_size=25),
 }
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDataArguments):  # --dataset_name etc.: a datasets dataset instead of --data_root
     dataset: Literal["pascal", "cityscapes", "folder"] = field(
         default="pascal", metadata={"help": "Dataset layout. Without --data_root the built-in synthetic dataset is generated."}
     )
@@ -126,7 +131,7 @@ def _labeled_sources(data_args: DataArguments, output_dir: Path, accelerator):
     else:
         root, name, dataset = data_args.data_root, data_args.dataset, data_args.dataset
         files = _split_files(data_args)
-        id2label, palette = None, None
+        id2label, palette = get_source(dataset).classes(root)  # the data owns its class names and colours
     sources = {}
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
@@ -134,6 +139,9 @@ def _labeled_sources(data_args: DataArguments, output_dir: Path, accelerator):
                 dataset, root, files[part], require_masks=part != "unlabeled", cache_dir=output_dir / "datasets_cache"
             )
     sources["unlabeled_entries"] = read_split(files["unlabeled"])
+    if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
+        unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())
+        record_unlabeled_source(output_dir, {"kind": "local", "source": dataset, "root": str(Path(root).resolve()), "split_file": unlabeled_file})
     return sources, id2label, palette, name
 
 
@@ -153,8 +161,11 @@ def main(argv=None) -> dict:
     if run_args.push_to_hub and run_args.hub_model_id is None:
         raise ValueError("--push_to_hub needs --hub_model_id")
     output_dir = Path(run_args.output_dir)
-    synthetic = data_args.data_root is None
-    defaults = DATASET_DEFAULTS["synthetic" if synthetic else data_args.dataset]
+    hub = data_args.dataset_name is not None
+    if hub and data_args.data_root is not None:
+        raise ValueError("give --dataset_name (a datasets dataset) or --data_root (a local layout), not both")
+    synthetic = data_args.data_root is None and not hub
+    defaults = DATASET_DEFAULTS["hub" if hub else "synthetic" if synthetic else data_args.dataset]
     accelerator = create_accelerator(
         mixed_precision=run_args.mixed_precision,
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
@@ -167,18 +178,16 @@ def main(argv=None) -> dict:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
 
-    sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
+    if hub:
+        sources, id2label, palette, dataset_name = load_hub_run_sources(data_args, output_dir, accelerator)
+        if accelerator.is_main_process:
+            hub_options = {option.name: getattr(data_args, option.name) for option in fields(HubDataArguments)}
+            record_unlabeled_source(output_dir, {"kind": "hub", **hub_options})
+    else:
+        sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
     backbone = model_args.backbone or ("resnet18" if synthetic else "resnet50")
     output_stride = model_args.output_stride or (16 if synthetic else 8)
-    config_kwargs = dict(backbone=backbone, output_stride=output_stride)
-    model_config_class = MODEL_REGISTRY[model_args.model][0]
-    if id2label is not None:
-        config_kwargs.update(num_labels=len(id2label), id2label=id2label)
-        probe_config = model_config_class(**config_kwargs)
-    else:
-        probe_config = model_config_class.from_preset(defaults["preset"], **config_kwargs)
-        config_kwargs.update(num_labels=probe_config.num_labels, id2label=dict(probe_config.id2label))
-    id2label = {int(k): v for k, v in probe_config.id2label.items()}
+    config_kwargs = dict(backbone=backbone, output_stride=output_stride, num_labels=len(id2label), id2label=id2label)
 
     def model_factory():
         model = build_model(model_args.model, **config_kwargs)
@@ -214,6 +223,7 @@ def main(argv=None) -> dict:
     metadata = {
         "dataset": dataset_name,
         "split": data_args.split or ("synthetic" if synthetic else "custom"),
+        **({"split": hub_split_name(sources["metadata"]), "hub_dataset": sources["metadata"]} if hub else {}),
         "model": model_args.model,
         "backbone": backbone,
         "output_stride": output_stride,

@@ -23,6 +23,7 @@ REQUIRED_RESULT_FIELDS = (
     "framework", "dataset", "split", "num_labeled", "num_unlabeled", "model", "backbone", "id2label", "stages", "final",
 )  # fmt: skip
 PAPER_URL = "https://arxiv.org/abs/2106.05095"
+SELECTION_FIGURE_IN_REPO = "selection.png"  # the ST++ selection picture, uploaded next to the final model
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -154,7 +155,7 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         license=license,
-        datasets=[dataset] if dataset != "synthetic" else None,
+        datasets=_dataset_ids(results),
         tags=["semantic-segmentation", "semi-supervised", "self-training", "stpp", results["model"], results["backbone"]],
         metrics=["mean_iou"],
         eval_results=eval_results,
@@ -197,6 +198,8 @@ def build_model_card(
         pretrained_backbone={True: "yes", False: "no"}.get(results.get("pretrained_backbone"), "unknown"),
         dataset=dataset,
         split=results["split"],
+        hub_dataset=_hub_dataset_rows(results),
+        selection_figure=SELECTION_FIGURE_IN_REPO if stage_index is None and selection_figure(results) else None,
         num_labeled=results["num_labeled"],
         num_unlabeled=results["num_unlabeled"],
         epochs=results.get("epochs", "unknown"),
@@ -210,6 +213,33 @@ def build_model_card(
         iou_columns=iou_columns,
         iou_rows=iou_rows,
     )
+
+
+def selection_figure(results: dict) -> str | None:
+    """The run-directory path of the ST++ selection picture (`selection.png` of the select stage), if any."""
+    return next((stage["figure"] for stage in results["stages"] if stage.get("figure")), None)
+
+
+def _dataset_ids(results: dict) -> list[str] | None:
+    """The card's `datasets` metadata: the Hub dataset a run trained on, or the name of a known dataset."""
+    if "hub_dataset" in results:
+        return [results["hub_dataset"]["dataset_name"]]
+    return [results["dataset"]] if results["dataset"] != "synthetic" else None
+
+
+def _hub_dataset_rows(results: dict) -> list[dict]:
+    """Training-setup rows naming the `datasets` dataset, its columns and the labeled / unlabeled partition."""
+    hub = results.get("hub_dataset")
+    if hub is None:
+        return []
+    partition = hub["partition"]
+    amount = f"{partition['num_labeled']} rows" if partition["num_labeled"] is not None else f"fraction {partition['labeled_fraction']}"
+    return [
+        {"name": "Hub dataset", "value": f"`{hub['dataset_name']}`" + (f" (config `{hub['dataset_config']}`)" if hub["dataset_config"] else "")},
+        {"name": "Columns (image / label)", "value": f"`{hub['image_column']}` / `{hub['label_column']}`"},
+        {"name": "Splits (train / val)", "value": f"`{hub['train_split']}` / `{hub['val_split']}`"},
+        {"name": "Labeled partition", "value": f"{amount} of {partition['num_rows']} train rows, seed {partition['partition_seed']}"},
+    ]
 
 
 def _model_files(model_dir: Path) -> list[Path]:
@@ -259,8 +289,11 @@ def push_model_dir(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | bool | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> str:
     """Push a `save_pretrained` directory (and a model card as `README.md`) to a Hub model repo in one commit.
+
+    `extra_files` maps paths in the repo to local files uploaded in the same commit (e.g. a card's images).
 
     The repo is created if needed (`private` only applies then); a `revision` other than `main` is a branch,
     created from `main` if it does not exist. The local directory is only read.
@@ -281,6 +314,7 @@ def push_model_dir(
     ]
     if card is not None:
         operations.append(CommitOperationAdd("README.md", str(card).encode()))
+    operations += [CommitOperationAdd(name, str(path)) for name, path in (extra_files or {}).items()]
     api = HfApi(token=token)
     target = f"{repo_id}@{revision or 'main'}"
     try:
@@ -335,6 +369,9 @@ def push_run_to_hub(
     stage_dirs = {index: run_dir / stage["model_dir"] for index, stage in training_stages(results)} if push_stages else {}
     for model_dir in [run_dir / results["final"]["model_dir"], *stage_dirs.values()]:
         _model_files(model_dir)
+    figure = selection_figure(results)
+    if figure is not None and not (run_dir / figure).is_file():
+        raise FileNotFoundError(f"{run_dir / figure} (the selection picture results.json names) is missing")
     repo_url = push_model_dir(
         run_dir / results["final"]["model_dir"],
         repo_id,
@@ -343,6 +380,7 @@ def push_run_to_hub(
         revision=revision,
         commit_message=commit_message or f"{FRAMEWORK_TITLES.get(results['framework'], results['framework'])} final model",
         token=token,
+        extra_files=None if figure is None else {SELECTION_FIGURE_IN_REPO: run_dir / figure},
     )
     for index, model_dir in stage_dirs.items():
         stage = results["stages"][index]

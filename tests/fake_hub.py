@@ -1,10 +1,12 @@
 """A small in-memory Hugging Face Hub on 127.0.0.1 for tests that push and download without network.
 
 It serves the routes huggingface_hub 2.x uses to create repos and branches, validate card metadata, commit
-(every file is a "regular" upload, sent base64 in the commit) and download (`/api/models/{repo}/revision/{rev}`,
-`HEAD|GET /{repo}/resolve/{rev}/{path}`, the agent-harness registry it reads while downloading). `add_repo`
-serves a repo without pushing it (e.g. timm weights for a download test). Point a process at it with
-`HF_ENDPOINT=hub.url` (and `HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
+(files are "regular" uploads sent base64 in the commit, except parquet shards, which go through the LFS batch
+API as `datasets.push_to_hub` needs) and download (`/api/models/{repo}/revision/{rev}`,
+`HEAD|GET /{repo}/resolve/{rev}/{path}`, the agent-harness registry it reads while downloading), for model repos
+and, under `/api/datasets/` and `/datasets/`, for dataset repos, with the `tree` and `paths-info` listings
+`datasets.load_dataset` reads. `add_repo` serves a repo without pushing it (timm weights, a dataset). Point a
+process at it with `HF_ENDPOINT=hub.url` (and `HF_HUB_DISABLE_XET=1`) set before huggingface_hub is imported there.
 `save_tiny_model` writes the small real model these tests push, download and run.
 """
 
@@ -15,7 +17,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 import yaml
@@ -23,18 +25,25 @@ import yaml
 from stpp_hf import DeepLabImageProcessor, build_model
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+API = r"^/api/(?P<kind>models|datasets)"  # model and dataset repos answer the same routes
+RESOLVE = rf"^/(?:(?P<kind>datasets)/)?{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$"
 API_ROUTES = {
     ("POST", re.compile(r"^/api/repos/create$")): "create_repo",
     ("POST", re.compile(r"^/api/validate-yaml$")): "validate_yaml",
-    ("POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<revision>[^/]+)$")): "preupload",
-    ("POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
-    ("POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
-    ("GET", re.compile(rf"^/api/models/{REPO}/revision/(?P<revision>[^/]+)$")): "model_info",
+    ("POST", re.compile(rf"{API}/{REPO}/preupload/(?P<revision>[^/]+)$")): "preupload",
+    ("POST", re.compile(rf"{API}/{REPO}/commit/(?P<revision>[^/]+)$")): "commit",
+    ("POST", re.compile(rf"{API}/{REPO}/branch/(?P<branch>[^/]+)$")): "create_branch",
+    ("GET", re.compile(rf"{API}/{REPO}(?:/revision/(?P<revision>[^/]+))?$")): "model_info",
+    ("GET", re.compile(rf"{API}/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$")): "tree",
+    ("POST", re.compile(rf"{API}/{REPO}/paths-info/(?P<revision>[^/]+)$")): "paths_info",
+    ("POST", re.compile(r"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$")): "lfs_batch",
+    ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")): "lfs_upload",
+    ("GET", re.compile(RESOLVE)): "resolve",
+    ("HEAD", re.compile(RESOLVE)): "resolve",
     ("GET", re.compile(r"^/api/agent-harnesses$")): "agent_harnesses",
-    ("GET", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
-    ("HEAD", re.compile(rf"^/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")): "resolve",
 }
-WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch"}
+WRITE_ROUTES = {"create_repo", "preupload", "commit", "create_branch", "lfs_batch"}
+LFS_SUFFIXES = (".parquet",)  # uploaded through the LFS batch API, as `datasets.push_to_hub` expects
 
 
 @dataclass
@@ -67,6 +76,7 @@ class FakeHub:
     def __init__(self, token: str | None = None, fail_commits: bool = False):
         self.token, self.fail_commits = token, fail_commits
         self.repos: dict[str, FakeRepo] = {}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS batch API
         self.unhandled: list[str] = []  # requests with no route: the fake must grow, or the client changed
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -81,19 +91,20 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False):
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        return self.repos[repo_key(repo_id, repo_type)].branches[revision][1]
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model", private: bool = False) -> None:
         """Serve a repo whose `main` holds `files` (path -> content), as if someone had pushed it."""
         repo = FakeRepo(private=private)
         repo.record("main", _sha(repo_id, files), dict(files), "initial commit")
-        self.repos[repo_id] = repo
-
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        return self.repos[repo_id].branches[revision][1]
+        self.repos[repo_key(repo_id, repo_type)] = repo
 
     # ----- route handlers: (status, headers, body) -----
 
     def create_repo(self, request: dict) -> tuple:
         repo_id = "/".join(part for part in (request["json"].get("organization"), request["json"]["name"]) if part)
+        repo_id = repo_key(repo_id, request["json"].get("type"))
         if repo_id in self.repos:
             # like the Hub, a conflict still names the repo URL (create_repo(exist_ok=True) reads it)
             return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
@@ -114,9 +125,10 @@ class FakeHub:
 
     def preupload(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
         files = [
-            {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            {"path": entry["path"], "uploadMode": "lfs" if entry["path"].endswith(LFS_SUFFIXES) else "regular",
+             "shouldIgnore": False, "oid": None}
             for entry in request["json"]["files"]
-        ]
+        ]  # fmt: skip
         return 200, {}, {"files": files}
 
     def commit(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
@@ -129,6 +141,10 @@ class FakeHub:
         for line in lines:
             if line["key"] == "file":
                 files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] == "lfsFile":
+                if line["value"]["oid"] not in self.lfs_objects:
+                    return 400, {}, {"error": f"LFS object {line['value']['oid']} of {line['value']['path']} was never uploaded"}
+                files[line["value"]["path"]] = self.lfs_objects[line["value"]["oid"]]
             elif line["key"] == "deletedFile":
                 files.pop(line["value"]["path"], None)
             elif line["key"] != "header":
@@ -137,6 +153,22 @@ class FakeHub:
         repo.record(revision, sha, files, lines[0]["value"]["summary"])
         return 200, {}, {"commitUrl": f"{self.url}/{request['repo']}/commit/{sha}", "commitOid": sha}
 
+    def lfs_batch(self, request: dict, repo: FakeRepo) -> tuple:
+        """Upload instructions (a PUT to this server) for every object not stored yet."""
+        objects = []
+        for item in json.loads(request["body"])["objects"]:
+            entry = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.lfs_objects:
+                entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{item['oid']}"}}
+            objects.append(entry)
+        return 200, {}, {"transfer": "basic", "objects": objects}
+
+    def lfs_upload(self, request: dict, oid: str) -> tuple:
+        if hashlib.sha256(request["body"]).hexdigest() != oid:
+            return 400, {}, {"error": "content does not match its sha256"}
+        self.lfs_objects[oid] = request["body"]
+        return 200, {}, {}
+
     def create_branch(self, request: dict, repo: FakeRepo, branch: str) -> tuple:
         if branch in repo.branches:
             return 409, {}, {"error": f"Branch {branch} already exists"}
@@ -144,7 +176,8 @@ class FakeHub:
         repo.branches[branch] = repo.branches[starting_point]
         return 200, {}, {}
 
-    def model_info(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+    def model_info(self, request: dict, repo: FakeRepo, revision: str | None) -> tuple:
+        revision = revision or "main"
         if repo.lookup(revision) is None:
             return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
         sha, files = repo.lookup(revision)
@@ -154,6 +187,40 @@ class FakeHub:
     def agent_harnesses(self, request: dict) -> tuple:
         # huggingface_hub's agent detection (download progress bars) reads this registry; an empty one detects none
         return 200, {}, {"standardEnvVars": [], "harnesses": {}}
+
+    def tree(self, request: dict, repo: FakeRepo, revision: str, path: str | None) -> tuple:
+        """The files and folders under `path` (all levels with `recursive=true`), as `list_repo_tree` reads them."""
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        prefix = f"{path.strip('/')}/" if path else ""
+        entries = {}
+        for name, content in repo.lookup(revision)[1].items():
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            depth = len(parts) if "recursive=true" in request["query"] else 1
+            for level in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
+                folder = prefix + "/".join(parts[:level])
+                entries[folder] = {"type": "directory", "path": folder, "oid": _sha(folder)}
+            if len(parts) <= depth:
+                entries[name] = _file_entry(name, content)
+        if path and not entries:
+            return 404, {"X-Error-Code": "EntryNotFound"}, {"error": f"{path} not found"}
+        return 200, {}, [entries[name] for name in sorted(entries)]
+
+    def paths_info(self, request: dict, repo: FakeRepo, revision: str) -> tuple:
+        if repo.lookup(revision) is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
+        files = repo.lookup(revision)[1]
+        asked = request["json"].get("paths") or parse_qs(request["body"].decode()).get("paths", [])
+        found = []
+        for path in asked:
+            path = path.strip("/")
+            if path in files:
+                found.append(_file_entry(path, files[path]))
+            elif any(name.startswith(f"{path}/") for name in files):
+                found.append({"type": "directory", "path": path, "oid": _sha(path)})
+        return 200, {}, found
 
     def resolve(self, request: dict, repo: FakeRepo, revision: str, path: str) -> tuple:
         if repo.lookup(revision) is None:
@@ -178,6 +245,15 @@ def save_tiny_model(directory, class_names: tuple[str, ...], seed: int = 0):
     return model
 
 
+def repo_key(repo_id: str, repo_type: str | None) -> str:
+    """Where `FakeHub.repos` keeps a repo: models under their id, datasets under `datasets/<id>` (ids may repeat)."""
+    return repo_id if repo_type in (None, "model", "models") else f"datasets/{repo_id}"
+
+
+def _file_entry(path: str, content: bytes) -> dict:
+    return {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+
+
 def _sha(*parts) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()
 
@@ -198,6 +274,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_POST(self):
             self.dispatch("POST")
 
+        def do_PUT(self):
+            self.dispatch("PUT")
+
         def dispatch(self, method: str):
             path = urlsplit(self.path).path
             length = int(self.headers.get("Content-Length") or 0)
@@ -211,15 +290,16 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self.reply(method, 404, {}, {"error": f"the fake Hub has no route {method} {path}"})
             if name in WRITE_ROUTES and hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                 return self.reply(method, 401, {}, {"error": "Invalid credentials in Authorization header"})
-            arguments = {key: unquote(value) for key, value in match.groupdict().items()}
+            arguments = {key: None if value is None else unquote(value) for key, value in match.groupdict().items()}
             is_json = self.headers.get("Content-Type", "").startswith("application/json")
-            request = {"path": path, "body": body, "json": json.loads(body) if is_json and body else {}}
+            request = {"path": path, "query": urlsplit(self.path).query, "body": body, "json": json.loads(body) if is_json and body else {}}
             request["repo"] = arguments.pop("repo", None)
+            stored_as = repo_key(request["repo"], arguments.pop("kind", None))
             with hub.lock:
                 if request["repo"] is not None:
-                    if request["repo"] not in hub.repos:
+                    if stored_as not in hub.repos:
                         return self.reply(method, 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
-                    arguments = {"repo": hub.repos[request["repo"]], **arguments}
+                    arguments = {"repo": hub.repos[stored_as], **arguments}
                 status, headers, payload = getattr(hub, name)(request, **arguments)
             self.reply(method, status, headers, payload)
 

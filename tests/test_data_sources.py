@@ -183,3 +183,15 @@ def test_parallel_build_and_unvalidated_build_give_the_same_rows(synthetic, tmp_
     assert list(parallel["id"]) == list(reference["id"]) == list(quick["id"])
     assert quick._fingerprint != reference._fingerprint  # validation settings are part of the cache key
     assert np.array_equal(np.asarray(parallel[4]["label"]), np.asarray(reference[4]["label"]))
+
+
+def test_sources_own_their_class_names_and_palettes(tmp_path):
+    from stpp_hf.data.sources import get_source
+
+    id2label, palette = get_source("pascal").classes(tmp_path)
+    assert len(id2label) == 21 and id2label[15] == "person" and palette[3:6] == [128, 0, 0] and len(palette) == 768
+    id2label, palette = get_source("cityscapes").classes(tmp_path)
+    assert len(id2label) == 19 and id2label[0] == "road" and palette[:3] == [128, 64, 128]
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "background", "1": "cat"}))
+    id2label, palette = get_source("folder").classes(tmp_path)
+    assert id2label == {0: "background", 1: "cat"} and palette[3:6] == [128, 0, 0]

@@ -356,3 +356,25 @@ def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tm
     results["config"] = {"backbone_weights": "tv_in1k"}  # the spec alone says neither kind nor repo
     with pytest.raises(ValueError, match="config.backbone_weights must be the dict of describe_backbone_weights"):
         build_model_card(results, REPO_ID)
+
+
+def test_card_embeds_the_selection_picture_uploaded_with_the_model(tiny_run, in_process_hub, tmp_path):
+    import shutil
+
+    from stpp_hf.hub import push_run_to_hub
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["stages"][1]["figure"] = "stages/2-label_all/selection.png"
+    (run_dir / "results.json").write_text(json.dumps(results))
+    with pytest.raises(FileNotFoundError, match="selection.png"):
+        push_run_to_hub(run_dir, "tester/with-figure", token=TOKEN)
+    assert "tester/with-figure" not in in_process_hub.repos  # checked before any request
+    (run_dir / "stages" / "2-label_all").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(run_dir / "stages" / "2-label_all" / "selection.png")
+    push_run_to_hub(run_dir, "tester/with-figure", token=TOKEN)
+    files = in_process_hub.files("tester/with-figure")
+    assert files["selection.png"] == (run_dir / "stages" / "2-label_all" / "selection.png").read_bytes()
+    assert "![ST++ selection of reliable images](selection.png)" in files["README.md"].decode()
+    assert "selection.png" not in build_model_card(results, REPO_ID, stage_index=0).text  # stage cards: no picture

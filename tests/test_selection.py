@@ -48,3 +48,36 @@ def test_reliability_formula_and_split():
     assert reliable == ["b", "c"] and unreliable == ["d", "a", "e"]  # ties keep list order; N//2 reliable
     with pytest.raises(ValueError, match="no reliability score"):
         split_by_reliability(scores, ["a", "z"])
+
+
+def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
+    from PIL import Image
+
+    from stpp_hf.models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
+    from stpp_hf.training.visualization import _denormalize, _palette_image, save_selection_figure
+
+    model = tiny_model(3).eval()
+    dataset = images_of_mixed_sizes(1)
+    ids = [f"u{index}" for index in range(len(dataset))]
+    scores = dict(zip(ids, [0.2, 0.95, 0.5, 0.7, 0.1, 0.9]))
+    reliable, _ = split_by_reliability(scores, ids)
+    palette = flat_palette(PASCAL_VOC_PALETTE)
+    save_selection_figure(model, dataset, ids, scores, reliable, tmp_path / "selection.png", palette, num_images=2, tile=48)
+    figure = Image.open(tmp_path / "selection.png").convert("RGB")
+    assert figure.size == (360, 150 + 2 * (48 + 14))
+    # the histogram: 3 reliable scores right of the cut (green bars), 3 left of it (red bars)
+    pixels = np.asarray(figure)[:150]
+    green_columns = np.flatnonzero((pixels == (60, 160, 60)).all(-1).any(0))
+    red_columns = np.flatnonzero((pixels == (200, 70, 60)).all(-1).any(0))
+    assert len(green_columns) and len(red_columns) and red_columns.max() < green_columns.min()
+    # rows: most reliable u1 then u5, least reliable u4 then u0, each image next to the teacher's prediction
+    for row, expected_ids in enumerate((["u1", "u5"], ["u4", "u0"])):
+        for column, image_id in enumerate(expected_ids):
+            image, _ = dataset[ids.index(image_id)]
+            x, y = column * 96, 150 + row * 62 + 14
+            expected_image = _denormalize(image).resize((48, 48), Image.BILINEAR)
+            with torch.no_grad():
+                prediction = model(pixel_values=image[None]).logits.argmax(1)[0]
+            expected_label = _palette_image(prediction, palette).resize((48, 48), Image.NEAREST)
+            assert np.array_equal(np.asarray(figure.crop((x, y, x + 48, y + 48))), np.asarray(expected_image))
+            assert np.array_equal(np.asarray(figure.crop((x + 48, y, x + 96, y + 48))), np.asarray(expected_label))

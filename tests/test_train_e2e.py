@@ -187,6 +187,14 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert (run / "stages" / "1-suponly" / "val_predictions.png").is_file()
     reliable = (run / "stages" / "2-select" / "reliable_ids.txt").read_text().split("\n")
     assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
+    assert results["stages"][1]["figure"] == "stages/2-select/selection.png"
+    assert (run / "stages" / "2-select" / "selection.png").is_file()
+    # pseudo labels carry the data's palette (the synthetic data's VOC colours), not grey
+    store = next((run / "pseudo_labels").glob("label_reliable-*"))
+    from PIL import Image
+
+    pseudo = Image.open(next((store / "labels").glob("*.png")))
+    assert pseudo.mode == "P" and pseudo.getpalette()[3:6] == [128, 0, 0]
     # the same-teacher check of the selection: recomputed from the id file used as a split
     assert "SupOnly teacher, no TTA: reliable images" in completed.stdout
     from transformers import AutoModelForSemanticSegmentation

@@ -1,6 +1,7 @@
 """Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
+from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
@@ -32,6 +33,8 @@ __all__ = [
     "DatasetSource",
     "EvalDataset",
     "EvalTransform",
+    "HubDataArguments",
+    "HubSources",
     "PseudoLabelStore",
     "RetrainDataset",
     "SplitEntry",
@@ -42,6 +45,7 @@ __all__ = [
     "check_split_overlap",
     "generate_split",
     "list_shipped_splits",
+    "load_hub_sources",
     "load_source",
     "make_synthetic_dataset",
     "normalize_batch",

@@ -34,11 +34,12 @@ from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
 from ..data.splits import read_split, write_split
 from .state import RunState, atomic_write_json, replace_directory, temporary_directory_for
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
-from .visualization import save_prediction_grid
+from .visualization import save_prediction_grid, save_selection_figure
 
 RELIABLE_IDS = "reliable_ids.txt"
 UNRELIABLE_IDS = "unreliable_ids.txt"
 RELIABILITY_SCORES = "reliability.json"
+SELECTION_FIGURE = "selection.png"
 PSEUDO_LABEL_DIR = "pseudo_labels"
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
@@ -204,13 +205,25 @@ class _Run:
             self.write_ids(stage_dir / RELIABLE_IDS, reliable)
             self.write_ids(stage_dir / UNRELIABLE_IDS, unreliable)
             atomic_write_json(stage_dir / RELIABILITY_SCORES, {i: scores[i] for i in self.unlabeled_ids})
+            self.draw_selection(stage, scores, reliable)
         summary = {
             "num_reliable": len(reliable),
             "num_unreliable": len(unreliable),
             "teacher_miou": self.teacher_miou_by_subset(stage.source, {"reliable": reliable, "unreliable": unreliable}),
+            "figure": (stage_dir / SELECTION_FIGURE).relative_to(self.run_dir).as_posix(),
         }
-        self.finish_stage(stage, [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES)], summary)
+        artefacts = [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES, SELECTION_FIGURE)]
+        self.finish_stage(stage, artefacts, summary)
         return summary
+
+    def draw_selection(self, stage: Stage, scores: dict[str, float], reliable: list[str]) -> None:
+        """``selection.png``: the score histogram with the cut, and the most / least reliable images with the
+        SupOnly teacher's no-TTA predictions (the pseudo labels do not exist yet at selection time)."""
+        teacher = self.settings.model_class.from_pretrained(self.teacher_dir(stage.source))
+        save_selection_figure(
+            teacher, self.unlabeled_set, self.unlabeled_ids, scores, reliable,
+            self.stage_dir(stage.name) / SELECTION_FIGURE, self.data.palette,
+        )  # fmt: skip
 
     def teacher_miou_by_subset(self, source: str, subsets: dict[str, list[str]]) -> dict[str, float] | None:
         """mIoU against the true masks of the source stage's teacher (argmax, no TTA) on each subset

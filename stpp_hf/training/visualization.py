@@ -1,4 +1,6 @@
-"""A PNG grid of val predictions next to the ground truth, one per training stage."""
+"""PNGs of a run: a grid of val predictions next to the ground truth per training stage, and the picture
+of the ST++ selection (reliability histogram with the reliable / unreliable cut, the most and the least
+reliable unlabeled images with the teacher's predictions). Drawn with PIL only."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -46,7 +48,73 @@ def save_prediction_grid(
     for row_index, row in enumerate(rows):
         for column, tile in enumerate(row):
             grid.paste(tile, (column * tile_width, row_index * tile_height))
+    _save_atomically(grid, path)
+
+
+def _save_atomically(image: Image.Image, path: str | Path) -> None:
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp.png")
-    grid.save(temporary)
+    image.save(temporary)
     temporary.replace(path)
+
+
+def _histogram(scores: Sequence[float], cut: float, width: int, height: int = 150, bins: int = 20) -> Image.Image:
+    """Bars of the reliability scores in ``[0, 1]`` (reliable ones green, the rest red) and the cut as a line."""
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left, right, top, bottom = 30, width - 10, 20, height - 20
+    counts = [0] * bins
+    for score in scores:
+        counts[min(int(score * bins), bins - 1)] += 1
+    tallest = max(counts) or 1
+    bar = (right - left) / bins
+    for index, count in enumerate(counts):
+        x0 = left + index * bar
+        color = (60, 160, 60) if (index + 0.5) / bins >= cut else (200, 70, 60)
+        draw.rectangle([x0 + 1, bottom - (bottom - top) * count / tallest, x0 + bar - 1, bottom], fill=color)
+    cut_x = left + cut * (right - left)
+    draw.line([cut_x, top - 5, cut_x, bottom], fill="black", width=2)
+    draw.line([left, bottom, right, bottom], fill="black")
+    draw.text((left, bottom + 4), "0", fill="black", font=font)
+    draw.text((right - 6, bottom + 4), "1", fill="black", font=font)
+    draw.text((left, 4), f"reliability of {len(scores)} unlabeled images; cut {cut:.3f} (reliable: right, green)", fill="black", font=font)
+    draw.text((2, top), str(tallest), fill="black", font=font)
+    return canvas
+
+
+@torch.no_grad()
+def save_selection_figure(
+    model: torch.nn.Module,
+    dataset: Sequence,
+    ids: Sequence[str],
+    scores: dict[str, float],
+    reliable: Sequence[str],
+    path: str | Path,
+    palette: list[int] | None,
+    num_images: int = 4,
+    tile: int = 96,
+) -> None:
+    """The selection picture: histogram of ``scores`` with the reliable / unreliable cut, then a row of the
+    ``num_images`` most reliable and a row of the least reliable images (``dataset[i]`` is image ``ids[i]``,
+    ``(pixel_values [3, H, W], mask | None)``), each next to ``model``'s prediction (argmax, no TTA)."""
+    model.eval()
+    ranked = sorted(ids, key=lambda image_id: scores[image_id], reverse=True)
+    position = {image_id: index for index, image_id in enumerate(ids)}
+    cut = (scores[reliable[-1]] + scores[ranked[len(reliable)]]) / 2 if 0 < len(reliable) < len(ranked) else 0.5
+    font = ImageFont.load_default()
+    rows = [("most reliable", ranked[:num_images]), ("least reliable", ranked[::-1][:num_images])]
+    width = max(2 * tile * num_images, 360)
+    canvas = Image.new("RGB", (width, 150 + len(rows) * (tile + 14)), "white")
+    canvas.paste(_histogram([scores[i] for i in ids], cut, width), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row_index, (title, row_ids) in enumerate(rows):
+        y = 150 + row_index * (tile + 14)
+        for column, image_id in enumerate(row_ids):
+            image, _ = dataset[position[image_id]]
+            prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
+            x = column * 2 * tile
+            canvas.paste(_denormalize(image).resize((tile, tile), Image.BILINEAR), (x, y + 14))
+            canvas.paste(_palette_image(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
+            draw.text((x + 2, y + 1), f"{title}: {scores[image_id]:.3f}" if column == 0 else f"{scores[image_id]:.3f}", fill="black", font=font)
+    _save_atomically(canvas, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from datasets import Features, Image as ImageFeature, Value
 from PIL import Image
 
+from ...models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
 from ..images import check_lossless_mask, exif_orientation, open_image, swaps_sides
 from ..splits import SplitEntry, read_split
 
@@ -39,10 +41,20 @@ class Record:
 
 
 class DatasetSource:
-    """A dataset layout. Subclasses set ``name`` and ``num_labels`` and implement :meth:`record_for`."""
+    """A dataset layout. Subclasses set ``name`` and ``num_labels`` and implement :meth:`record_for`;
+    a dataset with fixed classes also sets ``class_names`` and ``colors`` (one RGB triplet per class)."""
 
     name: str = ""
     num_labels: int | None = None
+    class_names: tuple[str, ...] | None = None
+    colors: tuple[tuple[int, int, int], ...] = PASCAL_VOC_PALETTE
+
+    def classes(self, root: str | os.PathLike) -> tuple[dict[int, str], list[int]]:
+        """``(id2label, palette)`` of the dataset under ``root``; the palette is PIL's flat 768-value list
+        (the data owns its class names and colours: pseudo-label PNGs and prediction grids use them)."""
+        if self.class_names is None:
+            raise ValueError(f"the {self.name!r} source has no fixed classes")
+        return dict(enumerate(self.class_names)), flat_palette(self.colors)
 
     def __init__(self, num_labels: int | None = None):
         if num_labels is not None:
@@ -67,6 +79,21 @@ class DatasetSource:
     def read_mask(self, mask_path: Path) -> Image.Image:
         """The mask as a single-channel image of class indices (255 = ignore)."""
         return open_image(mask_path, "mask")
+
+
+def read_id2label_file(path: str | os.PathLike) -> dict[int, str]:
+    """Class names from a JSON file ``{"0": "background", "1": "cat", ...}`` (keys ``0..N-1``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; it maps class indices to names, e.g. {{\"0\": \"background\"}}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine
+        id2label = {int(key): str(value) for key, value in raw.items()}
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}}: {error}") from error
+    if sorted(id2label) != list(range(len(id2label))) or not id2label:
+        raise ValueError(f"{path}: keys must be 0..N-1, got {sorted(id2label)}")
+    return id2label
 
 
 def check_unique_ids(records: Sequence[Record], source: str) -> None:

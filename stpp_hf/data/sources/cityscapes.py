@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ...models.deeplab.label_presets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from ..splits import SplitEntry
 from ..images import open_image
 from .base import IGNORE_INDEX, DatasetSource, Record
@@ -44,6 +45,7 @@ def label_ids_to_train_ids() -> np.ndarray:
 class CityscapesSource(DatasetSource):
     name = "cityscapes"
     num_labels = 19
+    class_names, colors = CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
     def record_for(self, root: Path, entry: SplitEntry) -> Record:
         image = Path(entry.image)

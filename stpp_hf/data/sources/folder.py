@@ -13,14 +13,14 @@ as usual. The id is the image's path under ``images/`` without extension (``a/00
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from ..images import check_lossless_mask
 from ..splits import SplitEntry
-from .base import DatasetSource, Record, check_unique_ids
+from ...models.deeplab.label_presets import flat_palette
+from .base import DatasetSource, Record, check_unique_ids, read_id2label_file
 
 IMAGES_DIR, MASKS_DIR, ID2LABEL_FILE = "images", "masks", "id2label.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -31,17 +31,7 @@ logger = logging.getLogger(__name__)
 
 def read_id2label(root: str | os.PathLike) -> dict[int, str]:
     """The classes of a folder dataset from ``root/id2label.json`` (keys ``0..N-1``)."""
-    path = Path(root) / ID2LABEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; it maps class indices to names, e.g. {{\"0\": \"background\"}}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-        id2label = {int(key): str(value) for key, value in raw.items()}
-    except (ValueError, AttributeError) as error:
-        raise ValueError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}}: {error}") from error
-    if sorted(id2label) != list(range(len(id2label))) or not id2label:
-        raise ValueError(f"{path}: keys must be 0..N-1, got {sorted(id2label)}")
-    return id2label
+    return read_id2label_file(Path(root) / ID2LABEL_FILE)
 
 
 class FolderSource(DatasetSource):
@@ -52,6 +42,10 @@ class FolderSource(DatasetSource):
         relative = image.relative_to(IMAGES_DIR) if image.parts[0] == IMAGES_DIR else image
         mask = None if entry.mask is None else root / entry.mask
         return Record(relative.with_suffix("").as_posix(), root / entry.image, mask)
+
+    def classes(self, root: str | os.PathLike) -> tuple[dict[int, str], list[int]]:
+        """Names from ``root/id2label.json``, colours of the VOC colour map (it has 256)."""
+        return read_id2label(root), flat_palette(self.colors)
 
     def records(self, root: Path, split_file) -> list[Record]:
         if self.num_labels is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...models.deeplab.label_presets import PASCAL_VOC_CLASSES
 from ..splits import SplitEntry
 from .base import DatasetSource, Record
 
@@ -15,6 +16,7 @@ from .base import DatasetSource, Record
 class PascalVOCSource(DatasetSource):
     name = "pascal"
     num_labels = 21
+    class_names = PASCAL_VOC_CLASSES
 
     def record_for(self, root: Path, entry: SplitEntry) -> Record:
         mask = None if entry.mask is None else root / entry.mask

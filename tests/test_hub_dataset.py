@@ -1,0 +1,234 @@
+"""A ``datasets`` segmentation dataset (local directory, and a Hub repo on the fake Hub) as the source of a run."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fake_hub import FakeHub
+from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
+
+from stpp_hf.data.hub_dataset import load_hub_sources, parse_fraction
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(directory, partition_dir, cache_dir, **kwargs):
+    kwargs.setdefault("labeled_fraction", "1/4")
+    return load_hub_sources(str(directory), partition_dir, cache_dir=cache_dir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def local_repo(tmp_path_factory):
+    return write_repo(tmp_path_factory.mktemp("segdata"), segmentation_repo_files())
+
+
+def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
+    sources = load(local_repo, tmp_path / "partition", tmp_path / "cache", partition_seed=3)
+    assert set(sources.labeled.features) == set(sources.unlabeled.features) == set(sources.val.features) == {"id", "image", "label"}
+    assert len(sources.labeled) == 6 and len(sources.unlabeled) == 18 and len(sources.val) == 6  # 1/4 of 24 rows
+    labeled_ids, unlabeled_ids = set(sources.labeled["id"]), list(sources.unlabeled["id"])
+    assert not labeled_ids & set(unlabeled_ids) and len(labeled_ids | set(unlabeled_ids)) == 24
+    assert {"train/000003", "train/000007"} <= set(unlabeled_ids)  # rows without a label are never labeled
+    assert sources.unlabeled[unlabeled_ids.index("train/000003")]["label"] is None
+    assert [entry.image for entry in sources.unlabeled_entries] == unlabeled_ids
+    assert sources.id2label == dict(enumerate(CLASS_NAMES))
+    assert sources.palette[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]  # the label PNGs' own palette
+    assert sources.metadata["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
+    # the rows are the dataset's rows, pixel for pixel
+    from datasets import load_dataset
+
+    raw = load_dataset(str(local_repo), split="train", cache_dir=str(tmp_path / "cache"))
+    row = sources.labeled[0]
+    index = int(row["id"].split("/")[1])
+    assert np.array_equal(np.asarray(row["label"]), np.asarray(raw[index]["annotation"]))
+    assert np.array_equal(np.asarray(row["image"]), np.asarray(raw[index]["image"]))
+    # written as split files; another seed draws another partition
+    assert (tmp_path / "partition" / "labeled.txt").read_text().split("\n")[0].startswith("train/")
+    other = load(local_repo, tmp_path / "other", tmp_path / "cache", partition_seed=4)
+    assert set(other.labeled["id"]) != labeled_ids
+
+
+def test_relaunch_reuses_the_partition_and_refuses_other_options(local_repo, tmp_path):
+    first = load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=5, labeled_fraction=None)
+    labeled_file = (tmp_path / "partition" / "labeled.txt").read_text()
+    again = load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=5, labeled_fraction=None)
+    assert list(again.labeled["id"]) == list(first.labeled["id"])
+    assert (tmp_path / "partition" / "labeled.txt").read_text() == labeled_file
+    with pytest.raises(ValueError, match="partition_seed: recorded 0, now 1"):
+        load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=5, labeled_fraction=None, partition_seed=1)
+    with pytest.raises(ValueError, match="num_labeled: recorded 5, now 6"):
+        load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=6, labeled_fraction=None)
+
+
+def test_fractions():
+    assert parse_fraction("1/16") == parse_fraction("0.0625") == parse_fraction(0.0625) == 0.0625
+    for bad in ("1/0", "half", "1", "0"):
+        with pytest.raises(ValueError, match="labeled_fraction"):
+            parse_fraction(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(labeled_fraction="1/100"), "0 labeled of the 24 rows of .* leaves no labeled image"),
+        (dict(num_labeled=24, labeled_fraction=None), "24 labeled of the 24 rows .* leaves no unlabeled image"),
+        (dict(num_labeled=23, labeled_fraction=None), "only 22 rows have a label"),
+        (dict(num_labeled=5), "give --num_labeled or --labeled_fraction, not both"),
+        (dict(label_column="mask"), "split 'train' has no label column 'mask' \\(columns: image, annotation, caption\\)"),
+        (dict(image_column="picture"), "has no image column 'picture'"),
+        (dict(label_column="caption"), "column 'caption' is Value.*not an Image feature; the label column must hold a class-index mask"),
+        (dict(val_split="test"), "has no split 'test'"),
+    ],
+)
+def test_bad_options_are_named(local_repo, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load(local_repo, tmp_path / "partition", tmp_path / "cache", **kwargs)
+
+
+def _bad_label(tmp_path, label: Image.Image, expected: str):
+    files = segmentation_repo_files(extra={0: {"annotation": png_field(label)}})
+    directory = write_repo(tmp_path / "bad", files)
+    with pytest.raises(ValueError, match=expected):
+        load(directory, tmp_path / "partition", tmp_path / "cache")
+
+
+def test_label_of_another_size_names_the_row(tmp_path):
+    _bad_label(tmp_path, Image.new("L", (5, 5)), "split 'train', row 0: image is 12x10 but its label \\('annotation'\\) is 5x5")
+
+
+def test_label_values_outside_the_classes_name_the_row(tmp_path):
+    _bad_label(tmp_path, Image.new("L", (12, 10), 7), "row 0, column 'annotation': mask values \\[7\\] are outside \\[0, 3\\)")
+
+
+def test_colour_label_names_the_row(tmp_path):
+    _bad_label(tmp_path, Image.new("RGB", (12, 10)), "row 0, column 'annotation': the label has mode 'RGB'")
+
+
+def test_class_names_need_id2label(tmp_path):
+    directory = write_repo(tmp_path / "noid", segmentation_repo_files(with_id2label=False))
+    with pytest.raises(FileNotFoundError, match="ships no id2label.json to name its classes; pass --id2label FILE"):
+        load(directory, tmp_path / "partition", tmp_path / "cache")
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"0": "void", "1": "a", "2": "b", "3": "c"}))
+    sources = load(directory, tmp_path / "partition", tmp_path / "cache", id2label_file=names)
+    assert sources.id2label == {0: "void", 1: "a", 2: "b", 3: "c"}
+
+
+HUB_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    from stpp_hf.data.hub_dataset import load_hub_sources
+
+    repo_id, partition_dir, cache_dir = sys.argv[1:]
+    report = {}
+    for streaming in (False, True):
+        sources = load_hub_sources(repo_id, partition_dir, labeled_fraction="1/6", partition_seed=1, streaming=streaming,
+                                   cache_dir=cache_dir)
+        unlabeled = list(sources.unlabeled)
+        report[str(streaming)] = {
+            "labeled": list(sources.labeled["id"]), "val": len(sources.val), "id2label": sources.id2label,
+            "unlabeled": [row["id"] for row in unlabeled],
+            "unlabeled_sizes": [list(row["image"].size) for row in unlabeled],
+            "unlabeled_has_label": [row["label"] is not None for row in unlabeled],
+            "type": type(sources.unlabeled).__name__,
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
+    with FakeHub() as hub:
+        hub.add_repo("tester/tiny-seg", segmentation_repo_files(), repo_type="dataset")
+        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home"),
+                       "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+        environment.pop("HF_HUB_OFFLINE", None)
+        completed = subprocess.run(
+            [sys.executable, "-c", HUB_LOADER, "tester/tiny-seg", str(tmp_path / "partition"), str(tmp_path / "cache")],
+            env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert not [request for request in hub.unhandled if "/datasets/" in request], hub.unhandled
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    eager, streamed = report["False"], report["True"]
+    assert len(eager["labeled"]) == 4 and eager["val"] == 6 and len(eager["unlabeled"]) == 20
+    assert eager["id2label"] == {str(index): name for index, name in enumerate(CLASS_NAMES)}  # the repo's id2label.json
+    assert streamed["type"] == "IterableDataset" and eager["type"] == "Dataset"
+    for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
+        assert streamed[key] == eager[key], key
+    assert eager["unlabeled_has_label"].count(False) == 2
+
+
+def hub_environment(hub: FakeHub, home: Path) -> dict:
+    environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_CPU"):
+        environment.pop(name, None)
+    return environment
+
+
+TRAIN_ARGS = [
+    "--dataset_name", "tester/tiny-seg", "--labeled_fraction", "1/4", "--partition_seed", "2", "--framework", "stpp",
+    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--batch_size", "4", "--crop_size", "32",
+    "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02", "--report_to", "none",
+]  # fmt: skip
+
+
+EXPORT = textwrap.dedent(
+    """
+    import json, sys
+    from stpp_hf.training.pseudo_label_export import pseudo_label_dataset
+
+    pseudo = pseudo_label_dataset(sys.argv[1])
+    print(json.dumps({"ids": list(pseudo["id"]), "subsets": list(pseudo["subset"]),
+                      "sizes": [list(row["pseudo_label"].size) for row in pseudo]}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
+    run = tmp_path / "run"
+    with FakeHub() as hub:
+        hub.add_repo("tester/tiny-seg", segmentation_repo_files(size=(32, 24)), repo_type="dataset")
+        environment = hub_environment(hub, tmp_path / "home")
+        command = [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(run)]
+        completed = subprocess.run([*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400)
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+        # a relaunch with another partition seed is refused before anything is trained
+        refused = subprocess.run(
+            [*command, *TRAIN_ARGS, "--partition_seed", "3"],  # the last occurrence wins
+            env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        # the run's pseudo labels as a dataset, the images read again from the Hub dataset
+        exported = subprocess.run([sys.executable, "-c", EXPORT, str(run)], env=environment, capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+    assert refused.returncode != 0 and "partition_seed: recorded 2, now 3" in refused.stderr
+    export = json.loads(exported.stdout.strip().splitlines()[-1])
+    unlabeled = (run / "partition" / "unlabeled.txt").read_text().split("\n")
+    assert export["ids"] == [line.split()[0] for line in unlabeled if line]
+    assert sorted(set(export["subsets"])) == ["reliable", "unreliable"] and export["sizes"] == [[32, 24]] * 18
+    results = json.loads((run / "results.json").read_text())
+    assert results["dataset"] == "tester/tiny-seg" and results["split"] == "train: 1/4 labeled, seed 2"
+    assert results["hub_dataset"]["label_column"] == "annotation"
+    assert results["hub_dataset"]["partition"] == {
+        "train_split": "train", "num_labeled": None, "labeled_fraction": "1/4", "partition_seed": 2, "num_rows": 24,
+    }  # fmt: skip
+    assert (results["num_labeled"], results["num_unlabeled"]) == (6, 18)
+    assert results["id2label"] == {str(index): name for index, name in enumerate(CLASS_NAMES)}
+    labeled = (run / "partition" / "labeled.txt").read_text().split()
+    assert len(labeled) == 12 and labeled[0].startswith("train/")  # 6 lines of "<row> <row>/annotation"
+    # pseudo labels carry the dataset's palette; their mIoU is measured on the unlabeled rows that have a mask
+    store = next((run / "pseudo_labels").glob("label_reliable-*"))
+    pseudo = Image.open(next((store / "labels").glob("*.png")))
+    assert pseudo.mode == "P" and pseudo.getpalette()[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]
+    assert all(0 <= miou <= 1 for miou in results["pseudo_label_miou"].values())
+    assert results["stages"][1]["teacher_miou"] is None  # not every unlabeled row has a mask to compare with
