@@ -317,7 +317,10 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[DataArguments, Mo
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
         options, info = read_recipe_file(argv.pop(0))
         parser.set_defaults(**options)
-    data, model, run = parser.parse_args_into_dataclasses(argv)
+    data, model, run, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        hint = " (--batch_size is gone: give --global_batch_size or --per_device_batch_size)" if "--batch_size" in unknown else ""
+        raise ConfigError(f"unknown options {' '.join(unknown)}{hint}; see --help")
     return data, model, run, info
 
 
