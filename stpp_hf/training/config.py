@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 import warnings
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import yaml
+from transformers import HfArgumentParser
 
 from .stages import build_stages, snapshot_epochs
 
@@ -307,10 +309,6 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[dict, dict]:
 def parse_arguments(argv: Optional[list[str]] = None) -> tuple[DataArguments, ModelArguments, RunArguments, dict]:
     """``(data, model, run, paper info)`` from ``argv``: an optional recipe file first (``.yaml``, ``.yml``
     or ``.json``), then ``--option value`` pairs that override it."""
-    from transformers import HfArgumentParser
-
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     info: dict = {}
