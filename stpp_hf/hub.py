@@ -76,10 +76,10 @@ def _format_wall_time(seconds: float | None) -> str:
 def _backbone_weights_hub_id(results: dict) -> str | None:
     """The Hub repo (`owner/name[@revision]`) the backbone's weights came from, or None: read from the resolved
     `backbone_weights` setting, the dict of `stpp_hf.models.backbone_weights.describe_backbone_weights`."""
-    weights = results.get("config", {}).get("backbone_weights", {})
+    weights = results.get("backbone_weights", {})
     if not isinstance(weights, dict):
         raise ValueError(
-            f"results.json: config.backbone_weights must be the dict of describe_backbone_weights "
+            f"results.json: backbone_weights must be the dict of describe_backbone_weights "
             f"(spec, kind, hub_id, path), got {weights!r}"
         )
     return weights.get("hub_id")
@@ -105,7 +105,7 @@ def build_model_card(
 
     Returns:
         A `ModelCard` whose metadata hold library name, tags, datasets, license, `base_model` (the Hub repo of the
-        backbone's initial weights, from `results["config"]["backbone_weights"]["hub_id"]`; absent when they came
+        backbone's initial weights, from `results["backbone_weights"]["hub_id"]`; absent when they came
         from no Hub repo) and a `model-index` with the val mIoU (%) of the model in this revision first, then (final
         card only) each training stage.
     """

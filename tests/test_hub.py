@@ -339,7 +339,8 @@ def test_card_pseudo_label_rows_name_their_teacher_and_show_the_selection_check(
 
 def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tmp_path):
     results = json.loads(json.dumps(tiny_run["results"]))
-    assert "base_model" not in build_model_card(results, REPO_ID).data.to_dict()  # no resolved config: no claim
+    results.pop("backbone_weights", None)
+    assert "base_model" not in build_model_card(results, REPO_ID).data.to_dict()  # no resolved weights: no claim
     weights_file = tmp_path / "resnet18.pth"
     weights_file.write_bytes(b"")
     for spec, expected in (
@@ -349,12 +350,12 @@ def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tm
         (str(weights_file), None),
         ("none", None),
     ):
-        results["config"] = {"backbone_weights": describe_backbone_weights(spec, results["backbone"])}
+        results["backbone_weights"] = describe_backbone_weights(spec, results["backbone"])
         for stage_index in (None, 0):
             card = ModelCard(str(build_model_card(results, REPO_ID, stage_index=stage_index)))  # as pushed
             assert card.data.to_dict().get("base_model") == expected, spec
-    results["config"] = {"backbone_weights": "tv_in1k"}  # the spec alone says neither kind nor repo
-    with pytest.raises(ValueError, match="config.backbone_weights must be the dict of describe_backbone_weights"):
+    results["backbone_weights"] = "tv_in1k"  # the spec alone says neither kind nor repo
+    with pytest.raises(ValueError, match="backbone_weights must be the dict of describe_backbone_weights"):
         build_model_card(results, REPO_ID)
 
 

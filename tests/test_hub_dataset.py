@@ -177,7 +177,7 @@ def hub_environment(hub: FakeHub, home: Path) -> dict:
 
 TRAIN_ARGS = [
     "--dataset_name", "tester/tiny-seg", "--labeled_fraction", "1/4", "--partition_seed", "2", "--framework", "stpp",
-    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--batch_size", "4", "--crop_size", "32",
+    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--global_batch_size", "4", "--crop_size", "32",
     "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02", "--report_to", "none",
 ]  # fmt: skip
 

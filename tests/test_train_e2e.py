@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_stpp.py"
 TINY_ARGS = [
     "--synthetic_num_labeled", "8", "--synthetic_num_unlabeled", "12", "--synthetic_num_val", "6",
-    "--synthetic_image_size", "32", "--epochs", "3", "--batch_size", "4", "--crop_size", "32",
+    "--synthetic_image_size", "32", "--epochs", "3", "--global_batch_size", "4", "--crop_size", "32",
     "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--report_to", "none",
 ]
 
@@ -125,7 +125,7 @@ def factory():
     models.append(build_model("deeplabv3plus", num_labels=2, backbone="resnet18", output_stride=16))
     return models[-1]
 
-hparams = StageHyperParameters(epochs=1, per_device_batch_size=2, base_lr=0.01, channels_last=False)
+hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, channels_last=False)
 train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
 statistics = torch.cat([buffer.float().flatten() for buffer in models[0].buffers()])
 gathered = accelerator.gather(statistics[None])

@@ -1,45 +1,219 @@
-"""examples/train_stpp.py options: command line, YAML / JSON files, clear errors for bad settings."""
+"""stpp-train options: command line, recipe files (YAML / JSON) plus overrides, validation before any data
+work, the resolved run configuration, --dry_run on every shipped recipe, the relaunch check."""
 
 import importlib.util
 import json
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_stpp.py"
+from stpp_hf.training import cli
+from stpp_hf.training.config import (
+    RECIPE_DEFAULTS,
+    ConfigError,
+    RunConfig,
+    check_and_record_run_config,
+    config_differences,
+    parse_arguments,
+    resolve_run_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def train_stpp():
-    spec = importlib.util.spec_from_file_location("train_stpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_stpp"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["train_stpp"]
+def resolve(argv, num_processes=1, device_type="cpu"):
+    data, model, run, _ = parse_arguments(argv)
+    return resolve_run_config(data, model, run, num_processes, device_type)
 
 
-def test_options_from_yaml_json_and_command_line(train_stpp, tmp_path):
+@pytest.fixture
+def weights_description(monkeypatch):
+    """``describe_backbone_weights`` for the dry run: the real one when its module exists, else a stand-in
+    with the same contract (the module is written on another branch)."""
+    try:
+        import stpp_hf.models.backbone_weights  # noqa: F401
+    except ImportError:
+        module = types.ModuleType("stpp_hf.models.backbone_weights")
+
+        def describe_backbone_weights(spec, backbone):
+            if spec == "none":
+                return {"spec": spec, "kind": "none", "hub_id": None, "path": None}
+            if spec.endswith((".pth", ".safetensors")):
+                return {"spec": spec, "kind": "file", "hub_id": None, "path": spec}
+            return {"spec": spec, "kind": "hub", "hub_id": f"timm/{spec.removeprefix('timm/')}", "path": None}
+
+        module.describe_backbone_weights = describe_backbone_weights
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_options_from_yaml_json_and_command_line(tmp_path):
     (tmp_path / "run.yaml").write_text("framework: st\nepochs: 4\nbackbone: resnet34\ndataset: cityscapes\nteacher: last\n")
-    data, model, run = train_stpp.parse_arguments([str(tmp_path / "run.yaml")])
+    data, model, run, _ = parse_arguments([str(tmp_path / "run.yaml")])
     assert (run.framework, run.epochs, model.backbone, data.dataset, run.teacher) == ("st", 4, "resnet34", "cityscapes", "last")
     (tmp_path / "run.json").write_text(json.dumps({"framework": "suponly", "lr": 0.01, "split": "1_8/split_1"}))
-    data, model, run = train_stpp.parse_arguments([str(tmp_path / "run.json")])
+    data, model, run, _ = parse_arguments([str(tmp_path / "run.json")])
     assert (run.framework, run.lr, data.split) == ("suponly", 0.01, "1_8/split_1")
-    data, model, run = train_stpp.parse_arguments(["--framework", "stpp", "--mixed_precision", "bf16", "--sync_bn"])
+    data, model, run, _ = parse_arguments(["--framework", "stpp", "--mixed_precision", "bf16", "--sync_bn", "true"])
     assert (run.framework, run.mixed_precision, run.sync_bn, run.channels_last) == ("stpp", "bf16", True, None)
     with pytest.raises(SystemExit):
-        train_stpp.parse_arguments(["--framework", "fixmatch"])
+        parse_arguments(["--framework", "fixmatch"])
+    with pytest.raises(ConfigError, match="--batch_size is gone"):  # the recipe is a global batch
+        parse_arguments(["--batch_size", "16"])
     (tmp_path / "bad.yaml").write_text("framework: stpp\nepochz: 3\n")
     with pytest.raises(ValueError, match="epochz"):
-        train_stpp.parse_arguments([str(tmp_path / "bad.yaml")])
+        parse_arguments([str(tmp_path / "bad.yaml")])
 
 
-def test_bad_settings_are_named(train_stpp, tmp_path):
+def test_recipe_file_values_are_type_checked_and_overridden_by_the_command_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: three\n")
+    with pytest.raises(ConfigError, match="epochs must be int, got 'three'"):
+        parse_arguments([str(recipe)])
+    recipe.write_text("lr: '0.1'\n")
+    with pytest.raises(ConfigError, match="lr must be float"):
+        parse_arguments([str(recipe)])
+    recipe.write_text("framework: fixmatch\n")
+    with pytest.raises(ConfigError, match="framework must be one of"):
+        parse_arguments([str(recipe)])
+    recipe.write_text("paper: {published_miou: 70.0, typo: 1}\n")
+    with pytest.raises(ConfigError, match="paper"):
+        parse_arguments([str(recipe)])
+    recipe.write_text("epochs: 9\nlr: 1\nframework: st\nsync_bn: false\npaper: {published_miou: 70.0}\n")
+    data, model, run, paper = parse_arguments([str(recipe), "--epochs", "3", "--output_dir", "x"])
+    assert (run.epochs, run.lr, run.framework, run.sync_bn, run.output_dir) == (3, 1.0, "st", False, "x")
+    assert paper == {"published_miou": 70.0}
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--crop_size", "0"], "--crop_size"),
+        (["--framework", "stpp", "--epochs", "2"], "--epochs 2"),  # ST++ needs 3 distinct snapshots
+        (["--global_batch_size", "16", "--per_device_batch_size", "4"], "not both"),
+        (["--global_batch_size", "8", "--gradient_accumulation_steps", "3"], "--global_batch_size 8"),
+        (["--lr", "0"], "--lr"),
+        (["--output_stride", "4"], "--output_stride"),
+        (["--coco_init", "x.pth"], "--coco_init"),
+        (["--push_to_hub"], "hub_model_id"),
+        (["--dataset", "cityscapes"], "--data_root"),
+    ],
+)
+def test_bad_options_are_named_before_any_data_work(argv, option):
+    with pytest.raises(ConfigError, match=option.replace("+", r"\+")):
+        resolve(argv)
+
+
+def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="hub_model_id"):
-        train_stpp.main(["--push_to_hub", "--output_dir", str(tmp_path)])
+        cli.main(["--push_to_hub", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--split or --labeled_id_path"):
-        train_stpp.main(["--data_root", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
-    assert train_stpp.DATASET_DEFAULTS["pascal"]["crop_size"] == 321
-    assert train_stpp.DATASET_DEFAULTS["cityscapes"]["lr"] == 0.004
+        cli.main(["--data_root", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+    assert RECIPE_DEFAULTS["pascal"].crop_size == 321
+    assert RECIPE_DEFAULTS["cityscapes"].base_lr == 0.004
+    assert not (tmp_path / "run").exists()  # nothing was made for a refused command
+
+
+def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
+    # the synthetic demo keeps its recipe: global batch 8 on one process, base lr 0.02 for a global batch of 16
+    demo = resolve([])
+    assert (demo.global_batch_size, demo.per_device_batch_size, demo.base_lr, demo.lr) == (8, 8, 0.02, 0.01)
+    assert (demo.backbone, demo.output_stride, demo.backbone_weights, demo.sync_bn) == ("resnet18", 16, "none", False)
+    # an explicit lr is the base lr: scaled with the global batch like the default
+    assert resolve(["--lr", "0.04", "--global_batch_size", "32"]).lr == pytest.approx(0.08)
+    # per-device batch instead of the global one
+    two = resolve(["--per_device_batch_size", "4", "--gradient_accumulation_steps", "2"], num_processes=2)
+    assert (two.global_batch_size, two.lr) == (16, pytest.approx(0.02))
+    # real data: the paper's defaults, ImageNet weights from the Hub, SyncBatchNorm on several CUDA GPUs
+    real = ["--data_root", str(tmp_path), "--split", "1_16/split_0"]
+    pascal = resolve(real, num_processes=4, device_type="cuda")
+    assert (pascal.global_batch_size, pascal.per_device_batch_size, pascal.lr, pascal.epochs) == (16, 4, 0.001, 80)
+    assert (pascal.backbone, pascal.backbone_weights, pascal.output_stride, pascal.sync_bn) == ("resnet50", "resnet50.tv_in1k", 8, True)
+    assert not resolve(real, num_processes=1, device_type="cuda").sync_bn
+    with pytest.warns(UserWarning, match="not the method's recipe"):
+        resolve([*real, "--backbone_weights", "none"])
+    with pytest.warns(UserWarning, match="COCO"):
+        v2 = resolve([*real, "--model", "deeplabv2"])
+    assert (v2.backbone, v2.backbone_weights) == ("resnet101", "resnet101.tv_in1k")
+    coco = tmp_path / "coco.pth"
+    coco.write_bytes(b"")
+    v2 = resolve([*real, "--model", "deeplabv2", "--coco_init", str(coco)])
+    assert (v2.backbone_weights, v2.coco_init) == ("none", str(coco))
+    with pytest.raises(ConfigError, match="--global_batch_size 16 is not divisible by 3 processes"):
+        resolve(real, num_processes=3)
+    assert RunConfig.from_json(pascal.to_json()) == pascal
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
+def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_path, weights_description, capsys):
+    argv = [str(recipe), "--data_root", str(tmp_path), "--dry_run"]
+    summaries = []
+    for processes in (1, 2, 8):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the DeepLabV2 recipes warn when their COCO file is absent
+            config = resolve(argv, num_processes=processes)
+        summary = cli.recipe_summary(config)
+        assert config.per_device_batch_size * processes == config.global_batch_size == 16
+        summaries.append((config.global_batch_size, config.lr, summary["lr"], summary["steps"], summary["total_steps"]))
+        assert summary["total_steps"] > 0
+    assert summaries[0] == summaries[1] == summaries[2]
+    text = cli.describe_recipe(config, parse_arguments(argv)[3])
+    assert "for a global batch of 16" in text and "published mIoU" in text and "snapshot epochs" in text
+    assert "per device x 8 processes" in text
+
+
+def test_dry_run_prints_the_recipe_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["stpp-train", "--dry_run", "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert "global batch: 8 = 8 per device x 1 processes" in printed and "backbone 0.01, head 0.1" in printed
+    assert not (tmp_path / "run").exists()
+    # a bad option: one line naming it, no traceback
+    monkeypatch.setattr(sys, "argv", ["stpp-train", "--epochs", "0"])
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    assert exited.value.code == "stpp-train: error: --epochs must be >= 1, got 0"
+
+
+def test_relaunch_differences_list_every_setting_with_both_values(tmp_path):
+    saved = {**resolve([]).to_dict(), "data": {"val": {"fingerprint": "a", "num_images": 3}}}
+    new = {**resolve(["--synthetic_seed", "1", "--epochs", "7", "--num_workers", "2", "--output_dir", "o"]).to_dict(),
+           "data": {"val": {"fingerprint": "b", "num_images": 3}}}
+    assert config_differences(saved, new) == [("data.val.fingerprint", "a", "b"), ("epochs", 6, 7), ("synthetic.seed", 0, 1)]
+    # the settings alone (before the data is built) are compared without the data section
+    assert config_differences(saved, resolve([]).to_dict()) == []
+    check_and_record_run_config(tmp_path, saved)
+    with pytest.raises(ConfigError, match=r"synthetic.seed: 0 -> 1") as error:
+        check_and_record_run_config(tmp_path, new)
+    assert "epochs: 6 -> 7" in str(error.value) and "data.val.fingerprint: 'a' -> 'b'" in str(error.value)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="older version"):
+        check_and_record_run_config(tmp_path / "old", saved)
+
+
+def test_relaunch_with_another_synthetic_seed_is_refused_before_the_data_is_regenerated(tmp_path):
+    run = tmp_path / "run"
+    common = ["--output_dir", str(run), "--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4",
+              "--synthetic_num_val", "2", "--synthetic_image_size", "32", "--report_to", "none"]
+    # stand in for a first launch killed after building its data (before training)
+    original = cli.run_pipeline
+    cli.run_pipeline = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(common)
+    finally:
+        cli.run_pipeline = original
+    files = sorted(run.joinpath("synthetic_data").rglob("*"))
+    before = {path: path.stat().st_mtime_ns for path in files}
+    with pytest.raises(ConfigError, match="synthetic.seed: 0 -> 1"):
+        cli.main([*common, "--synthetic_seed", "1"])
+    assert {path: path.stat().st_mtime_ns for path in sorted(run.joinpath("synthetic_data").rglob("*"))} == before
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["synthetic"]["seed"] == 0 and set(saved["data"]) == {"labeled", "unlabeled", "val", "id2label"}

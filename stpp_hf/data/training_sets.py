@@ -40,6 +40,16 @@ SUPONLY_REPEAT_BELOW = 200
 Transform = Callable[[Image.Image, "Image.Image | None"], tuple]
 
 
+def suponly_length(num_labeled: int) -> int:
+    """Items of a SupOnly epoch: the labeled images, twice when fewer than 200 (spec section 2)."""
+    return num_labeled * (2 if num_labeled < SUPONLY_REPEAT_BELOW else 1)
+
+
+def retrain_length(num_labeled: int, num_pseudo_labeled: int) -> int:
+    """Items of a re-training epoch: the labeled images ``ceil(U / L)`` times, then the ``U`` pseudo-labeled ones."""
+    return num_labeled * math.ceil(num_pseudo_labeled / num_labeled) + num_pseudo_labeled
+
+
 def _row_positions(source, what: str) -> dict[str, int]:
     """``{id: row}`` of a ``datasets.Dataset``; ``what`` names the set in errors."""
     ids = source["id"]
@@ -77,11 +87,11 @@ class SupOnlyDataset(Dataset):
     def __init__(self, labeled, transform: Transform):
         self.source, self.transform = undecoded(labeled), transform
         self.num_labeled = len(_row_positions(labeled, "labeled"))
-        self.repeats = 2 if self.num_labeled < SUPONLY_REPEAT_BELOW else 1
+        self.repeats = suponly_length(self.num_labeled) // self.num_labeled
         self.ids: list[str] = list(labeled["id"]) * self.repeats
 
     def __len__(self) -> int:
-        return self.num_labeled * self.repeats
+        return suponly_length(self.num_labeled)
 
     def __getitem__(self, index: int):
         return self.transform(*_read(self.source[index % self.num_labeled], labeled=True))
@@ -125,15 +135,15 @@ class RetrainDataset(Dataset):
             raise ValueError("RetrainDataset needs at least one pseudo-labeled id")
         self.pseudo_ids: list[str] = list(self.store_of)
         self.pseudo_rows: list[int] = [unlabeled_rows[image_id] for image_id in self.pseudo_ids]
-        self.labeled_repeats = math.ceil(len(self.pseudo_ids) / self.num_labeled)
-        self.num_labeled_items = self.num_labeled * self.labeled_repeats
+        self.num_labeled_items = retrain_length(self.num_labeled, len(self.pseudo_ids)) - len(self.pseudo_ids)
+        self.labeled_repeats = self.num_labeled_items // self.num_labeled
 
     @property
     def ids(self) -> list[str]:
         return list(self.labeled["id"]) * self.labeled_repeats + self.pseudo_ids
 
     def __len__(self) -> int:
-        return self.num_labeled_items + len(self.pseudo_ids)
+        return retrain_length(self.num_labeled, len(self.pseudo_ids))
 
     def is_pseudo_labeled(self, index: int) -> bool:
         return index >= self.num_labeled_items

@@ -12,10 +12,9 @@ ImageNet-normalised, labels [H, W] int64 | None)`` directly. Images of any mode 
 padding, flips), so class indices are never interpolated; the image stays a PIL image until the colour
 steps are done, as in the reference.
 
-Randomness comes only from torch's global generator (v2 transforms draw from it too). A DataLoader
-worker reseeds it with ``base_seed + worker_id`` and ``accelerate.utils.set_seed(seed,
-device_specific=True)`` offsets it per process, so runs are reproducible under a seed and workers
-and processes draw different augmentations.
+Randomness comes only from torch's global CPU generator (v2 transforms draw from it too). In training,
+:class:`~stpp_hf.training.sampling.SeededItems` seeds it for each item from the epoch's seed and the
+item's index, so an item's augmentations do not depend on the DataLoader worker or process that makes it.
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ class RunData:
 class RunSettings:
     """How to run: framework, teacher, hyper-parameters, model factory, where to write.
 
-    ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...).
+    ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...). ``run_config``
+    is every setting that can change results (the resolved :class:`~stpp_hf.training.config.RunConfig`
+    plus :func:`data_record`): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
     """
 
     run_dir: Path
@@ -75,6 +77,18 @@ class RunSettings:
     teacher: str = "best"
     inference_batch_size: int = 8
     metadata: dict = field(default_factory=dict)
+    run_config: dict = field(default_factory=dict)
+
+
+def data_record(data: RunData) -> dict:
+    """What the data of a run is: the ``datasets`` fingerprints of the labeled, unlabeled and val sets
+    (they change with the root, the split and every listed file) and their sizes and classes."""
+    record = {}
+    for part in ("labeled", "unlabeled", "val"):
+        source = getattr(data, part)
+        record[part] = {"fingerprint": source._fingerprint, "num_images": len(source)}
+    record["id2label"] = {str(key): value for key, value in data.id2label.items()}
+    return record
 
 
 class _Run:
@@ -89,7 +103,7 @@ class _Run:
         self.unlabeled_ids = list(data.unlabeled["id"])
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = EvalDataset(data.unlabeled, EvalTransform())
-        self.state = RunState(self.run_dir, _run_config(settings, data))
+        self.state = RunState(self.run_dir, settings.run_config)
 
     # ---- paths -------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -336,6 +350,7 @@ class _Run:
             "stages": stages,
             "final": {"val_miou": final_metrics["miou"], "per_class_iou": final_metrics["per_class_iou"], "model_dir": FINAL_DIR},
             "pseudo_label_miou": pseudo,
+            "config": self.settings.run_config,
         }
 
 
@@ -350,24 +365,6 @@ class _Subset:
 
     def __getitem__(self, index: int):
         return self.dataset[self.positions[index]]
-
-
-def _run_config(settings: RunSettings, data: RunData) -> dict:
-    """The settings that change a run's results (a relaunch must match them to resume)."""
-    hparams = settings.hparams
-    return {
-        "framework": settings.framework,
-        "teacher": settings.teacher,
-        "epochs": hparams.epochs,
-        "per_device_batch_size": hparams.per_device_batch_size,
-        "base_lr": hparams.base_lr,
-        "seed": hparams.seed,
-        "base_size": data.base_size,
-        "crop_size": data.crop_size,
-        "num_labeled": len(data.labeled),
-        "num_unlabeled": len(data.unlabeled),
-        **{key: value for key, value in settings.metadata.items() if key not in ("hardware",)},
-    }
 
 
 def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> dict:

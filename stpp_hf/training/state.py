@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .config import check_same_config
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
@@ -128,14 +130,7 @@ class RunState:
                 raise ValueError(f"{self.path} is not valid JSON ({error}); remove it to restart the run") from error
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"{self.path} has version {data.get('version')}, expected {STATE_VERSION}")
-            stored = data.get("run_config", {})
-            changed = sorted(key for key in set(stored) | set(self.run_config) if stored.get(key) != self.run_config.get(key))
-            if changed:
-                details = ", ".join(f"{key}: {stored.get(key)!r} -> {self.run_config.get(key)!r}" for key in changed)
-                raise ValueError(
-                    f"{self.run_dir} already holds a run with different settings ({details}); "
-                    "use another --output_dir or the same settings to resume"
-                )
+            check_same_config(self.run_dir, data.get("run_config", {}), self.run_config)
             self.stages: dict[str, dict] = data.get("stages", {})
         else:
             self.stages = {}

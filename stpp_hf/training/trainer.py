@@ -5,6 +5,11 @@ optimizer and train DataLoader are prepared (DDP, autocast, sharding), gradient 
 ``accelerator.accumulate``, checkpoints use ``save_state`` / ``load_state``. The poly schedule is
 computed from the optimizer-step counter (not a prepared scheduler, which would step once per
 process), so it is the same whatever the number of processes or accumulation steps.
+
+The recipe is stated as a global batch: the per-device batch is ``global / (processes x accumulation)``,
+the lr ``base_lr / 16 * global`` and the steps per epoch ``len(train set) // global``, so one process
+with global batch B and N processes with global batch B take the same steps with the same lr on the
+same images (:mod:`~stpp_hf.training.sampling`). BatchNorm sees the per-device batch unless SyncBatchNorm is on.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +24,13 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate.utils import DistributedType, broadcast, set_seed
-from torch.utils.data import DataLoader
 
 from ..data.transforms import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
+from .config import per_device_batch_size
 from .distributed import rank_and_world_size
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
+from .sampling import training_loader
 from .state import (
     atomic_write_json,
     recover_directory,
@@ -53,10 +58,10 @@ class StageHyperParameters:
 
     Attributes:
         epochs: epochs ``E`` of the stage.
-        per_device_batch_size: images per process and forward pass.
+        global_batch_size: images per optimizer step over all processes and accumulation steps.
         base_lr: lr for a global batch of 16; scaled linearly with the global batch.
         val_batch_size: images per evaluation forward pass (same-size images only are stacked).
-        num_workers: DataLoader workers for training.
+        num_workers: DataLoader workers for training (the batches do not depend on it).
         seed: run seed; each stage derives its own seeds from it so a resume replays them.
         sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
         channels_last: run the convolutions in channels_last memory format (same math, faster kernels).
@@ -65,7 +70,7 @@ class StageHyperParameters:
     """
 
     epochs: int
-    per_device_batch_size: int
+    global_batch_size: int
     base_lr: float
     val_batch_size: int = 1
     num_workers: int = 0
@@ -75,9 +80,14 @@ class StageHyperParameters:
     sync_batchnorm: bool = False
 
 
-def scaled_lr(base_lr: float, per_device_batch_size: int, num_processes: int, accumulation_steps: int) -> float:
-    """``base_lr / 16 * global_batch`` with ``global_batch = per-device batch x processes x accumulation``."""
-    return base_lr / REFERENCE_BATCH_SIZE * per_device_batch_size * num_processes * accumulation_steps
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """``base_lr / 16 * global_batch_size``: the peak lr of the backbone group."""
+    return base_lr / REFERENCE_BATCH_SIZE * global_batch_size
+
+
+def steps_per_epoch(num_items: int, global_batch_size: int) -> int:
+    """Optimizer steps of one epoch over ``num_items`` training items (drop_last)."""
+    return num_items // global_batch_size
 
 
 def poly_factor(step: int, total_steps: int) -> float:
@@ -195,24 +205,19 @@ def train_stage(
     if hparams.channels_last:
         model = model.to(memory_format=torch.channels_last)
     accumulation = accelerator.gradient_accumulation_steps
-    lr = scaled_lr(hparams.base_lr, hparams.per_device_batch_size, accelerator.num_processes, accumulation)
-    optimizer = build_optimizer(model, lr)
-    loader = DataLoader(
-        train_dataset,
-        batch_size=hparams.per_device_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=hparams.num_workers,
-        persistent_workers=hparams.num_workers > 0,
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if len(loader) == 0:
+    per_device = per_device_batch_size(hparams.global_batch_size, accelerator.num_processes, accumulation)
+    epoch_steps = steps_per_epoch(len(train_dataset), hparams.global_batch_size)
+    if epoch_steps == 0:
         raise ValueError(
             f"the training set of {stage_dir.name} has {len(train_dataset)} images, fewer than one global batch "
-            f"({hparams.per_device_batch_size} x {accelerator.num_processes} processes): lower --batch_size"
+            f"({hparams.global_batch_size}): lower --global_batch_size"
         )
-    steps_per_epoch = math.ceil(len(loader) / accumulation)
-    total_steps = steps_per_epoch * hparams.epochs
+    lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
+    optimizer = build_optimizer(model, lr)
+    loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
+    total_steps = epoch_steps * hparams.epochs
 
     start_epoch, best_miou, best_epoch, history = 0, -1.0, -1, []
     best_metrics: dict = {}
@@ -223,7 +228,7 @@ def train_stage(
         history, best_metrics = saved["history"], saved["best_metrics"]
         logger.info("%s: resuming after epoch %d (best mIoU %.4f)", stage_dir.name, start_epoch, best_miou)
 
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * epoch_steps
     progress = _progress(accelerator, total=total_steps, initial=step, desc=stage_dir.name)
     for epoch in range(start_epoch, hparams.epochs):
         # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
@@ -231,7 +236,7 @@ def train_stage(
         set_seed(epoch_seed, device_specific=True)
         loader.set_epoch(epoch_seed)
         model.train()
-        running_loss, seen = 0.0, 0
+        running_loss, step_loss = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
         for batch in loader:
             pixels, labels = _batch_tensors(batch)
             # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
@@ -244,13 +249,16 @@ def train_stage(
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach().item()
-            seen += 1
+            step_loss += loss.detach()
             if accelerator.sync_gradients:
+                # the loss of the global batch: mean over its micro-batches and processes
+                global_loss = accelerator.reduce(step_loss / accumulation, reduction="mean").item()
+                running_loss += global_loss
+                step_loss.zero_()
                 step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{current_lr:.2e}")
-                accelerator.log({f"{log_prefix}/loss": loss.item(), f"{log_prefix}/lr": current_lr}, step=step)
+                progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{current_lr:.2e}")
+                accelerator.log({f"{log_prefix}/loss": global_loss, f"{log_prefix}/lr": current_lr}, step=step)
 
         unwrapped = accelerator.unwrap_model(model)
         # DDP copies BatchNorm running stats from the main process only at the start of a forward, so
@@ -259,7 +267,7 @@ def train_stage(
         metrics = evaluate(
             unwrapped, val_dataset, num_classes, class_names, accelerator, hparams.val_batch_size, hparams.sliding_window
         )
-        history.append({"epoch": epoch + 1, "loss": running_loss / max(seen, 1), "val_miou": metrics["miou"]})
+        history.append({"epoch": epoch + 1, "loss": running_loss.item() / epoch_steps, "val_miou": metrics["miou"]})
         accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step)
         accelerator.print(
             f"[{stage_dir.name}] epoch {epoch + 1}/{hparams.epochs} loss {history[-1]['loss']:.4f} "

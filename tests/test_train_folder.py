@@ -1,0 +1,72 @@
+"""``--dataset folder`` trained from the command line, and a relaunch on other data refused."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_train_e2e import SCRIPT, REPO, assert_ok, script_env  # noqa: F401
+
+import subprocess
+import sys
+
+CLASSES = {"0": "sky", "1": "tree", "2": "house"}
+
+
+def make_folder_dataset(root, count=14, size=32):
+    """``images/``, ``masks/`` (class ids 0..2), ``id2label.json`` and three split files under ``root``."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    lines = []
+    for index in range(count):
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[size // 2 :] = 1
+        mask[:, : size // 3] = 2 * (index % 2)
+        image = (np.stack([mask * 90] * 3, axis=-1) + rng.integers(0, 40, (size, size, 3))).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{index:02d}.png")
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"{index:02d}.png")
+        lines.append(f"images/{index:02d}.png masks/{index:02d}.png")
+    (root / "id2label.json").write_text(json.dumps(CLASSES))
+    splits = {"labeled": lines[:8], "unlabeled": [line.split()[0] for line in lines[8:12]], "val": lines[12:]}
+    for part, part_lines in splits.items():
+        (root / f"{part}.txt").write_text("\n".join(part_lines) + "\n")
+
+
+def launch(root, run_dir, splits=None):
+    splits = splits or root
+    command = [
+        sys.executable, str(SCRIPT), "--dataset", "folder", "--data_root", str(root),
+        *(arg for part in ("labeled", "unlabeled", "val") for arg in (f"--{part}_id_path", str(splits / f"{part}.txt"))),
+        "--output_dir", str(run_dir), "--framework", "st", "--epochs", "1", "--global_batch_size", "4",
+        "--backbone", "resnet18", "--output_stride", "16", "--backbone_weights", "none", "--crop_size", "32",
+        "--base_size", "32", "--val_batch_size", "2", "--inference_batch_size", "4", "--report_to", "none",
+    ]
+    return subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_folder_dataset_trains_from_the_command_line_and_other_data_is_refused(tmp_path):
+    root, run_dir = tmp_path / "my_data", tmp_path / "run"
+    make_folder_dataset(root)
+    completed = launch(root, run_dir)
+    assert_ok(completed)
+    assert "not the method's recipe" in completed.stderr  # a random backbone on real data is said
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["id2label"] == CLASSES and results["dataset"] == "folder"
+    assert [stage["name"] for stage in results["stages"]] == ["suponly", "label_all", "retrain"]
+    assert results["config"]["global_batch_size"] == 4 and results["config"]["data"]["val"]["num_images"] == 2
+    assert json.loads((run_dir / "run_config.json").read_text()) == results["config"]
+
+    # the same split files over a copy of the data: another dataset, refused before anything runs
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    refused = launch(copy, run_dir, splits=root)
+    assert refused.returncode != 0 and f"data_root: '{root}' -> '{copy}'" in refused.stderr
+    # the same root and split with a replaced val image: refused once the sources are built
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "images" / "13.png")
+    refused = launch(root, run_dir)
+    assert refused.returncode != 0 and "data.val.fingerprint" in refused.stderr
+    assert "data.labeled" not in refused.stderr
+    assert json.loads((run_dir / "results.json").read_text()) == results
