@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import stpp_hf  # noqa: F401  (registers the models with the Auto classes, so no remote code is needed)
 from stpp_hf.models import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_VOC_PALETTE, colorize
+from stpp_hf.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,7 +123,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
 
     areas = {}
     batches = batches_by_size(images, args.batch_size)
-    with tqdm(total=len(images), desc="segmenting", unit="image") as progress:
+    with progress_bar(total=len(images), desc="segmenting", unit="image") as progress:
         for batch in batches:
             pixel_values = processor(images=[image for _, image in batch], return_tensors="pt")["pixel_values"]
             with torch.inference_mode():

@@ -8,7 +8,7 @@ The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login
 
 import argparse
 
-from stpp_hf.hub import push_model_dir, push_run_to_hub
+from stpp_hf.hub import HubPushError, push_model_dir, push_run_to_hub
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,19 +27,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    try:
+        url = push(args)
+    except HubPushError as error:  # one clear message (status or endpoint, and what to do), no traceback
+        raise SystemExit(f"error: {error}") from None
+    print(f"pushed to {url}")
+    return url
+
+
+def push(args: argparse.Namespace) -> str:
     if args.run_dir is not None:
-        url = push_run_to_hub(
+        return push_run_to_hub(
             args.run_dir, args.repo_id, private=args.private, revision=args.revision,
             commit_message=args.commit_message, push_stages=args.push_stages, license=args.license,
         )  # fmt: skip
-    else:
-        if args.push_stages:
-            raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
-        url = push_model_dir(
-            args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
-        )
-    print(f"pushed to {url}")
-    return url
+    if args.push_stages:
+        raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
+    return push_model_dir(
+        args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
 
 
 if __name__ == "__main__":

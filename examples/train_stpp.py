@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 
 from stpp_hf import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split, shipped_split_files
-from stpp_hf.training.pipeline import RunData, RunSettings, results_table, run_pipeline
+from stpp_hf.training.pipeline import RunData, RunSettings, lock_run, results_table, run_pipeline
 from stpp_hf.training.trainer import StageHyperParameters
 
 logger = logging.getLogger("train_stpp")
@@ -165,6 +165,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
+    lock_run(accelerator, output_dir)  # before the data work, which may regenerate files in the run directory
 
     sources, id2label, palette, dataset_name = _labeled_sources(data_args, output_dir, accelerator)
     backbone = model_args.backbone or ("resnet18" if synthetic else "resnet50")
@@ -243,9 +244,15 @@ def main(argv=None) -> dict:
         print(results_table(results))
         print(f"run directory: {output_dir} (final model in {output_dir / 'final'})")
         if run_args.push_to_hub:
-            from stpp_hf.hub import push_run_to_hub
+            from stpp_hf.hub import HubPushError, push_run_to_hub
 
-            url = push_run_to_hub(output_dir, run_args.hub_model_id, private=run_args.hub_private, push_stages=run_args.push_stage_branches)
+            try:
+                url = push_run_to_hub(output_dir, run_args.hub_model_id, private=run_args.hub_private, push_stages=run_args.push_stage_branches)
+            except HubPushError as error:
+                raise SystemExit(
+                    f"error: {error}\nThe run is complete in {output_dir}; push it later with "
+                    f"python examples/push_to_hub.py --run-dir {output_dir} --repo-id {run_args.hub_model_id}"
+                ) from None
             print(f"pushed to {url}")
     return results
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from fake_hub import FakeHub, save_tiny_model
 
 from stpp_hf import DeepLabImageProcessor
-from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir
+from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir, push_run_to_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
@@ -334,3 +334,40 @@ def test_card_pseudo_label_rows_name_their_teacher_and_show_the_selection_check(
     text = build_model_card(results, REPO_ID).text
     assert "| reliable images, TTA labels of their stage's teacher | 60.00 |" in text
     assert "| unreliable images, SupOnly teacher without TTA | 45.00 |" in text
+
+
+def test_a_run_whose_val_set_lacks_a_class_renders_and_pushes(tiny_run, in_process_hub, tmp_path):
+    # the trainer writes None for the IoU of a class that is neither predicted nor present in val
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["final"]["per_class_iou"]["square"] = None
+    results["stages"][0]["per_class_iou"]["square"] = None
+    (run_dir / "results.json").write_text(json.dumps(results))
+    text = build_model_card(results, REPO_ID).text
+    square_row = next(line for line in text.splitlines() if line.startswith("| square |"))
+    assert square_row.split("|")[2].strip() == "n/a" and square_row.split("|")[-2].strip() == "n/a"
+    push_run_to_hub(run_dir, "tester/absent-class", token=TOKEN)
+    assert "n/a" in in_process_hub.files("tester/absent-class")["README.md"].decode()
+
+
+def test_a_refused_token_says_how_to_log_in(tiny_run, in_process_hub):
+    with pytest.raises(HubPushError, match="(?s)HTTP 401.*`hf auth login` \\(or set HF_TOKEN\\)") as error:
+        push_model_dir(tiny_run["run_dir"] / "final", "tester/refused", token="hf_WrongToken")
+    assert "once the Hub answers" not in str(error.value)
+
+
+def test_an_unreachable_hub_is_one_clear_error_naming_the_endpoint(tiny_run, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    with pytest.raises(HubPushError, match=f"the Hub at {endpoint} cannot be reached") as error:
+        push_run_to_hub(tiny_run["run_dir"], "tester/unreachable", token=TOKEN)
+    assert error.value.__cause__ is None and error.value.__suppress_context__
