@@ -8,7 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-NON_TERMINAL_INTERVAL_S = 30.0
+NON_TERMINAL_INTERVAL_S = 10.0
 
 
 def progress_bar(*, file=None, **kwargs) -> tqdm:
