@@ -275,7 +275,7 @@ class _Run:
         subset = self.unlabeled_subset(ids)
         # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
         store = PseudoLabelStore.for_teacher(
-            self.run_dir / PSEUDO_LABEL_DIR, teacher_fingerprint(teacher_dir), stage.name, palette=self.data.palette
+            self.run_dir / PSEUDO_LABEL_DIR, inputs["teacher"], stage.name, palette=self.data.palette
         )
         progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
         label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
