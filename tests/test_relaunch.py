@@ -17,6 +17,16 @@ from stpp_hf.training.trainer import StageHyperParameters
 STAGES = ["suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the end-to-end scripts run (OMP_NUM_THREADS=1): tiny convolutions on shared
+    cores are several times slower with more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
