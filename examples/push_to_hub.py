@@ -30,7 +30,7 @@ def main(argv=None) -> str:
     try:
         url = push(args)
     except HubPushError as error:  # one clear message (status or endpoint, and what to do), no traceback
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"HubPushError: {error}") from None
     print(f"pushed to {url}")
     return url
 

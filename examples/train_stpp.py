@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
                 url = push_run_to_hub(output_dir, run_args.hub_model_id, private=run_args.hub_private, push_stages=run_args.push_stage_branches)
             except HubPushError as error:
                 raise SystemExit(
-                    f"error: {error}\nThe run is complete in {output_dir}; push it later with "
+                    f"HubPushError: {error}\nThe run is complete in {output_dir}; push it later with "
                     f"python examples/push_to_hub.py --run-dir {output_dir} --repo-id {run_args.hub_model_id}"
                 ) from None
             print(f"pushed to {url}")

@@ -371,3 +371,21 @@ def test_an_unreachable_hub_is_one_clear_error_naming_the_endpoint(tiny_run, mon
     with pytest.raises(HubPushError, match=f"the Hub at {endpoint} cannot be reached") as error:
         push_run_to_hub(tiny_run["run_dir"], "tester/unreachable", token=TOKEN)
     assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(tiny_run, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    environment = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path),
+                   "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    environment.pop("HF_HUB_OFFLINE", None)
+    push = run_python(
+        [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
+        environment, tmp_path,
+    )  # fmt: skip
+    assert push.returncode != 0
+    assert push.stderr.strip().startswith("HubPushError: ") and f"the Hub at {endpoint} cannot be reached" in push.stderr
+    assert "Traceback" not in push.stderr
