@@ -16,20 +16,23 @@ turns them as it turns the photo.
 
 import argparse
 import json
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import stpp_hf  # noqa: F401  (registers the models with the Auto classes, so no remote code is needed)
 from stpp_hf.data.images import exif_orientation, open_image, rgb_image, with_orientation
 from stpp_hf.models import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_VOC_PALETTE, colorize
+from stpp_hf.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "namespace/name"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,15 +59,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def collect_images(paths: list[str]) -> list[Path]:
-    """The image files named by `paths` (files, or directories searched recursively), in a stable order."""
+def check_model_path(model: str) -> None:
+    """Refuse at once a `--model` that reads as a local path (starts with `.`, `/` or `~`, or holds a path
+    separator without being a `namespace/name` Hub id) but does not exist, which the Hub would otherwise
+    be asked for."""
+    looks_local = model.startswith((".", "/", "~")) or (os.sep in model and not HUB_REPO_ID.match(model))
+    if looks_local and not Path(model).expanduser().exists():
+        raise FileNotFoundError(
+            f"--model {model}: no such directory (a local path; a Hub model is named 'namespace/name'). "
+            "Give the save_pretrained directory of a run, e.g. runs/stpp/final"
+        )
+
+
+def collect_images(paths: list[str], exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The image files named by `paths` (files, or directories searched recursively), in a stable order.
+
+    Directory searches skip `exclude` (the output directory, whose masks would otherwise be segmented
+    by the next run)."""
+    excluded = Path(exclude).resolve() if exclude is not None else None
     images = []
     for raw_path in paths:
         path = Path(raw_path)
         if path.is_dir():
-            found = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                file
+                for file in path.rglob("*")
+                if file.is_file()
+                and file.suffix.lower() in IMAGE_EXTENSIONS
+                and (excluded is None or not file.resolve().is_relative_to(excluded))
+            )
             if not found:
-                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in directory {path}")
+                skipped = f" outside the output directory {excluded}" if excluded is not None else ""
+                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){skipped} in directory {path}")
             images += found
         elif path.is_file():
             images.append(path)
@@ -80,19 +106,27 @@ def collect_images(paths: list[str]) -> list[Path]:
     return images
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """`(width, height)` of the stored pixels of an image, from its header (nothing is decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def read_image(path: Path) -> tuple[Image.Image, int]:
     """The stored pixels of `path` as 8-bit RGB, and its EXIF orientation (1: none) for the outputs."""
     image = open_image(path)
     return rgb_image(image), exif_orientation(image)
 
 
-def batches_by_size(images: list[Path], batch_size: int) -> list[list[tuple[Path, Image.Image, int]]]:
-    """Open every image (see `read_image`) and group them into batches of one size each (the processor does not
-    resize)."""
+def batches_by_size(images: list[Path], batch_size: int) -> list[list[Path]]:
+    """Group the images into batches of one size each (the processor does not resize), reading only their
+    headers: a batch is decoded when its turn comes, so memory holds one batch of pixels, not the folder."""
     by_size = defaultdict(list)
     for path in images:
-        image, orientation = read_image(path)
-        by_size[image.size].append((path, image, orientation))
+        by_size[image_size(path)].append(path)
     return [group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 
@@ -120,7 +154,8 @@ def predict(model, pixel_values: torch.Tensor, args: argparse.Namespace) -> torc
 def main(argv=None) -> dict[str, dict[str, float]]:
     """Run the command line; returns {image path: {class name: fraction of the image}}."""
     args = parse_args(argv)
-    images = collect_images(args.images)
+    check_model_path(args.model)
+    images = collect_images(args.images, exclude=args.output_dir)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
@@ -133,8 +168,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
 
     areas = {}
     batches = batches_by_size(images, args.batch_size)
-    with tqdm(total=len(images), desc="segmenting", unit="image") as progress:
-        for batch in batches:
+    with progress_bar(total=len(images), desc="segmenting", unit="image") as progress:
+        for paths in batches:
+            batch = [(path, *read_image(path)) for path in paths]
             pixel_values = processor(images=[image for _, image, _ in batch], return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
                 label_maps = predict(model, pixel_values.to(args.device, dtype), args).cpu()

@@ -9,7 +9,7 @@ The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login
 
 import argparse
 
-from stpp_hf.hub import push_model_dir, push_run_to_hub
+from stpp_hf.hub import HubPushError, push_model_dir, push_run_to_hub
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,28 +33,35 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     if args.repo_id is None and args.pseudo_labels_repo is None:
         raise SystemExit("give --repo-id (the model) and/or --pseudo-labels-repo (the pseudo labels, with --run-dir)")
+    if args.pseudo_labels_repo is not None and args.run_dir is None:
+        raise SystemExit("--pseudo-labels-repo needs --run-dir (the pseudo labels of a finished run)")
+    if args.push_stages and args.run_dir is None:
+        raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
+    try:
+        url = push(args)
+    except HubPushError as error:  # one clear message (status or endpoint, and what to do), no traceback
+        raise SystemExit(f"HubPushError: {error}") from None
+    if url is not None:
+        print(f"pushed to {url}")
+    return url
+
+
+def push(args: argparse.Namespace) -> str | None:
+    """Push the pseudo labels (if asked), then the model; the model repo's URL, or None with no --repo-id."""
     if args.pseudo_labels_repo is not None:
-        if args.run_dir is None:
-            raise SystemExit("--pseudo-labels-repo needs --run-dir (the pseudo labels of a finished run)")
         from stpp_hf.hub_pseudo_labels import push_pseudo_labels
 
         print(f"pushed pseudo labels to {push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}")
         if args.repo_id is None:
             return None
     if args.run_dir is not None:
-        url = push_run_to_hub(
+        return push_run_to_hub(
             args.run_dir, args.repo_id, private=args.private, revision=args.revision,
             commit_message=args.commit_message, push_stages=args.push_stages, license=args.license,
         )  # fmt: skip
-    else:
-        if args.push_stages:
-            raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
-        url = push_model_dir(
-            args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
-        )
-    print(f"pushed to {url}")
-    return url
-
+    return push_model_dir(
+        args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,12 @@ ARCHITECTURE.md); `push_stages=True` also pushes each training stage's best mode
 """
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client: its transport errors are an unreachable Hub
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -63,6 +65,13 @@ def training_stages(results: dict) -> list[tuple[int, dict]]:
 
 def _percent(fraction: float) -> float:
     return round(100 * float(fraction), 2)
+
+
+def _percent_cell(fraction: float | None) -> str:
+    """``"41.00"`` for 0.41; ``"n/a"`` for a class the val set lacks (IoU ``None`` in results.json, or NaN)."""
+    if fraction is None or math.isnan(fraction):
+        return "n/a"
+    return f"{_percent(fraction):.2f}"
 
 
 def _format_wall_time(seconds: float | None) -> str:
@@ -168,19 +177,19 @@ def build_model_card(
     per_class = [stage["per_class_iou"] for _, stage in stages] + [results["final"]["per_class_iou"]]
     class_names = [results["id2label"][key] for key in sorted(results["id2label"], key=int)]
     iou_rows = [
-        {"name": name, "cells": [f"{_percent(table[name]):.2f}" if name in table else "-" for table in per_class]}
+        {"name": name, "cells": [_percent_cell(table[name]) if name in table else "-" for table in per_class]}
         for name in class_names
     ]
-    miou_rows = [{"name": column, "miou": f"{_percent(stage['val_miou']):.2f}"} for column, (_, stage) in zip(iou_columns, stages)]
-    miou_rows.append({"name": f"final model, {framework_title}", "miou": f"{_percent(results['final']['val_miou']):.2f}"})
+    miou_rows = [{"name": column, "miou": _percent_cell(stage["val_miou"])} for column, (_, stage) in zip(iou_columns, stages)]
+    miou_rows.append({"name": f"final model, {framework_title}", "miou": _percent_cell(results["final"]["val_miou"])})
     pseudo_label_rows = [
-        {"name": f"{subset} images, TTA labels of their stage's teacher", "miou": f"{_percent(miou):.2f}"}
+        {"name": f"{subset} images, TTA labels of their stage's teacher", "miou": _percent_cell(miou)}
         for subset, miou in results.get("pseudo_label_miou", {}).items()
         if miou is not None
     ]
     # ST++ selection check: one teacher (SupOnly, no TTA) for both subsets, so they compare
     pseudo_label_rows += [
-        {"name": f"{subset} images, SupOnly teacher without TTA", "miou": f"{_percent(miou):.2f}"}
+        {"name": f"{subset} images, SupOnly teacher without TTA", "miou": _percent_cell(miou)}
         for stage in results["stages"]
         for subset, miou in (stage.get("teacher_miou") or {}).items()
     ]
@@ -329,10 +338,22 @@ def push_model_dir(
         )
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no response"
+        if status in (401, 403):
+            advice = (
+                f"the Hub refused the token; log in with `hf auth login` (or set HF_TOKEN) using a token with write "
+                f"access to {repo_id}, then push again"
+            )
+        else:
+            advice = "push again once the Hub answers"
         raise HubPushError(
-            f"Pushing {model_dir} to {target} failed (HTTP {status}): {error}. Nothing local was changed; "
-            "push again once the Hub answers."
+            f"Pushing {model_dir} to {target} failed (HTTP {status}): {error}. Nothing local was changed; {advice}."
         ) from error
+    except httpx2.TransportError as error:
+        raise HubPushError(
+            f"Pushing {model_dir} to {target} failed: the Hub at {api.endpoint} cannot be reached "
+            f"({type(error).__name__}: {error}). Nothing local was changed; check the network (and HF_ENDPOINT if "
+            "you set it), then push again."
+        ) from None
     return str(repo_url)
 
 

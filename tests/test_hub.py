@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from fake_hub import FakeHub, save_tiny_model
 
 from stpp_hf import DeepLabImageProcessor
-from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir
+from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir, push_run_to_hub
 from stpp_hf.models.backbone_weights import describe_backbone_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -362,8 +362,6 @@ def test_card_base_model_names_the_hub_repo_of_the_backbone_weights(tiny_run, tm
 def test_card_embeds_the_selection_picture_uploaded_with_the_model(tiny_run, in_process_hub, tmp_path):
     import shutil
 
-    from stpp_hf.hub import push_run_to_hub
-
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], run_dir)
     results = json.loads((run_dir / "results.json").read_text())
@@ -379,3 +377,58 @@ def test_card_embeds_the_selection_picture_uploaded_with_the_model(tiny_run, in_
     assert files["selection.png"] == (run_dir / "stages" / "2-label_all" / "selection.png").read_bytes()
     assert "![ST++ selection of reliable images](selection.png)" in files["README.md"].decode()
     assert "selection.png" not in build_model_card(results, REPO_ID, stage_index=0).text  # stage cards: no picture
+
+
+def test_a_run_whose_val_set_lacks_a_class_renders_and_pushes(tiny_run, in_process_hub, tmp_path):
+    # the trainer writes None for the IoU of a class that is neither predicted nor present in val
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["final"]["per_class_iou"]["square"] = None
+    results["stages"][0]["per_class_iou"]["square"] = None
+    (run_dir / "results.json").write_text(json.dumps(results))
+    text = build_model_card(results, REPO_ID).text
+    square_row = next(line for line in text.splitlines() if line.startswith("| square |"))
+    assert square_row.split("|")[2].strip() == "n/a" and square_row.split("|")[-2].strip() == "n/a"
+    push_run_to_hub(run_dir, "tester/absent-class", token=TOKEN)
+    assert "n/a" in in_process_hub.files("tester/absent-class")["README.md"].decode()
+
+
+def test_a_refused_token_says_how_to_log_in(tiny_run, in_process_hub):
+    with pytest.raises(HubPushError, match="(?s)HTTP 401.*`hf auth login` \\(or set HF_TOKEN\\)") as error:
+        push_model_dir(tiny_run["run_dir"] / "final", "tester/refused", token="hf_WrongToken")
+    assert "once the Hub answers" not in str(error.value)
+
+
+def test_an_unreachable_hub_is_one_clear_error_naming_the_endpoint(tiny_run, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    with pytest.raises(HubPushError, match=f"the Hub at {endpoint} cannot be reached") as error:
+        push_run_to_hub(tiny_run["run_dir"], "tester/unreachable", token=TOKEN)
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(tiny_run, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    environment = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path),
+                   "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    environment.pop("HF_HUB_OFFLINE", None)
+    push = run_python(
+        [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
+        environment, tmp_path,
+    )  # fmt: skip
+    assert push.returncode != 0
+    assert push.stderr.strip().startswith("HubPushError: ") and f"the Hub at {endpoint} cannot be reached" in push.stderr
+    assert "Traceback" not in push.stderr

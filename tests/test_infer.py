@@ -119,3 +119,57 @@ def test_infer_rejects_bad_inputs(infer, images, tmp_path):
         infer.batches_by_size([tmp_path / "broken.png"], batch_size=2)
     with pytest.raises(SystemExit):
         infer.parse_args(["--model", "m", "--images", "x", "--output-dir", "o", "--tta", "--sliding-window"])
+
+
+@pytest.mark.parametrize("model", ["./runs/stpp/fnal", "runs/stpp/fnal", "/no/such/run/final"])
+def test_a_mistyped_local_model_path_is_refused_before_any_hub_request(infer, images, tmp_path, model, monkeypatch):
+    _, paths = images
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a local path")
+
+    monkeypatch.setattr(infer.AutoModelForSemanticSegmentation, "from_pretrained", no_hub)
+    with pytest.raises(FileNotFoundError, match=f"--model {model}: no such directory"):
+        infer.main(["--model", model, "--images", str(paths[0]), "--output-dir", str(tmp_path / "out")])
+
+
+def test_a_hub_repo_id_is_not_taken_for_a_local_path(infer):
+    infer.check_model_path("you/deeplabv3plus-stpp-pascal")  # no error: it goes to the Hub
+
+
+def test_images_are_decoded_batch_by_batch(infer, model_dir, images, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    root, paths = images
+    decoded, decoded_before_first_forward = set(), []
+    original_load, original_predict = ImageFile.ImageFile.load, infer.predict
+
+    def counting_load(image):
+        decoded.add(getattr(image, "filename", None))
+        return original_load(image)
+
+    def recording_predict(*args, **kwargs):
+        if not decoded_before_first_forward:
+            decoded_before_first_forward.append(len(decoded))
+        return original_predict(*args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    monkeypatch.setattr(infer, "predict", recording_predict)
+    infer.main(["--model", str(model_dir), "--images", str(root / "folder"), str(root / "d.png"),
+                "--output-dir", str(tmp_path / "out"), "--batch-size", "2"])  # fmt: skip
+    # 4 images: the first forward pass sees its batch of 2 decoded, not the whole list
+    assert decoded_before_first_forward == [2] and len(decoded) == 4
+
+
+def test_an_output_directory_inside_the_images_is_not_segmented_again(infer, model_dir, images, tmp_path):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(images[0] / "folder", folder)
+    arguments = ["--model", str(model_dir), "--images", str(folder), "--output-dir", str(folder / "masks")]
+    first = infer.main(arguments)
+    second = infer.main(arguments)
+    assert sorted(first) == sorted(second) == sorted(str(folder / name) for name in ("a.png", "b.jpg", "c.png"))
+    assert sorted(path.name for path in (folder / "masks").iterdir()) == sorted(
+        ["class_areas.json"] + [f"{stem}_{kind}.png" for stem in "abc" for kind in ("mask", "overlay")]
+    )

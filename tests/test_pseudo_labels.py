@@ -134,3 +134,28 @@ def test_store_pickles_for_dataloader_workers(tmp_path):
     copy.put("y", _label(1))  # its own journal, not the parent's
     assert len(list(tmp_path.glob("journal-*.jsonl"))) == 2
     assert store.pending(["x", "y"]) == []
+
+
+@pytest.mark.parametrize("torn", [b'{"version": 1, "entr', b"\xff\xfe garbage", b'{"entries": ["a"]}'])
+def test_a_torn_manifest_is_rebuilt_from_the_journals(tmp_path, torn):
+    store = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
+    for index, image_id in enumerate(["a", "b"]):
+        store.put(image_id, _label(index))
+    store.verify(["a", "b"])
+    manifest = (store.directory / MANIFEST_FILE).read_bytes()
+    (store.directory / MANIFEST_FILE).write_bytes(torn)
+    reopened = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
+    assert reopened.pending(["a", "b"]) == [] and np.array_equal(reopened.get("b"), _label(1))
+    reopened.verify(["a", "b"])
+    assert (store.directory / MANIFEST_FILE).read_bytes() == manifest
+
+
+def test_a_torn_store_header_is_rewritten_for_a_known_teacher_and_named_otherwise(tmp_path):
+    store = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
+    store.put("a", _label(0))
+    (store.directory / "store.json").write_text('["not", "a", "header"]')
+    with pytest.raises(ValueError, match=r"store.json is not a pseudo-label store header.*delete .*label_all-f{16} to label"):
+        PseudoLabelStore(store.directory)  # reading a store whose teacher is unknown
+    reopened = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
+    assert json.loads((store.directory / "store.json").read_text())["fingerprint"] == "f" * 64
+    assert np.array_equal(reopened.get("a"), _label(0))

@@ -82,3 +82,32 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "is not a run state"),
+        ('{"version": 1, "run_config": [], "stages": {}}', "is not a run state"),
+        ('{"version": 1, "run_config": {}, "stages": []}', "'stages' must be an object"),
+        ('{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}', "record of stage 'select'"),
+    ],
+)
+def test_a_state_file_of_the_wrong_shape_is_named_with_what_to_do(tmp_path, content, message):
+    (tmp_path / "state.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        RunState(tmp_path, {})
+    assert str(tmp_path / "state.json") in str(error.value) and ("move it away" in str(error.value))
+
+
+def test_changed_inputs_redo_a_stage_and_redo_drops_records_once(tmp_path):
+    (tmp_path / "ids.txt").write_text("a\n")
+    state = RunState(tmp_path, {})
+    state.mark_done("select", ["ids.txt"], {}, inputs={"teacher": "1" * 64})
+    state.mark_done("label", ["ids.txt"], {}, inputs={"teacher": "2" * 64})
+    assert state.is_done("select", {"teacher": "1" * 64}) and not state.is_done("select", {"teacher": "3" * 64})
+    redone = RunState(tmp_path, {}, redo=["label"])
+    assert redone.is_done("select", {"teacher": "1" * 64}) and not redone.is_done("label", {"teacher": "2" * 64})
+    redone.mark_done("label", ["ids.txt"], {}, inputs={"teacher": "4" * 64})
+    redone.reload()
+    assert redone.is_done("label", {"teacher": "4" * 64})

@@ -28,6 +28,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -39,6 +40,8 @@ import numpy as np
 from PIL import Image
 
 from .splits import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 LABELS_DIR, MANIFEST_FILE, META_FILE = "labels", "manifest.json", "store.json"
@@ -93,10 +96,27 @@ class PseudoLabelStore:
         """The store of ``stage`` labeled by the teacher with fingerprint ``teacher`` under ``root``."""
         return cls(Path(root) / f"{stage}-{teacher[:16]}", palette=palette, fingerprint=teacher)
 
+    def _read_meta(self, meta_path: Path) -> dict | None:
+        """``store.json``'s content; ``None`` when it is torn or malformed and the teacher is known, so it
+        is written again (the directory name of :meth:`for_teacher` already ties the store to its teacher)."""
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
+        if isinstance(meta, dict):
+            return meta
+        if self.fingerprint is None:
+            raise ValueError(
+                f"{meta_path} is not a pseudo-label store header (a JSON object with 'version' and 'fingerprint'); "
+                f"delete {self.directory} to label its images again"
+            )
+        logger.warning("%s is torn or malformed: writing it again for teacher %s", meta_path, self.fingerprint[:16])
+        return None
+
     def _check_meta(self) -> None:
         meta_path = self.directory / META_FILE
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = self._read_meta(meta_path) if meta_path.is_file() else None
+        if meta is not None:
             if meta.get("version") != STORE_VERSION:
                 raise ValueError(f"{meta_path}: store version {meta.get('version')}, expected {STORE_VERSION}")
             if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
@@ -127,12 +147,24 @@ class PseudoLabelStore:
         path = (self.directory / entry["file"]).resolve()
         return path if path.is_relative_to((self.directory / LABELS_DIR).resolve()) else None
 
+    def _read_manifest(self) -> dict[str, dict]:
+        """The entries of ``manifest.json``; none when it is missing, torn or malformed: the journals hold
+        every entry the manifest merged, so :meth:`verify` rebuilds it from them."""
+        manifest = self.directory / MANIFEST_FILE
+        if not manifest.is_file():
+            return {}
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))["entries"]
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            entries = None
+        if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+            logger.warning("%s is torn or malformed: rebuilding the store's entries from its journals", manifest)
+            return {}
+        return entries
+
     def _read_entries(self) -> dict[str, dict]:
         """The manifest merged with every journal (journal lines are newer)."""
-        entries: dict[str, dict] = {}
-        manifest = self.directory / MANIFEST_FILE
-        if manifest.is_file():
-            entries.update(json.loads(manifest.read_text(encoding="utf-8"))["entries"])
+        entries = self._read_manifest()
         for journal in sorted(self.directory.glob("journal-*.jsonl")):
             lines = journal.read_text(encoding="utf-8").splitlines()
             for number, line in enumerate(lines, start=1):

@@ -31,7 +31,7 @@ from .config import (
     resolve_run_config,
 )
 from .distributed import check_shared_run_dir, create_accelerator
-from .pipeline import PSEUDO_LABEL_DIR, RunData, RunSettings, data_record, results_table, run_pipeline
+from .pipeline import PSEUDO_LABEL_DIR, RunData, RunSettings, data_record, lock_run, results_table, run_pipeline
 from .pseudo_label_export import record_unlabeled_source
 from .selection import split_by_reliability
 from .stages import build_stages, snapshot_epochs
@@ -270,6 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # before anything is written there: all processes see one run directory, one launch at a time holds it,
     # and the settings are those of the run it holds (the data is compared once built)
     check_shared_run_dir(accelerator, output_dir)
+    lock_run(accelerator, output_dir)
     _check_run_dir(accelerator, output_dir, config.to_dict())
     data, data_metadata = build_run_data(config, output_dir, accelerator)
     record = {**config.to_dict(), "data": data_record(data)}
@@ -311,6 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         inference_batch_size=config.inference_batch_size,
         metadata=metadata,
         run_config=record,
+        redo_stage=config.redo_stage,
     )
     if config.report_to != "none":
         # TensorBoard's hparams accept only scalars and strings

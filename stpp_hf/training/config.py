@@ -38,7 +38,8 @@ RECIPE_INFO_KEY = "paper"
 RECIPE_INFO_KEYS = ("published_miou", "table", "note")
 # settings that cannot change the trained weights or the reported numbers: a relaunch may change them
 NON_RESULT_SETTINGS = frozenset(
-    {"output_dir", "report_to", "push_to_hub", "hub_model_id", "hub_private", "push_stage_branches", "num_workers", "dry_run"}
+    {"output_dir", "report_to", "push_to_hub", "hub_model_id", "hub_private", "push_stage_branches", "num_workers", "dry_run",
+     "redo_stage"}
 )
 
 
@@ -158,6 +159,11 @@ class RunArguments:
     hub_private: bool = False
     push_stage_branches: bool = False
     dry_run: bool = field(default=False, metadata={"help": "Print the resolved recipe and exit without training."})
+    redo_stage: Optional[str] = field(
+        default=None,
+        metadata={"help": "Redo this stage and every stage after it (e.g. 'suponly' after its files were damaged); "
+                  "the finished stages before it are kept."},
+    )
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, RunArguments)
@@ -211,6 +217,7 @@ class RunConfig:
     hub_private: bool
     push_stage_branches: bool
     dry_run: bool
+    redo_stage: Optional[str]
 
     @property
     def is_synthetic(self) -> bool:
@@ -352,6 +359,9 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
             snapshot_epochs(run.epochs)
         except ValueError as error:
             raise ConfigError(f"--epochs {run.epochs}: {error}") from None
+    stage_names = [stage.name for stage in build_stages(run.framework)]
+    if run.redo_stage is not None and run.redo_stage not in stage_names:
+        raise ConfigError(f"--redo_stage must be one of the {run.framework} stages {stage_names}, got {run.redo_stage!r}")
     if run.push_to_hub and run.hub_model_id is None:
         raise ConfigError("--push_to_hub needs --hub_model_id")
     if model.coco_init is not None:
@@ -526,6 +536,7 @@ def resolve_run_config(
         hub_private=run.hub_private,
         push_stage_branches=run.push_stage_branches,
         dry_run=run.dry_run,
+        redo_stage=run.redo_stage,
     )
 
 

@@ -1,7 +1,8 @@
 """Runs a whole SupOnly / ST / ST++ sequence in a run directory, resumably.
 
 Each stage of :func:`~stpp_hf.training.stages.build_stages` is skipped when ``state.json`` says it
-finished and its artefacts still match their checksums; otherwise it runs (a training stage continues
+finished, its artefacts still match their checksums and its inputs (teacher weights, the pseudo labels
+it trains on, its id lists) are those it finished with; otherwise it runs (a training stage continues
 from its last epoch checkpoint, a label stage completes its pseudo-label store). At the end the last
 stage's best model is copied to ``final/`` and ``results.json`` is written (format in ARCHITECTURE.md).
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.utils import broadcast_object_list
 
 from ..data import (
     EvalDataset,
@@ -27,12 +28,21 @@ from ..data import (
     TrainTransform,
     teacher_fingerprint,
 )
+from ..progress import progress_bar
 from .distributed import check_shared_run_dir
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
 from ..data.splits import read_split, write_split
-from .state import RunState, atomic_write_json, replace_directory, temporary_directory_for
+from .state import (
+    RunDirectoryLocked,
+    RunState,
+    atomic_write_json,
+    lock_run_directory,
+    replace_directory,
+    sha256_json,
+    temporary_directory_for,
+)
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
 from .visualization import save_prediction_grid, save_selection_figure
 
@@ -78,6 +88,7 @@ class RunSettings:
     inference_batch_size: int = 8
     metadata: dict = field(default_factory=dict)
     run_config: dict = field(default_factory=dict)
+    redo_stage: str | None = None  # redo this stage (its record in state.json dropped) and the stages after it
 
 
 def data_record(data: RunData) -> dict:
@@ -103,7 +114,17 @@ class _Run:
         self.unlabeled_ids = list(data.unlabeled["id"])
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = EvalDataset(data.unlabeled, EvalTransform())
-        self.state = RunState(self.run_dir, settings.run_config)
+        lock_run(accelerator, self.run_dir)
+        self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(settings.redo_stage))
+
+    def redone_stages(self, redo_stage: str | None) -> list[str]:
+        """``redo_stage`` and the stages after it (none for ``None``)."""
+        names = [stage.name for stage in self.stages]
+        if redo_stage is None:
+            return []
+        if redo_stage not in names:
+            raise ValueError(f"redo_stage must be one of the {self.settings.framework} stages {names}, got {redo_stage!r}")
+        return names[names.index(redo_stage):]
 
     # ---- paths -------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -144,15 +165,35 @@ class _Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def finish_stage(self, stage: Stage, artefacts: list[Path], summary: dict) -> None:
+    def stage_inputs(self, stage: Stage) -> dict[str, str]:
+        """Fingerprints of what ``stage`` reads from earlier stages (all of which are finished when it
+        starts): the teacher's weights, the id lists, the pseudo labels a re-training uses."""
+        if stage.kind == "select":
+            source_dir = self.stage_dir(stage.source)
+            inputs = {
+                f"snapshot_epoch_{epoch}": teacher_fingerprint(source_dir / SNAPSHOT_DIR / f"epoch_{epoch}")
+                for epoch in snapshot_epochs(self.settings.hparams.epochs)
+            }
+            return {**inputs, "teacher": teacher_fingerprint(self.teacher_dir(stage.source))}
+        if stage.kind == "label":
+            return {"teacher": teacher_fingerprint(self.teacher_dir(stage.source)), "ids": sha256_json(self.subset_ids(stage.subset))}
+        inputs = {}
+        for label_stage_name in stage.pseudo_label_stages:
+            label_stage = next(s for s in self.stages if s.name == label_stage_name)
+            entries = self.finished_store(label_stage_name).entries()
+            labels = {image_id: entries.get(image_id, {}).get("sha256") for image_id in self.subset_ids(label_stage.subset)}
+            inputs[label_stage_name] = sha256_json(labels)
+        return inputs
+
+    def finish_stage(self, stage: Stage, artefacts: list[Path], summary: dict, inputs: dict[str, str]) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main():
-            self.state.mark_done(stage.name, artefacts, summary)
+            self.state.mark_done(stage.name, artefacts, summary, inputs)
         self.accelerator.wait_for_everyone()
         self.state.reload()
 
     # ---- stages ------------------------------------------------------------------------------
-    def run_train(self, index: int, stage: Stage) -> dict:
+    def run_train(self, index: int, stage: Stage, inputs: dict[str, str]) -> dict:
         data, hparams = self.data, self.settings.hparams
         if stage.pseudo_label_stages:
             pseudo = {}
@@ -184,6 +225,7 @@ class _Run:
             keep_last=self.settings.teacher == "last",
             image_processor=self.settings.image_processor,
             log_prefix=stage.name,
+            inputs=inputs,
         )
         summary["num_train_images"] = len(train_set)
         if self.is_main():
@@ -193,16 +235,16 @@ class _Run:
         artefacts += [stage_dir / SNAPSHOT_DIR / f"epoch_{epoch}" for epoch in snapshots]
         if self.settings.teacher == "last":
             artefacts.append(stage_dir / LAST_DIR)
-        self.finish_stage(stage, artefacts, summary)
+        self.finish_stage(stage, artefacts, summary, inputs)
         if self.is_main():  # the epoch checkpoint (weights + optimizer) only serves a resume of this stage
             shutil.rmtree(stage_dir / CHECKPOINT_DIR, ignore_errors=True)
         return summary
 
-    def run_select(self, stage: Stage) -> dict:
+    def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
         source_dir = self.stage_dir(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
         snapshots = [self.settings.model_class.from_pretrained(source_dir / SNAPSHOT_DIR / f"epoch_{e}") for e in epochs]
-        progress = tqdm(total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
+        progress = progress_bar(total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
         scores = compute_reliability(
             snapshots,
             self.unlabeled_set,
@@ -227,7 +269,7 @@ class _Run:
             "figure": (stage_dir / SELECTION_FIGURE).relative_to(self.run_dir).as_posix(),
         }
         artefacts = [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES, SELECTION_FIGURE)]
-        self.finish_stage(stage, artefacts, summary)
+        self.finish_stage(stage, artefacts, summary, inputs)
         return summary
 
     def draw_selection(self, stage: Stage, scores: dict[str, float], reliable: list[str]) -> None:
@@ -255,16 +297,16 @@ class _Run:
             for name, ids in subsets.items()
         }
 
-    def run_label(self, stage: Stage) -> dict:
+    def run_label(self, stage: Stage, inputs: dict[str, str]) -> dict:
         teacher_dir = self.teacher_dir(stage.source)
         teacher = self.settings.model_class.from_pretrained(teacher_dir)
         ids = self.subset_ids(stage.subset)
         subset = self.unlabeled_subset(ids)
         # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
         store = PseudoLabelStore.for_teacher(
-            self.run_dir / PSEUDO_LABEL_DIR, teacher_fingerprint(teacher_dir), stage.name, palette=self.data.palette
+            self.run_dir / PSEUDO_LABEL_DIR, inputs["teacher"], stage.name, palette=self.data.palette
         )
-        progress = tqdm(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
+        progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
         label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
         progress.close()
         self.accelerator.wait_for_everyone()
@@ -281,22 +323,23 @@ class _Run:
             "teacher": teacher_dir.relative_to(self.run_dir).as_posix(),
             "store_dir": store.directory.relative_to(self.run_dir).as_posix(),
         }
-        self.finish_stage(stage, [store.directory], summary)
+        self.finish_stage(stage, [store.directory], summary, inputs)
         return summary
 
     # ---- whole run ---------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.perf_counter()
         for index, stage in enumerate(self.stages):
-            if self.state.is_done(stage.name):
+            inputs = self.stage_inputs(stage)
+            if self.state.is_done(stage.name, inputs):
                 self.accelerator.print(f"[{stage.name}] already finished: skipped")
                 continue
             if stage.kind == "train":
-                self.run_train(index, stage)
+                self.run_train(index, stage, inputs)
             elif stage.kind == "select":
-                self.run_select(stage)
+                self.run_select(stage, inputs)
             else:
-                self.run_label(stage)
+                self.run_label(stage, inputs)
         return self.finalize(time.perf_counter() - started)
 
     def finalize(self, wall_time_s: float) -> dict:
@@ -365,6 +408,21 @@ class _Subset:
 
     def __getitem__(self, index: int):
         return self.dataset[self.positions[index]]
+
+
+def lock_run(accelerator, run_dir: str | Path) -> None:
+    """Lock ``run_dir`` for this launch (:func:`~stpp_hf.training.state.lock_run_directory`): the main
+    process takes the lock, every process raises :class:`RunDirectoryLocked` if it was refused."""
+    verdict = [None]
+    if accelerator.is_main_process:
+        try:
+            lock_run_directory(run_dir)
+        except RunDirectoryLocked as error:
+            verdict = [str(error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise RunDirectoryLocked(verdict[0])
 
 
 def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> dict:

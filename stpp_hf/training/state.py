@@ -3,17 +3,22 @@
 Every file is written to a temporary name and renamed into place; directories (a ``save_pretrained``
 model, an ``accelerator.save_state`` checkpoint) are built under a temporary name and swapped in with
 two renames, and :func:`recover_directory` finishes a swap that a kill interrupted. ``state.json``
-records the finished stages with the SHA-256 of their artefacts, so a relaunch skips exactly the
-stages whose outputs are intact.
+records the finished stages with the SHA-256 of their artefacts and the fingerprints of their inputs, so a
+relaunch skips exactly the stages whose outputs are intact and whose inputs are unchanged.
+:func:`lock_run_directory` keeps a second launch out of a run directory in use (the fixed temporary names
+below are safe because only one launch at a time writes there).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+LOCK_FILE = "run.lock"
+_held_locks: dict[Path, int] = {}  # run directory -> open locked descriptor, held for the process lifetime
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -47,6 +54,46 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    """SHA-256 of ``payload``'s canonical JSON (sorted keys): a fingerprint of ids, checksums, settings."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class RunDirectoryLocked(RuntimeError):
+    """Another launch holds the run directory."""
+
+
+def lock_run_directory(run_dir: str | os.PathLike) -> None:
+    """Take the exclusive lock of ``run_dir`` for the rest of this process's life (again: no-op).
+
+    ``run_dir/run.lock`` is ``flock``-ed (released by the kernel when the process ends, even on
+    ``kill -9``) and holds the holder's pid, host and start time, which the refusal names.
+
+    Raises:
+        RunDirectoryLocked: another process holds the lock.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 4096, 0).decode("utf-8", errors="replace").strip() or "unknown process"
+        os.close(descriptor)
+        raise RunDirectoryLocked(
+            f"{run_dir} is in use by another launch ({holder}, see {path}); wait for it to end or stop it, "
+            "or use another --output_dir"
+        ) from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode("utf-8")
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, holder, 0)
+    _held_locks[run_dir] = descriptor
 
 
 def _old_name(path: Path) -> Path:
@@ -111,34 +158,78 @@ class RunState:
     """The ``state.json`` of a run directory.
 
     Layout: ``{"version", "run_config": {...}, "stages": {name: {"artefacts": {relpath: sha256},
-    "summary": {...}}}}``. ``run_config`` holds the settings that change results; relaunching in the
-    same directory with different ones is refused instead of mixing two runs.
+    "inputs": {name: fingerprint}, "summary": {...}}}}``. ``run_config`` holds the settings that change
+    results; relaunching in the same directory with different ones is refused instead of mixing two runs.
+    ``inputs`` fingerprints what a stage read (teacher weights, upstream labels, id lists): a stage whose
+    inputs changed since it finished is redone. ``redo`` names stages whose records are dropped on
+    loading (a damaged record included), so they and, through their inputs, the stages after them are redone.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any]):
+    def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], redo: Iterable[str] = ()):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STATE_FILE
         self.run_config = json.loads(json.dumps(dict(run_config)))  # normalise tuples etc. like on disk
+        self.redo = set(redo)
         self.reload()
+        self.redo = set()  # dropped once: later reloads read the records these stages get when redone
 
     def reload(self) -> None:
         """Read ``state.json`` again (other processes call this after the main process wrote it)."""
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path} is not valid JSON ({error}); remove it to restart the run") from error
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{self.path} is not valid JSON ({error}); {self._restart_advice()}") from error
+            if not isinstance(data, dict) or not isinstance(data.get("run_config", {}), dict):
+                raise ValueError(
+                    f"{self.path} is not a run state (expected an object with 'version', 'run_config' and "
+                    f"'stages'); {self._restart_advice()}"
+                )
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"{self.path} has version {data.get('version')}, expected {STATE_VERSION}")
             check_same_config(self.run_dir, data.get("run_config", {}), self.run_config)
-            self.stages: dict[str, dict] = data.get("stages", {})
+            self.stages: dict[str, dict] = self._checked_stages(data.get("stages", {}))
         else:
             self.stages = {}
 
-    def is_done(self, name: str) -> bool:
-        """True when ``name`` finished and all its artefacts still match their checksums."""
+    def _restart_advice(self) -> str:
+        return (
+            f"move it away to redo every stage of {self.run_dir} (the stage directories stay, and training stages "
+            "continue from their epoch checkpoints where they have one)"
+        )
+
+    def _checked_stages(self, stages: Any) -> dict[str, dict]:
+        """The stage records of ``state.json`` minus those in ``self.redo``; a malformed one is an error."""
+        if not isinstance(stages, dict):
+            raise ValueError(f"{self.path}: 'stages' must be an object of stage records; {self._restart_advice()}")
+        for name, record in stages.items():
+            if name in self.redo:
+                continue
+            well_formed = (
+                isinstance(record, dict)
+                and isinstance(record.get("artefacts"), dict)
+                and all(isinstance(value, str) for value in record["artefacts"].values())
+                and isinstance(record.get("inputs", {}), dict)
+                and isinstance(record.get("summary"), dict)
+            )
+            if not well_formed:
+                raise ValueError(
+                    f"{self.path}: the record of stage {name!r} is malformed (expected 'artefacts', 'inputs' and "
+                    f"'summary' objects); redo that stage and the ones after it with --redo_stage {name}, or "
+                    f"{self._restart_advice()}"
+                )
+        return {name: record for name, record in stages.items() if name not in self.redo}
+
+    def is_done(self, name: str, inputs: Mapping[str, str] | None = None) -> bool:
+        """True when ``name`` finished, all its artefacts still match their checksums, and (when given)
+        its ``inputs`` fingerprints are the ones it finished with."""
         record = self.stages.get(name)
         if record is None:
+            return False
+        if inputs is not None and record.get("inputs", {}) != dict(inputs):
+            recorded = record.get("inputs", {})
+            changed = sorted(key for key in set(recorded) | set(inputs) if recorded.get(key) != inputs.get(key))
+            logger.warning("inputs of finished stage %r changed (%s): redoing the stage", name, ", ".join(changed))
             return False
         for relative, expected in record["artefacts"].items():
             file = self.run_dir / relative
@@ -150,9 +241,20 @@ class RunState:
     def summary(self, name: str) -> dict:
         return self.stages[name]["summary"]
 
-    def mark_done(self, name: str, artefacts: Iterable[str | os.PathLike], summary: Mapping[str, Any]) -> None:
-        """Record ``name`` as finished with checksums of ``artefacts`` (call on the main process)."""
-        self.stages[name] = {"artefacts": artefact_checksums(self.run_dir, artefacts), "summary": dict(summary)}
+    def mark_done(
+        self,
+        name: str,
+        artefacts: Iterable[str | os.PathLike],
+        summary: Mapping[str, Any],
+        inputs: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record ``name`` as finished with checksums of ``artefacts`` and the fingerprints of its
+        ``inputs`` (call on the main process)."""
+        self.stages[name] = {
+            "artefacts": artefact_checksums(self.run_dir, artefacts),
+            "inputs": dict(inputs or {}),
+            "summary": dict(summary),
+        }
         self.save()
 
     def save(self) -> None:

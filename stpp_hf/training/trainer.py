@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType, broadcast, set_seed
 
 from ..data.transforms import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
+from ..progress import progress_bar
 from .config import per_device_batch_size
 from .distributed import rank_and_world_size
 from .inference import inference_model, same_size_batches, shard_indices, to_device_images
@@ -180,6 +181,7 @@ def train_stage(
     keep_last: bool = False,
     image_processor=None,
     log_prefix: str = "train",
+    inputs: dict[str, str] | None = None,
 ) -> dict:
     """Train one stage and return its summary (best epoch and val metrics, mIoU history).
 
@@ -188,7 +190,8 @@ def train_stage(
 
     Writes into ``stage_dir``: ``best/`` (best-val ``save_pretrained``), ``snapshots/epoch_<e>/`` for
     ``snapshot_epochs`` (1-based), ``last/`` if ``keep_last``, and ``checkpoint/`` (``save_state`` +
-    ``trainer_state.json``) after every epoch, from which a relaunch continues.
+    ``trainer_state.json``) after every epoch, from which a relaunch continues if it was written for
+    the same ``inputs`` (fingerprints of what the stage reads; a checkpoint of other inputs is discarded).
     """
     stage_dir = Path(stage_dir)
     checkpoint_dir = stage_dir / CHECKPOINT_DIR
@@ -221,9 +224,18 @@ def train_stage(
 
     start_epoch, best_miou, best_epoch, history = 0, -1.0, -1, []
     best_metrics: dict = {}
-    if (checkpoint_dir / TRAINER_STATE).is_file():
-        accelerator.load_state(str(checkpoint_dir))
-        saved = json.loads((checkpoint_dir / TRAINER_STATE).read_text())
+    saved = _read_trainer_state(checkpoint_dir)
+    if saved is not None and saved.get("inputs", {}) != (inputs or {}):
+        logger.warning("%s: the epoch checkpoint was written for other inputs: training from the start", stage_dir.name)
+        saved = None
+    if saved is not None:
+        try:
+            accelerator.load_state(str(checkpoint_dir))
+        except Exception as error:  # safetensors / torch raise many types for a torn file
+            raise ValueError(
+                f"cannot load the epoch checkpoint {checkpoint_dir} ({type(error).__name__}: {error}); "
+                f"{_restart_stage_advice(checkpoint_dir)}"
+            ) from error
         start_epoch, best_miou, best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
         history, best_metrics = saved["history"], saved["best_metrics"]
         logger.info("%s: resuming after epoch %d (best mIoU %.4f)", stage_dir.name, start_epoch, best_miou)
@@ -257,7 +269,7 @@ def train_stage(
                 step_loss.zero_()
                 step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{current_lr:.2e}")
+                progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{current_lr:.2e}", refresh=False)
                 accelerator.log({f"{log_prefix}/loss": global_loss, f"{log_prefix}/lr": current_lr}, step=step)
 
         unwrapped = accelerator.unwrap_model(model)
@@ -287,7 +299,10 @@ def train_stage(
         _save_checkpoint(
             accelerator,
             checkpoint_dir,
-            {"epoch": epoch + 1, "best_miou": best_miou, "best_epoch": best_epoch, "history": history, "best_metrics": best_metrics},
+            {
+                "epoch": epoch + 1, "best_miou": best_miou, "best_epoch": best_epoch, "history": history,
+                "best_metrics": best_metrics, "inputs": inputs or {},
+            },
         )
     progress.close()
     accelerator.free_memory()
@@ -300,6 +315,30 @@ def train_stage(
         "lr": lr,
         "steps": total_steps,
     }
+
+
+def _restart_stage_advice(checkpoint_dir: Path) -> str:
+    return f"delete {checkpoint_dir} to restart stage {checkpoint_dir.parent.name} from its first epoch (finished stages are kept)"
+
+
+TRAINER_STATE_FIELDS = {"epoch": int, "best_miou": (int, float), "best_epoch": int, "history": list, "best_metrics": dict}
+
+
+def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
+    """``checkpoint_dir/trainer_state.json`` (``None`` without one); a torn or malformed one is an error
+    that names it and says how to restart only this stage."""
+    path = checkpoint_dir / TRAINER_STATE
+    if not path.is_file():
+        return None
+    advice = _restart_stage_advice(checkpoint_dir)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {advice}") from error
+    wrong = [key for key, kind in TRAINER_STATE_FIELDS.items() if not isinstance(saved, dict) or not isinstance(saved.get(key), kind)]
+    if wrong:
+        raise ValueError(f"{path} lacks or has malformed fields {wrong}; {advice}")
+    return saved
 
 
 def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> None:
@@ -318,6 +357,4 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> 
 
 
 def _progress(accelerator, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not accelerator.is_local_main_process, dynamic_ncols=True, **kwargs)
+    return progress_bar(disable=not accelerator.is_local_main_process, dynamic_ncols=True, **kwargs)
