@@ -179,6 +179,7 @@ TRAIN_ARGS = [
     "--dataset_name", "tester/tiny-seg", "--labeled_fraction", "1/4", "--partition_seed", "2", "--framework", "stpp",
     "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--global_batch_size", "4", "--crop_size", "32",
     "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02", "--report_to", "none",
+    "--backbone_weights", "none",  # a random ResNet-18: no ImageNet weights to download in a test
 ]  # fmt: skip
 
 
