@@ -9,7 +9,6 @@ process), so it is the same whatever the number of processes or accumulation ste
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..data.transforms import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
-from .inference import inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
 from .state import (
     atomic_write_json,
     recover_directory,
@@ -140,7 +139,7 @@ def evaluate(
     for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
         if folded is None:
             folded = inference_model(model, device, images[:1])
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        with autocast(accelerator):
             logits = predict_logits(folded, to_device_images(images, device), sliding_window)
         metric.update(logits.argmax(dim=1).cpu(), masks)
     return metric.compute(accelerator)
