@@ -12,7 +12,7 @@
 
 Variants are timed in alternating rounds (median round), so a slow spell of a shared machine hits all alike.
 GFLOP/s are the reference's FLOPs (``torch.utils.flop_counter``) over the time, against the fp32 and bf16
-2048² matmul peaks measured at the start of the same run.
+2048² matmul peaks measured in the same rounds.
 
     python benchmarks/bench_recipe.py                                  # both parts, ResNet-50 and -101
     python benchmarks/bench_recipe.py --part labeling --num_images 2 --image_size 375 500
@@ -98,17 +98,30 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
-def alternate(functions: dict, rounds: int, repeats: int, device) -> dict:
+def alternate(functions: dict, rounds: int, repeats: int, device, warm_up: bool = True) -> tuple[dict, dict]:
+    """Median seconds per call of each function over alternating rounds, and the fp32 / bf16 matmul peaks
+    (GFLOP/s) measured in the same rounds: the load of a shared machine changes over minutes."""
     times = {name: [] for name in functions}
+    peaks = {"fp32": [], "bf16": []}
     for _ in range(rounds):
         for name, function in functions.items():
-            times[name].append(timed(function, device, repeats))
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+            if warm_up:
+                times[name].append(timed(function, device, repeats))
+                continue
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peaks[name].append(matmul_peak_gflops(device, dtype=dtype))
+    median = statistics.median
+    return {name: median(seconds) for name, seconds in times.items()}, {name: median(values) for name, values in peaks.items()}
 
 
 def report(title, seconds, work, unit, flops, peaks):
     base = next(iter(seconds.values()))
-    print(f"\n== {title} ==")
+    print(f"\n== {title} ==\n2048² matmul in the same rounds: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     width = max(len(name) for name in seconds)
     for name, elapsed in seconds.items():
         peak_name = "bf16" if "bf16" in name else "fp32"
@@ -119,7 +132,7 @@ def report(title, seconds, work, unit, flops, peaks):
         )
 
 
-def benchmark_training(args, backbone, device, peaks):
+def benchmark_training(args, backbone, device):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, generator=generator).to(device)
     labels = torch.randint(0, args.num_labels, (args.batch_size, args.crop_size, args.crop_size), generator=generator)
@@ -146,7 +159,7 @@ def benchmark_training(args, backbone, device, peaks):
     for name, dtype in (("package fp32 (trainer step)", torch.float32), ("package bf16 autocast", torch.bfloat16)):
         network = copy.deepcopy(model)
         steps[name] = step_function(network, build_optimizer(network, 1e-3), dtype, package_loss)
-    seconds = alternate(steps, args.rounds, args.repeats, device)
+    seconds, peaks = alternate(steps, args.rounds, args.repeats, device)
     report(f"training step: DeepLabV3+ {backbone}, OS 8, {args.batch_size} x {args.crop_size} px", seconds, args.batch_size, "img", flops, peaks)
 
 
@@ -181,7 +194,7 @@ class _AutocastDevice(_Device):
         return autocast(self.device, self.dtype)
 
 
-def benchmark_labeling(args, backbone, device, peaks):
+def benchmark_labeling(args, backbone, device):
     generator = torch.Generator().manual_seed(2)
     height, width = args.image_size
     images = smooth_images(args.num_images, height, width, generator)
@@ -206,14 +219,8 @@ def benchmark_labeling(args, backbone, device, peaks):
     functions = {"baseline fp32 (reference net, batch 1, one flip at a time)": baseline}
     for name, dtype in (("package fp32 (label_images)", torch.float32), ("package bf16 autocast", torch.bfloat16)):
         functions[name] = package(name, dtype)
-    times = {name: [] for name in functions}
-    for _ in range(args.label_rounds):  # no warm-up run: one labeling pass is long next to kernel selection
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(values) for name, values in times.items()}
+    # no warm-up run: one labeling pass is long next to kernel selection
+    seconds, peaks = alternate(functions, args.label_rounds, 1, device, warm_up=False)
     report(f"TTA labeling: DeepLabV3+ {backbone}, OS 8, {args.num_images} images of {height}x{width}", seconds, args.num_images, "img", flops, peaks)
     for name in list(functions)[1:]:
         equal = sum((a == b).sum().item() for a, b in zip(outputs[name], outputs["baseline"]))
@@ -237,14 +244,13 @@ def main():
     parser.add_argument("--part", choices=("all", "training", "labeling"), default="all")
     args = parser.parse_args()
     device = torch.device(args.device)
-    peaks = {name: matmul_peak_gflops(device, dtype=dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"device {device}, threads {torch.get_num_threads()}, 2048² matmul: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    print(f"device {device}, threads {torch.get_num_threads()}")
     if args.part in ("all", "training"):
         for backbone in args.backbones:
-            benchmark_training(args, backbone, device, peaks)
+            benchmark_training(args, backbone, device)
     if args.part in ("all", "labeling"):
         for backbone in args.label_backbones:
-            benchmark_labeling(args, backbone, device, peaks)
+            benchmark_labeling(args, backbone, device)
 
 
 if __name__ == "__main__":
