@@ -21,6 +21,7 @@ Both sides compute the same method; the script checks that their outputs agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -53,6 +54,9 @@ class _Device:
     def __init__(self, device):
         self.device, self.process_index, self.num_processes = device, 0, 1
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -69,9 +73,9 @@ def timed(function, device, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_peak_gflops(device, size=2048, repeats=10):
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_peak_gflops(device, size=2048, repeats=10, dtype=torch.float32):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats)
     return 2 * size**3 / seconds / 1e9
 

@@ -81,3 +81,21 @@ def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
             expected_label = _palette_image(prediction, palette).resize((48, 48), Image.NEAREST)
             assert np.array_equal(np.asarray(figure.crop((x, y, x + 48, y + 48))), np.asarray(expected_image))
             assert np.array_equal(np.asarray(figure.crop((x + 48, y, x + 96, y + 48))), np.asarray(expected_label))
+
+
+def test_bf16_selection_keeps_the_fp32_split():
+    """Selection under bf16 autocast: the reliability scores stay close to fp32's and the reliable / unreliable
+    split is the same up to images whose fp32 scores are near-tied at the split."""
+    snapshots = [tiny_model(3, perturbation_seed=seed) for seed in (4, 5, 6)]
+    dataset = images_of_mixed_sizes(2) + images_of_mixed_sizes(4)
+    ids = [f"u{index}" for index in range(len(dataset))]
+    scores = {
+        name: compute_reliability(snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(0, 1, dtype), batch_size=3)
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+    }
+    assert [scores["bf16"][i] for i in ids] == pytest.approx([scores["fp32"][i] for i in ids], abs=0.02)
+    reliable = {name: set(split_by_reliability(values, ids)[0]) for name, values in scores.items()}
+    moved = reliable["fp32"] ^ reliable["bf16"]
+    ranked = sorted(scores["fp32"].values(), reverse=True)
+    threshold = (ranked[len(ids) // 2 - 1] + ranked[len(ids) // 2]) / 2
+    assert all(abs(scores["fp32"][i] - threshold) < 0.02 for i in moved)

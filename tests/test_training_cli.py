@@ -1,7 +1,6 @@
 """stpp-train options: command line, recipe files (YAML / JSON) plus overrides, validation before any data
 work, the resolved run configuration, --dry_run on every shipped recipe, the relaunch check."""
 
-import importlib.util
 import json
 import sys
 import types

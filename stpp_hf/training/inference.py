@@ -8,6 +8,7 @@ image is resized or padded and every prediction equals the one-image-at-a-time r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterator, Sequence
 
@@ -47,6 +48,11 @@ def same_size_batches(
         pending.append((index, image, mask))
     if pending:
         yield flush()
+
+
+def autocast(accelerator):
+    """The accelerator's autocast context (its ``mixed_precision``), or a no-op without an accelerator."""
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
 def inference_model(model: torch.nn.Module, device: torch.device, example: torch.Tensor) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 
 from ..metrics import SegmentationMetric
 from .distributed import rank_and_world_size
-from .inference import inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -39,7 +39,8 @@ def label_images(
 ) -> int:
     """Write TTA pseudo labels of the ids that ``store`` still lacks; returns how many this process wrote.
 
-    ``dataset[i] = (image [3,H,W], mask | None)`` is the image whose id is ``ids[i]``.
+    ``dataset[i] = (image [3,H,W], mask | None)`` is the image whose id is ``ids[i]``. The network runs
+    under ``accelerator.autocast()``, i.e. in the run's mixed precision.
     """
     if len(dataset) != len(ids):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
@@ -54,7 +55,8 @@ def label_images(
     for indices, images, _ in same_size_batches(dataset, my_indices, batch_size):
         if folded is None:
             folded = inference_model(model, device, images[:1])
-        labels = tta_pseudo_labels(folded, to_device_images(images, device))
+        with autocast(accelerator):  # bf16 / fp16 under mixed precision; the softmax sum stays float32
+            labels = tta_pseudo_labels(folded, to_device_images(images, device))
         for index, label in zip(indices, labels):
             store.put(ids[index], label.to(torch.uint8).numpy())
         written += len(indices)

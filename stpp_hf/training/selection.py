@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from ..metrics import per_image_miou
 from .distributed import rank_and_world_size
-from .inference import inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
 
 
 @torch.no_grad()
@@ -61,7 +61,8 @@ def compute_reliability(
     for indices, images, _ in same_size_batches(dataset, shard_indices(len(ids), rank, world), batch_size):
         if folded is None:
             folded = [inference_model(snapshot, device, images[:1]) for snapshot in snapshots]
-        predictions = snapshot_predictions(folded, to_device_images(images, device))
+        with autocast(accelerator):  # the run's mixed precision
+            predictions = snapshot_predictions(folded, to_device_images(images, device))
         for index, score in zip(indices, reliability_of_predictions(predictions, num_classes)):
             local_scores.append((ids[index], score))
         if progress is not None:

@@ -14,7 +14,6 @@ same images (:mod:`~stpp_hf.training.sampling`). BatchNorm sees the per-device b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from ..metrics import SegmentationMetric, format_per_class_iou
 from ..progress import progress_bar
 from .config import per_device_batch_size
 from .distributed import rank_and_world_size
-from .inference import inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
 from .sampling import training_loader
 from .state import (
     atomic_write_json,
@@ -152,7 +151,7 @@ def evaluate(
     for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
         if folded is None:
             folded = inference_model(model, device, images[:1])
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        with autocast(accelerator):
             logits = predict_logits(folded, to_device_images(images, device), sliding_window)
         metric.update(logits.argmax(dim=1).cpu(), masks)
     return metric.compute(accelerator)

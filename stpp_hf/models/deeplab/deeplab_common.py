@@ -338,26 +338,32 @@ class DeepLabPreTrainedModel(PreTrainedModel):
 
         For each scale s the [B, 3, h, w] input is resized to (int(h*s), int(w*s)) (bilinear, align_corners=True);
         the softmax of the prediction on it (and on its flip, flipped back) is resized to (h, w) the same way.
-        Call it in eval mode (BatchNorm running statistics, no dropout), as the method does.
+        The flipped copy goes through the network in one batch with the original; the maps are still added in
+        the method's order (scale by scale, the original before its flip), in float32 also under autocast.
+        Call it in eval mode (BatchNorm running statistics, no dropout), as the method does. The result equals
+        the image-by-image, flip-by-flip procedure up to float rounding: oneDNN picks its conv kernels by batch
+        size (and the image-pooling branch is a B-row matmul), which changes the last bits, not the method.
 
         Returns:
-            [B, num_labels, h, w] sum of all those softmax maps (argmax gives the pseudo label).
+            [B, num_labels, h, w] float32 sum of all those softmax maps (argmax gives the pseudo label).
         """
         self._check_inputs(pixel_values, None)
         if not scales:
             raise ValueError("scales must hold at least one scale")
-        height, width = pixel_values.shape[-2:]
+        batch, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
         total = None
         for scale in scales:
             size = (int(height * scale), int(width * scale))
             if min(size) < 1:
                 raise ValueError(f"scale {scale} shrinks the {height}x{width} input to {size}")
             scaled = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=True)
-            probabilities = [self._logits(scaled).softmax(dim=1)]
             if flip:
-                probabilities.append(self._logits(scaled.flip(3)).softmax(dim=1).flip(3))
-            for probability in probabilities:
-                probability = F.interpolate(probability, size=(height, width), mode="bilinear", align_corners=True)
+                scaled = torch.cat([scaled, scaled.flip(3)])
+            probabilities = self._logits(scaled).float().softmax(dim=1)
+            if flip:
+                probabilities = torch.cat([probabilities[:batch], probabilities[batch:].flip(3)])
+            probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
+            for probability in probabilities.split(batch):  # the original, then its flip
                 total = probability if total is None else total + probability
         return total
 

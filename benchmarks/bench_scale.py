@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Costs as the data grows: per-image time and peak memory of the data and store stages at several set sizes.
+
+A Pascal-VOC-layout set of generated 500x375 / 375x500 JPEGs with palette masks is written once into a cache
+directory; then, for each size N, a fresh process (so its peak RSS is its own) measures:
+
+* ``load_source`` building and validating the Arrow table (every image and mask decoded once);
+* ``PseudoLabelStore``: N ``put``s (PNG + journal line each), ``pending``, ``verify`` (checksums + manifest
+  merge) and a reload (``get`` of every id from a new store object);
+* TTA labeling of a fixed sample of images with a tiny model (ResNet-18, output stride 16, 64x86 px): the
+  per-image overhead of ``label_images``, which must not depend on N (the network cost per image is fixed).
+
+Per-image times that stay flat as N grows mean linear cost; the script prints the ratio of the largest N's
+per-image time to the smallest N's.
+
+    python benchmarks/bench_scale.py --sizes 250 500 1000 --cache_dir /tmp/stpp_scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stpp_hf.data import PseudoLabelStore, load_source
+from stpp_hf.data.splits import SplitEntry, write_split
+
+SIZES = ((375, 500), (500, 375), (333, 500), (375, 500))  # (height, width), VOC-like mix
+
+
+def generate(cache_dir: Path, count: int) -> Path:
+    """``cache_dir`` holding ``count`` image / mask pairs (made once; later calls only add the missing ones)."""
+    images, masks = cache_dir / "JPEGImages", cache_dir / "SegmentationClass"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    palette = [value for index in range(256) for value in (index, 255 - index, (index * 7) % 256)]
+    for index in range(count):
+        stem = f"2026_{index:06d}"
+        if (masks / f"{stem}.png").is_file():
+            continue
+        height, width = SIZES[index % len(SIZES)]
+        coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((width, height), Image.BILINEAR).save(images / f"{stem}.jpg", quality=90)
+        mask = Image.fromarray(rng.integers(0, 21, (height // 25 + 1, width // 25 + 1), dtype=np.uint8)).resize((width, height), Image.NEAREST)
+        mask.putpalette(palette)
+        mask.save(masks / f"{stem}.png")
+    return cache_dir
+
+
+def measure(cache_dir: str, count: int, label_sample: int, queue) -> None:
+    import torch
+
+    from stpp_hf import build_model
+    from stpp_hf.training.pseudo_labeling import label_images
+
+    torch.set_num_threads(2)
+    timings = {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        split = write_split(work / "split.txt", [SplitEntry(f"JPEGImages/2026_{i:06d}.jpg", f"SegmentationClass/2026_{i:06d}.png") for i in range(count)])
+        start = time.perf_counter()
+        source = load_source("pascal", cache_dir, split, require_masks=True, cache_dir=work / "arrow")
+        timings["load_source"] = time.perf_counter() - start
+        ids = list(source["id"])
+        label = np.zeros((375, 500), dtype=np.uint8)
+        label[100:200, 100:300] = 7
+        store = PseudoLabelStore(work / "store")
+        start = time.perf_counter()
+        for image_id in ids:
+            store.put(image_id, label)
+        timings["store_put"] = time.perf_counter() - start
+        start = time.perf_counter()
+        assert store.pending(ids) == []
+        store.verify(ids)
+        timings["store_pending_verify"] = time.perf_counter() - start
+        start = time.perf_counter()
+        reloaded = PseudoLabelStore(work / "store")
+        for image_id in ids:
+            reloaded.get(image_id)
+        timings["store_reload_get"] = time.perf_counter() - start
+        torch.manual_seed(0)
+        model = build_model("deeplabv3plus", num_labels=21, backbone="resnet18", output_stride=16).eval()
+        sample = [(torch.randn(3, 64, 86), None) for _ in range(label_sample)]
+        start = time.perf_counter()
+        label_images(model, sample, ids[:label_sample], PseudoLabelStore(work / "tta"), batch_size=8)
+        timings["tta_label_sample"] = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"count": count, "seconds": timings, "peak_rss_mib": peak_mib})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000])
+    parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "stpp_scale_cache"))
+    parser.add_argument("--label_sample", type=int, default=16, help="Images TTA-labeled at every size.")
+    parser.add_argument("--clear", action="store_true", help="Delete the generated set afterwards.")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    cache_dir = generate(Path(args.cache_dir), max(args.sizes))
+    print(f"generated set in {args.cache_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for count in sorted(args.sizes):
+        queue = context.Queue()
+        process = context.Process(target=measure, args=(str(cache_dir), count, args.label_sample, queue))
+        process.start()
+        results.append(queue.get())
+        process.join()
+        row = results[-1]
+        per_image = {name: 1000 * seconds / (args.label_sample if name == "tta_label_sample" else count) for name, seconds in row["seconds"].items()}
+        print(f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    first, last = results[0], results[-1]
+    for name in first["seconds"]:
+        scale = 1 if name == "tta_label_sample" else last["count"] / first["count"]
+        print(f"{name}: per-image time at N={last['count']} / at N={first['count']}: {last['seconds'][name] / first['seconds'][name] / scale:.2f}")
+    if args.clear:
+        shutil.rmtree(cache_dir)
+
+
+if __name__ == "__main__":
+    main()
