@@ -54,7 +54,7 @@ PASCAL_1_16 = (662, 9919)  # labeled / unlabeled ids of pascal/1_16/split_0
 
 
 class ReferenceStyleDataset(Dataset):
-    """The reference's per-sample logic, written plainly (spec section 3), as the baseline."""
+    """The reference's per-sample logic, written plainly (docs/method.md §3), as the baseline."""
 
     def __init__(self, root, labeled_lines, unlabeled_lines, pseudo_dir, base_size, crop_size, padding_ids):
         self.root, self.pseudo_dir = Path(root), Path(pseudo_dir)

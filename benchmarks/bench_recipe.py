@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed at the method's recipe (spec §2, §4, §5) against a plain reference-style implementation, in one process.
+"""Speed at the method's recipe (docs/method.md §2, §4, §5) against a plain reference-style implementation, in one process.
 
 * training step of DeepLabV3+ ResNet-50 / ResNet-101, output stride 8, 321-px crops: the package's model and
   trainer step (fused SGD; bf16 = CPU/CUDA autocast, as ``--mixed_precision bf16`` does through Accelerate)
@@ -59,7 +59,7 @@ class ReferenceASPP(nn.Module):
 
 
 class ReferenceDeepLabV3Plus(nn.Module):
-    """The reference's DeepLabV3+ (spec §4) with its module names: torchvision ResNet dilated to output stride 8."""
+    """The reference's DeepLabV3+ (docs/method.md §4) with its module names: torchvision ResNet dilated to output stride 8."""
 
     def __init__(self, backbone: str, num_labels: int):
         super().__init__()

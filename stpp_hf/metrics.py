@@ -1,4 +1,4 @@
-"""Streaming confusion-matrix mIoU (spec section 6), summed across processes.
+"""Streaming confusion-matrix mIoU (docs/method.md §6), summed across processes.
 
 The metric is a ``[C, C]`` int64 confusion matrix ``hist[gt, pred]`` over the pixels whose ground
 truth lies in ``[0, C)``; 255 and any other out-of-range value are ignored. Per-class IoU is
@@ -56,7 +56,7 @@ def nanmean(values: torch.Tensor) -> float:
 
 
 def per_image_miou(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """mIoU of one image (``[H, W]`` label maps) with the spec section 6 metric."""
+    """mIoU of one image (``[H, W]`` label maps) with the docs/method.md §6 metric."""
     return nanmean(iou_from_confusion(confusion_matrix(prediction, target, num_classes)))
 
 

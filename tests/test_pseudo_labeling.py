@@ -1,4 +1,4 @@
-"""Batched / sharded TTA pseudo-labeling equals the per-image spec procedure (spec section 5)."""
+"""Batched / sharded TTA pseudo-labeling equals the per-image spec procedure (docs/method.md §5)."""
 
 import contextlib
 

@@ -1,4 +1,4 @@
-"""Reliable-image selection (spec section 1, ST++ step 2) against a per-image reference loop."""
+"""Reliable-image selection (docs/method.md §1, ST++ step 2) against a per-image reference loop."""
 
 import numpy as np
 import pytest

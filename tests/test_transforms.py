@@ -1,4 +1,4 @@
-"""Statistics of the method's augmentations (spec section 3): not just shapes."""
+"""Statistics of the method's augmentations (docs/method.md §3): not just shapes."""
 
 import numpy as np
 import pytest

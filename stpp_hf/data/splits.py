@@ -1,7 +1,7 @@
 """Split files: read, write, generate, and the standard partitions shipped with the package.
 
 A split file lists one sample per line, ``<image path> <mask path>``, relative to the dataset root
-(spec section 7). A line holding only an image path is valid for unlabeled images. Paths that hold
+(docs/method.md §7). A line holding only an image path is valid for unlabeled images. Paths that hold
 spaces are written ``<image path><TAB><mask path>``: a line with a tab is split at tabs only. Files are
 UTF-8 (a byte-order mark is skipped). A missing final newline is tolerated; malformed lines and duplicate
 images are errors that name the line.

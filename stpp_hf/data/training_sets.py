@@ -14,7 +14,7 @@ The id of item ``i`` is ``dataset.ids[i]``. Images and masks are read as stored,
 ignored (:mod:`stpp_hf.data.images`): the datasets' image columns are read undecoded and decoded here,
 not by ``datasets`` (which would turn a tagged image but not its mask).
 
-* :class:`SupOnlyDataset`: the labeled images, listed twice when fewer than 200 (spec section 2).
+* :class:`SupOnlyDataset`: the labeled images, listed twice when fewer than 200 (docs/method.md §2).
 * :class:`RetrainDataset`: the labeled images repeated ``ceil(U / L)`` times, then the ``U``
   pseudo-labeled images, whose labels come from one or more :class:`PseudoLabelStore`\\ s (ST++ stage
   6 takes the reliable ids from stage 3's store and the unreliable ones from stage 5's). Only
@@ -41,7 +41,7 @@ Transform = Callable[[Image.Image, "Image.Image | None"], tuple]
 
 
 def suponly_length(num_labeled: int) -> int:
-    """Items of a SupOnly epoch: the labeled images, twice when fewer than 200 (spec section 2)."""
+    """Items of a SupOnly epoch: the labeled images, twice when fewer than 200 (docs/method.md §2)."""
     return num_labeled * (2 if num_labeled < SUPONLY_REPEAT_BELOW else 1)
 
 

@@ -1,4 +1,4 @@
-"""The method's joint image/mask augmentations (spec sections 3 and 7) on ``torchvision.transforms.v2``.
+"""The method's joint image/mask augmentations (docs/method.md §3 and §7) on ``torchvision.transforms.v2``.
 
 ``TrainTransform(base_size, crop_size, strong=False)`` maps ``(PIL image, PIL mask)`` to
 ``(pixels [3, crop, crop] uint8, labels [crop, crop] uint8)``: training items cross the DataLoader's
@@ -123,7 +123,7 @@ def _nearest_sources(in_size: int, out_size: int) -> np.ndarray:
 def random_scale_and_crop(
     image: Image.Image, mask: np.ndarray, base_size: int, crop_size: int
 ) -> tuple[Image.Image, np.ndarray]:
-    """Steps 1-2 of spec section 3 in one pass: resize so the long side is a random integer in
+    """Steps 1-2 of docs/method.md §3 in one pass: resize so the long side is a random integer in
     ``[int(0.5*base), int(2.0*base)]`` (bilinear image, nearest mask), pad right/bottom up to
     ``crop_size`` (image 0, mask 255), and take a uniformly placed ``crop_size`` square.
 
@@ -189,8 +189,8 @@ def cutout(
     and set it to 255 in ``mask`` (``[..., H, W]``), in place.
 
     Box: area ``U(area) * H * W``, aspect ``r ~ U(ratio)``, width ``int(sqrt(area / r))``, height
-    ``int(sqrt(area * r))``, top-left corner uniform; everything is redrawn until the box fits (spec
-    section 3). ``v2.RandomErasing`` draws ratios log-uniformly, gives up after 10 tries, fills with
+    ``int(sqrt(area * r))``, top-left corner uniform; everything is redrawn until the box fits
+    (docs/method.md §3). ``v2.RandomErasing`` draws ratios log-uniformly, gives up after 10 tries, fills with
     normal noise and leaves masks alone, hence this function.
     """
     if torch.rand(()) >= p:

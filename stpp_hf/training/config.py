@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RecipeDefaults:
-    """The defaults of one dataset (spec section 2). ``base_lr`` is for a global batch of 16."""
+    """The defaults of one dataset (docs/method.md §2). ``base_lr`` is for a global batch of 16."""
 
     epochs: int
     base_lr: float
@@ -72,7 +72,7 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
         backbone="resnet18", output_stride=16,
     ),
 }
-# the paper's DeepLabV2 is a ResNet-101 (spec section 4)
+# the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
 DEEPLABV2_BACKBONE = "resnet101"
 
 
@@ -106,7 +106,7 @@ class ModelArguments:
         default=None,
         metadata={"help": "timm ResNet (default: resnet50; resnet101 for deeplabv2; resnet18 on synthetic data)."},
     )
-    output_stride: Optional[int] = field(default=None, metadata={"help": "8 (spec) or 16 (default on synthetic data)."})
+    output_stride: Optional[int] = field(default=None, metadata={"help": "8 (the method's) or 16 (default on synthetic data)."})
     backbone_weights: Optional[str] = field(
         default=None,
         metadata={

@@ -1,4 +1,4 @@
-"""TTA pseudo-labeling of unlabeled images (spec section 5), batched and sharded across processes.
+"""TTA pseudo-labeling of unlabeled images (docs/method.md §5), batched and sharded across processes.
 
 Only the ids the store does not hold yet are labeled, so a relaunch after a kill completes a
 partial store. Each process labels a disjoint shard and writes its labels itself (the store's writes

@@ -1,4 +1,4 @@
-"""Reliable-image selection (spec section 1, ST++ step 2).
+"""Reliable-image selection (docs/method.md §1, ST++ step 2).
 
 For each unlabeled image every SupOnly snapshot predicts an argmax map (full image, no TTA); the
 image's reliability is the mean over the earlier snapshots of the per-image mIoU between their

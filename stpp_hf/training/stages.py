@@ -1,4 +1,4 @@
-"""The ST / ST++ stage sequences (spec section 1) as data.
+"""The ST / ST++ stage sequences (docs/method.md §1) as data.
 
 A run is a list of :class:`Stage`\\ s executed in order; each one names the stages whose outputs it
 reads, so the runner needs no framework-specific branches and a resumed run can tell which
@@ -21,7 +21,7 @@ class Stage:
 
     Attributes:
         name: unique name, also the stage directory name (``stages/<index>-<name>``).
-        kind: ``"train"`` (fresh model, spec section 2), ``"select"`` (reliable-image selection from
+        kind: ``"train"`` (fresh model, docs/method.md §2), ``"select"`` (reliable-image selection from
             the snapshots of ``source``) or ``"label"`` (TTA pseudo labels from ``source``'s model).
         source: the training stage whose model(s) a select / label stage uses.
         subset: which unlabeled ids a label stage covers.

@@ -1,4 +1,4 @@
-"""One training stage (spec section 2) on Accelerate: fresh model, SGD, poly lr, val every epoch.
+"""One training stage (docs/method.md §2) on Accelerate: fresh model, SGD, poly lr, val every epoch.
 
 Everything device-, precision- and process-related goes through the ``Accelerator``: the model,
 optimizer and train DataLoader are prepared (DDP, autocast, sharding), gradient accumulation uses

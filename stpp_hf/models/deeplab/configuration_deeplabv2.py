@@ -6,7 +6,7 @@ from .deeplab_common import DeepLabConfigMixin, require_positive_int, require_po
 
 
 class DeepLabV2Config(DeepLabConfigMixin, PreTrainedConfig):
-    """Configuration of [`DeepLabV2ForSemanticSegmentation`] (spec §4).
+    """Configuration of [`DeepLabV2ForSemanticSegmentation`] (docs/method.md §4).
 
     Args:
         num_labels: number of classes (default 21, Pascal VOC, unless `id2label` is given).

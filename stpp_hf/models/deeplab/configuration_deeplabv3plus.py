@@ -9,7 +9,7 @@ ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
 
 
 class DeepLabV3PlusConfig(DeepLabConfigMixin, PreTrainedConfig):
-    """Configuration of [`DeepLabV3PlusForSemanticSegmentation`] (spec §4).
+    """Configuration of [`DeepLabV3PlusForSemanticSegmentation`] (docs/method.md §4).
 
     Args:
         num_labels: number of classes (default 21, Pascal VOC, unless `id2label` is given).

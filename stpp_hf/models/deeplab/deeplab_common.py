@@ -334,7 +334,7 @@ class DeepLabPreTrainedModel(PreTrainedModel):
     def predict_tta(
         self, pixel_values: torch.Tensor, scales: Sequence[float] = TTA_SCALES, flip: bool = True
     ) -> torch.Tensor:
-        """Multi-scale (+ horizontal flip) test-time augmentation, as the method's pseudo-labeling (spec §5).
+        """Multi-scale (+ horizontal flip) test-time augmentation, as the method's pseudo-labeling (docs/method.md §5).
 
         For each scale s the [B, 3, h, w] input is resized to (int(h*s), int(w*s)) (bilinear, align_corners=True);
         the softmax of the prediction on it (and on its flip, flipped back) is resized to (h, w) the same way.

@@ -8,7 +8,7 @@ from transformers.models.segformer.image_processing_segformer import SegformerIm
 
 class DeepLabImageProcessor(SegformerImageProcessor):
     """Rescale to [0, 1] and normalise with the ImageNet mean/std; no resize by default, since the method
-    evaluates and pseudo-labels full images (spec §3). Segmentation maps pass through as int64 `labels`.
+    evaluates and pseudo-labels full images (docs/method.md §3). Segmentation maps pass through as int64 `labels`.
 
     Output: `pixel_values` [B, 3, H, W] (images of one batch must share a size unless `do_resize=True`).
     """

@@ -1,4 +1,4 @@
-"""DeepLabV3+ (ASPP + low-level decoder) on a dilated timm ResNet, as used by ST / ST++ (spec §4)."""
+"""DeepLabV3+ (ASPP + low-level decoder) on a dilated timm ResNet, as used by ST / ST++ (docs/method.md §4)."""
 
 import torch
 import torch.nn.functional as F
