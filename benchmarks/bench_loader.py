@@ -28,8 +28,8 @@ import argparse
 import math
 import os
 import random
-import statistics
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +64,9 @@ class ReferenceStyleDataset(Dataset):
         self.unlabeled_ids = padding_ids[1] + unlabeled_lines
         self.ids = labeled_lines * math.ceil(len(unlabeled_lines) / len(labeled_lines)) + unlabeled_lines
         self.normalize = v1.Compose([v1.ToTensor(), v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-        self.color = v1.Compose([v1.RandomApply([v1.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v1.RandomGrayscale(p=0.2)])
+        self.color = v1.Compose(
+            [v1.RandomApply([v1.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v1.RandomGrayscale(p=0.2)]
+        )
 
     def __len__(self):
         return len(self.ids)
@@ -211,7 +213,9 @@ def _cpu_seconds() -> float:
 
 
 def build(workdir: Path, image_size: int, num_unlabeled: int, base_size: int, crop_size: int):
-    synthetic = make_synthetic_dataset(workdir / "data", seed=0, num_labeled=20, num_unlabeled=num_unlabeled, num_val=1, image_size=image_size)
+    synthetic = make_synthetic_dataset(
+        workdir / "data", seed=0, num_labeled=20, num_unlabeled=num_unlabeled, num_val=1, image_size=image_size
+    )
     labeled = load_source("pascal", synthetic.root, synthetic.split_files["labeled"], cache_dir=workdir / "cache")
     unlabeled = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=workdir / "cache")
     # stand-in pseudo labels: the true masks, written by each side's own mechanism
@@ -232,7 +236,9 @@ def build(workdir: Path, image_size: int, num_unlabeled: int, base_size: int, cr
     ours = RetrainDataset(labeled, unlabeled, [(unlabeled_ids, store)], TrainTransform(base_size, crop_size), strong)
     lines = {part: synthetic.split_files[part].read_text().split("\n")[:-1] for part in ("labeled", "unlabeled")}
     padding = ([f"JPEGImages/pad{i}.jpg SegmentationClass/pad{i}.png" for i in range(n)] for n in PASCAL_1_16)
-    baseline = ReferenceStyleDataset(synthetic.root, lines["labeled"], lines["unlabeled"], pseudo_dir, base_size, crop_size, tuple(padding))
+    baseline = ReferenceStyleDataset(
+        synthetic.root, lines["labeled"], lines["unlabeled"], pseudo_dir, base_size, crop_size, tuple(padding)
+    )
     assert len(ours) == len(baseline)
     return ours, baseline
 
@@ -263,10 +269,15 @@ def main():
             for name, dataset, consume, _ in sides:
                 results[name].append(throughput(dataset, args.num_workers, args.batch_size, args.max_batches, consume))
         samples = args.batch_size * args.max_batches
-        per_sample = {name: statistics.median(in_process_ms(dataset, samples) for _ in range(3)) for name, dataset, *_ in sides}
+        per_sample = {
+            name: statistics.median(in_process_ms(dataset, samples) for _ in range(3)) for name, dataset, *_ in sides
+        }
         normalise_ms = statistics.median(consume_ms(args.batch_size, args.crop_size) for _ in range(3))
         loader_ms = {
-            name: 1000 / throughput(ReadyTensors(len(ours), args.crop_size, *dtypes), args.num_workers, args.batch_size, args.max_batches)[1]
+            name: 1000
+            / throughput(
+                ReadyTensors(len(ours), args.crop_size, *dtypes), args.num_workers, args.batch_size, args.max_batches
+            )[1]
             for name, _, _, dtypes in sides
         }
     load_after = os.getloadavg()

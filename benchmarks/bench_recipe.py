@@ -63,7 +63,9 @@ class ReferenceDeepLabV3Plus(nn.Module):
 
     def __init__(self, backbone: str, num_labels: int):
         super().__init__()
-        self.backbone = getattr(torchvision.models, backbone)(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.backbone = getattr(torchvision.models, backbone)(
+            weights=None, replace_stride_with_dilation=[False, True, True]
+        )
         del self.backbone.avgpool, self.backbone.fc
         self.head = ReferenceASPP(2048)
         self.reduce = conv_bn_relu(256, 48)
@@ -116,12 +118,16 @@ def alternate(functions: dict, rounds: int, repeats: int, device, warm_up: bool 
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             peaks[name].append(matmul_peak_gflops(device, dtype=dtype))
     median = statistics.median
-    return {name: median(seconds) for name, seconds in times.items()}, {name: median(values) for name, values in peaks.items()}
+    return {name: median(seconds) for name, seconds in times.items()}, {
+        name: median(values) for name, values in peaks.items()
+    }
 
 
 def report(title, seconds, work, unit, flops, peaks):
     base = next(iter(seconds.values()))
-    print(f"\n== {title} ==\n2048² matmul in the same rounds: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    print(
+        f"\n== {title} ==\n2048² matmul in the same rounds: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s"
+    )
     width = max(len(name) for name in seconds)
     for name, elapsed in seconds.items():
         peak_name = "bf16" if "bf16" in name else "fp32"
@@ -155,12 +161,23 @@ def benchmark_training(args, backbone, device):
     reference_loss = lambda network: F.cross_entropy(network(images), labels, ignore_index=255)  # noqa: E731
     package_loss = lambda network: network(pixel_values=images, labels=labels).loss  # noqa: E731
     plain_sgd = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=False)
-    steps = {"baseline fp32 (reference net, for-loop SGD)": step_function(reference, plain_sgd, torch.float32, reference_loss)}
+    steps = {
+        "baseline fp32 (reference net, for-loop SGD)": step_function(
+            reference, plain_sgd, torch.float32, reference_loss
+        )
+    }
     for name, dtype in (("package fp32 (trainer step)", torch.float32), ("package bf16 autocast", torch.bfloat16)):
         network = copy.deepcopy(model)
         steps[name] = step_function(network, build_optimizer(network, 1e-3), dtype, package_loss)
     seconds, peaks = alternate(steps, args.rounds, args.repeats, device)
-    report(f"training step: DeepLabV3+ {backbone}, OS 8, {args.batch_size} x {args.crop_size} px", seconds, args.batch_size, "img", flops, peaks)
+    report(
+        f"training step: DeepLabV3+ {backbone}, OS 8, {args.batch_size} x {args.crop_size} px",
+        seconds,
+        args.batch_size,
+        "img",
+        flops,
+        peaks,
+    )
 
 
 def smooth_images(count, height, width, generator):
@@ -176,7 +193,9 @@ def reference_tta_label(network, image):
     height, width = image.shape[-2:]
     total = None
     for scale in TTA_SCALES:
-        scaled = F.interpolate(image[None], size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True)
+        scaled = F.interpolate(
+            image[None], size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True
+        )
         for flip in (False, True):
             logits = network(scaled.flip(3) if flip else scaled)
             probabilities = F.softmax(logits.flip(3) if flip else logits, dim=1)
@@ -211,7 +230,9 @@ def benchmark_labeling(args, backbone, device):
     def package(name, dtype):
         def run():
             store = _MemoryStore()
-            label_images(model, dataset, ids, store, _AutocastDevice(device, dtype), batch_size=args.inference_batch_size)
+            label_images(
+                model, dataset, ids, store, _AutocastDevice(device, dtype), batch_size=args.inference_batch_size
+            )
             outputs[name] = [torch.as_tensor(store.labels[i]).to(device).long() for i in ids]
 
         return run
@@ -221,10 +242,19 @@ def benchmark_labeling(args, backbone, device):
         functions[name] = package(name, dtype)
     # no warm-up run: one labeling pass is long next to kernel selection
     seconds, peaks = alternate(functions, args.label_rounds, 1, device, warm_up=False)
-    report(f"TTA labeling: DeepLabV3+ {backbone}, OS 8, {args.num_images} images of {height}x{width}", seconds, args.num_images, "img", flops, peaks)
+    report(
+        f"TTA labeling: DeepLabV3+ {backbone}, OS 8, {args.num_images} images of {height}x{width}",
+        seconds,
+        args.num_images,
+        "img",
+        flops,
+        peaks,
+    )
     for name in list(functions)[1:]:
         equal = sum((a == b).sum().item() for a, b in zip(outputs[name], outputs["baseline"]))
-        print(f"{name}: labels equal to the baseline's on {100 * equal / (args.num_images * height * width):.3f}% of pixels")
+        print(
+            f"{name}: labels equal to the baseline's on {100 * equal / (args.num_images * height * width):.3f}% of pixels"
+        )
 
 
 def main():

@@ -50,7 +50,9 @@ def generate(cache_dir: Path, count: int) -> Path:
         height, width = SIZES[index % len(SIZES)]
         coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
         Image.fromarray(coarse).resize((width, height), Image.BILINEAR).save(images / f"{stem}.jpg", quality=90)
-        mask = Image.fromarray(rng.integers(0, 21, (height // 25 + 1, width // 25 + 1), dtype=np.uint8)).resize((width, height), Image.NEAREST)
+        mask = Image.fromarray(rng.integers(0, 21, (height // 25 + 1, width // 25 + 1), dtype=np.uint8)).resize(
+            (width, height), Image.NEAREST
+        )
         mask.putpalette(palette)
         mask.save(masks / f"{stem}.png")
     return cache_dir
@@ -66,7 +68,10 @@ def measure(cache_dir: str, count: int, label_sample: int, queue) -> None:
     timings = {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        split = write_split(work / "split.txt", [SplitEntry(f"JPEGImages/2026_{i:06d}.jpg", f"SegmentationClass/2026_{i:06d}.png") for i in range(count)])
+        split = write_split(
+            work / "split.txt",
+            [SplitEntry(f"JPEGImages/2026_{i:06d}.jpg", f"SegmentationClass/2026_{i:06d}.png") for i in range(count)],
+        )
         start = time.perf_counter()
         source = load_source("pascal", cache_dir, split, require_masks=True, cache_dir=work / "arrow")
         timings["load_source"] = time.perf_counter() - start
@@ -116,12 +121,20 @@ def main():
         results.append(queue.get())
         process.join()
         row = results[-1]
-        per_image = {name: 1000 * seconds / (args.label_sample if name == "tta_label_sample" else count) for name, seconds in row["seconds"].items()}
-        print(f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        per_image = {
+            name: 1000 * seconds / (args.label_sample if name == "tta_label_sample" else count)
+            for name, seconds in row["seconds"].items()
+        }
+        print(
+            f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  peak RSS {row['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     first, last = results[0], results[-1]
     for name in first["seconds"]:
         scale = 1 if name == "tta_label_sample" else last["count"] / first["count"]
-        print(f"{name}: per-image time at N={last['count']} / at N={first['count']}: {last['seconds'][name] / first['seconds'][name] / scale:.2f}")
+        print(
+            f"{name}: per-image time at N={last['count']} / at N={first['count']}: {last['seconds'][name] / first['seconds'][name] / scale:.2f}"
+        )
     if args.clear:
         shutil.rmtree(cache_dir)
 

@@ -98,7 +98,9 @@ def naive_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def benchmark_training(args, device, peak):
     torch.manual_seed(0)
-    base = build_model("deeplabv3plus", num_labels=args.num_labels, backbone=args.backbone, output_stride=args.output_stride)
+    base = build_model(
+        "deeplabv3plus", num_labels=args.num_labels, backbone=args.backbone, output_stride=args.output_stride
+    )
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     labels = torch.randint(0, args.num_labels, (args.batch_size, args.crop_size, args.crop_size), device=device)
     results = {}
@@ -118,7 +120,10 @@ def benchmark_training(args, device, peak):
         with torch.no_grad():
             logits = model.eval()(pixel_values=inputs).logits
         if flops is None:
-            flops, reference_logits = count_flops(lambda: model.train()(pixel_values=inputs, labels=labels).loss.backward()), logits
+            flops, reference_logits = (
+                count_flops(lambda: model.train()(pixel_values=inputs, labels=labels).loss.backward()),
+                logits,
+            )
         difference = (logits - reference_logits).abs().max().item()
         model.train().zero_grad(set_to_none=True)
         optimizer = build_optimizer(model, 1e-3, fused=fused)
@@ -144,30 +149,44 @@ def benchmark_training(args, device, peak):
 
 def benchmark_inference(args, device, peak):
     generator = torch.Generator().manual_seed(0)
-    dataset = [(torch.randn(3, args.image_size, args.image_size, generator=generator), None) for _ in range(args.num_images)]
+    dataset = [
+        (torch.randn(3, args.image_size, args.image_size, generator=generator), None) for _ in range(args.num_images)
+    ]
     ids = [f"u{index}" for index in range(args.num_images)]
     snapshots = []
     for seed in range(3):
         torch.manual_seed(seed)
-        snapshots.append(build_model("deeplabv3plus", num_labels=args.num_labels, backbone=args.backbone, output_stride=args.output_stride).eval().to(device))
+        snapshots.append(
+            build_model(
+                "deeplabv3plus", num_labels=args.num_labels, backbone=args.backbone, output_stride=args.output_stride
+            )
+            .eval()
+            .to(device)
+        )
     teacher = snapshots[-1]
     naive_snapshots = [naive_copy(snapshot) for snapshot in snapshots]
     naive_teacher = naive_snapshots[-1]
 
     @torch.no_grad()
     def baseline():
-        predictions = [[m(pixel_values=image[None].to(device)).logits.argmax(1) for image, _ in dataset] for m in naive_snapshots]
+        predictions = [
+            [m(pixel_values=image[None].to(device)).logits.argmax(1) for image, _ in dataset] for m in naive_snapshots
+        ]
         labels = []
         for image, _ in dataset:
             image = image[None].to(device)
             height, width = image.shape[-2:]
             total = 0
             for scale in TTA_SCALES:
-                scaled = F.interpolate(image, size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True)
+                scaled = F.interpolate(
+                    image, size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True
+                )
                 for flip in (False, True):
                     logits = naive_teacher(pixel_values=scaled.flip(-1) if flip else scaled).logits
                     probabilities = F.softmax(logits.flip(-1) if flip else logits, dim=1)
-                    total = total + F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
+                    total = total + F.interpolate(
+                        probabilities, size=(height, width), mode="bilinear", align_corners=True
+                    )
             labels.append(total.argmax(1))
         return predictions, labels
 
@@ -175,19 +194,28 @@ def benchmark_inference(args, device, peak):
 
     def ours():
         store.labels.clear()
-        compute_reliability(snapshots, dataset, ids, args.num_labels, _Device(device), batch_size=args.inference_batch_size)
+        compute_reliability(
+            snapshots, dataset, ids, args.num_labels, _Device(device), batch_size=args.inference_batch_size
+        )
         label_images(teacher, dataset, ids, store, _Device(device), batch_size=args.inference_batch_size)
 
     baseline_seconds = timed(baseline, device, 1)
     ours_seconds = timed(ours, device, 1)
     _, reference_labels = baseline()
     agreement = sum(
-        (torch.as_tensor(store.labels[i]).to(device).long() == label[0]).float().mean().item() for i, label in zip(ids, reference_labels)
+        (torch.as_tensor(store.labels[i]).to(device).long() == label[0]).float().mean().item()
+        for i, label in zip(ids, reference_labels)
     ) / len(ids)
     flops = count_flops(baseline)
     results = {
-        "baseline (batch 1, one model at a time)": (args.num_images / baseline_seconds, flops / baseline_seconds / 1e9),
-        "selection + labeling (batched, folded BN, channels_last)": (args.num_images / ours_seconds, flops / ours_seconds / 1e9),
+        "baseline (batch 1, one model at a time)": (
+            args.num_images / baseline_seconds,
+            flops / baseline_seconds / 1e9,
+        ),
+        "selection + labeling (batched, folded BN, channels_last)": (
+            args.num_images / ours_seconds,
+            flops / ours_seconds / 1e9,
+        ),
     }
     _print("selection + pseudo-labeling", results, peak)
     print(f"pseudo-label pixel agreement with the baseline: {100 * agreement:.3f}%")
@@ -198,7 +226,9 @@ def _print(title, results, peak):
     print(f"\n== {title} ==")
     width = max(len(name) for name in results)
     for name, (speed, gflops) in results.items():
-        print(f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  {gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)")
+        print(
+            f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  {gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)"
+        )
 
 
 def main():
@@ -212,7 +242,9 @@ def main():
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--inference_batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per round (training) or runs (inference).")
-    parser.add_argument("--rounds", type=int, default=5, help="Alternating training-step rounds; the median round counts.")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="Alternating training-step rounds; the median round counts."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--part", choices=("all", "training", "inference"), default="all")
     args = parser.parse_args()

@@ -63,7 +63,9 @@ def training_steps(settings, device) -> list[dict]:
             continue  # fp16 autocast with a gradient scaler is a CUDA recipe
         for channels_last in (False, True):
             torch.manual_seed(0)
-            model = build_model("deeplabv3plus", num_labels=21, backbone=settings["backbone"], output_stride=settings["output_stride"])
+            model = build_model(
+                "deeplabv3plus", num_labels=21, backbone=settings["backbone"], output_stride=settings["output_stride"]
+            )
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             model = model.to(device, memory_format=memory_format).train()
             inputs = images.contiguous(memory_format=memory_format)
@@ -90,7 +92,14 @@ def training_steps(settings, device) -> list[dict]:
             seconds = (time.perf_counter() - start) / settings["steps"]
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{precision} channels_last={channels_last}: the loss is {loss.item()}")
-            rows.append(dict(precision=precision, channels_last=channels_last, images_per_s=batch / seconds, peak_memory_gib=peak_memory_gib(device)))
+            rows.append(
+                dict(
+                    precision=precision,
+                    channels_last=channels_last,
+                    images_per_s=batch / seconds,
+                    peak_memory_gib=peak_memory_gib(device),
+                )
+            )
     return rows
 
 
@@ -99,7 +108,13 @@ def labeling(settings, device) -> dict:
     height, width = settings["image"]
     images = smooth_images(settings["images"], height, width, torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", num_labels=21, backbone=settings["backbone"], output_stride=settings["output_stride"]).to(device).eval()
+    model = (
+        build_model(
+            "deeplabv3plus", num_labels=21, backbone=settings["backbone"], output_stride=settings["output_stride"]
+        )
+        .to(device)
+        .eval()
+    )
     dataset = [(image, None) for image in images]
     ids = [f"image_{index}" for index in range(len(dataset))]
     store = _MemoryStore()
@@ -108,12 +123,16 @@ def labeling(settings, device) -> dict:
         synchronize(device)
         start = time.perf_counter()
         if name == "batch-1":
-            single = [reference_tta_label(lambda x: model(pixel_values=x).logits, image.to(device)) for image in images]
+            single = [
+                reference_tta_label(lambda x: model(pixel_values=x).logits, image.to(device)) for image in images
+            ]
         else:
             label_images(model, dataset, ids, store, _AutocastDevice(device, torch.float32), batch_size=len(dataset))
         synchronize(device)
         results[f"{name}_images_per_s"] = len(dataset) / (time.perf_counter() - start)
-    equal = sum((torch.as_tensor(store.labels[i]).to(device).long() == label).sum().item() for i, label in zip(ids, single))
+    equal = sum(
+        (torch.as_tensor(store.labels[i]).to(device).long() == label).sum().item() for i, label in zip(ids, single)
+    )
     results["labels_equal_pixels_pct"] = 100 * equal / (len(dataset) * height * width)
     return results
 
@@ -137,9 +156,13 @@ def short_stpp_run(tiny: bool, output_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="Tiny sizes, any device: checks that every part still runs.")
+    parser.add_argument(
+        "--tiny", action="store_true", help="Tiny sizes, any device: checks that every part still runs."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output_dir", default=None, help="Where the short ST++ run goes (default: a temporary directory).")
+    parser.add_argument(
+        "--output_dir", default=None, help="Where the short ST++ run goes (default: a temporary directory)."
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
@@ -150,7 +173,10 @@ def main(argv=None) -> dict:
     report = {"device": name, "training": training_steps(settings, device)}
     for row in report["training"]:
         memory = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f} GiB"
-        print(f"train step {row['precision']:>4} channels_last={row['channels_last']!s:<5} {row['images_per_s']:8.2f} img/s  peak {memory}", flush=True)
+        print(
+            f"train step {row['precision']:>4} channels_last={row['channels_last']!s:<5} {row['images_per_s']:8.2f} img/s  peak {memory}",
+            flush=True,
+        )
     report["labeling"] = labeling(settings, device)
     print(f"TTA labeling: {json.dumps(report['labeling'])}", flush=True)
     with tempfile.TemporaryDirectory() as temporary:

@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="save_pretrained directory or Hub repo id.")
     parser.add_argument("--revision", default=None, help="Hub branch / tag / commit (e.g. stage-1-suponly).")
-    parser.add_argument("--images", required=True, nargs="+", help="Image files and/or directories (searched recursively).")
+    parser.add_argument(
+        "--images", required=True, nargs="+", help="Image files and/or directories (searched recursively)."
+    )
     parser.add_argument("--output-dir", required=True)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--tta", action="store_true", help="Multi-scale (0.5-2.0) + flip test-time augmentation.")
@@ -48,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=None, help="Sliding window stride (default 2/3 of the window).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batch-size", type=int, default=4, help="Images per forward pass (same-size images batch together).")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="Images per forward pass (same-size images batch together)."
+    )
     parser.add_argument("--overlay-alpha", type=float, default=0.5, help="Weight of the mask colours in the overlay.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Use the repo's code instead of stpp_hf's.")
     args = parser.parse_args(argv)
@@ -90,7 +94,9 @@ def collect_images(paths: list[str], exclude: str | os.PathLike | None = None) -
             )
             if not found:
                 skipped = f" outside the output directory {excluded}" if excluded is not None else ""
-                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){skipped} in directory {path}")
+                raise FileNotFoundError(
+                    f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){skipped} in directory {path}"
+                )
             images += found
         elif path.is_file():
             images.append(path)
@@ -127,7 +133,9 @@ def batches_by_size(images: list[Path], batch_size: int) -> list[list[Path]]:
     by_size = defaultdict(list)
     for path in images:
         by_size[image_size(path)].append(path)
-    return [group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
+    return [
+        group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)
+    ]
 
 
 def class_palette(id2label: dict[int, str]) -> tuple[tuple[int, int, int], ...]:
@@ -145,7 +153,9 @@ def predict(model, pixel_values: torch.Tensor, args: argparse.Namespace) -> torc
     if args.tta:
         scores = model.predict_tta(pixel_values)
     elif args.sliding_window:
-        scores = model.predict_sliding_window(pixel_values, args.window_size, args.stride or max(1, args.window_size * 2 // 3))
+        scores = model.predict_sliding_window(
+            pixel_values, args.window_size, args.stride or max(1, args.window_size * 2 // 3)
+        )
     else:
         scores = model(pixel_values=pixel_values).logits
     return scores.float().argmax(dim=1)
@@ -180,7 +190,11 @@ def main(argv=None) -> dict[str, dict[str, float]]:
                 overlay = Image.blend(image, mask.convert("RGB"), args.overlay_alpha)
                 overlay.save(output_dir / f"{path.stem}_overlay.png", exif=with_orientation(orientation))
                 fractions = torch.bincount(label_map.flatten(), minlength=len(id2label)).double() / label_map.numel()
-                image_areas = {id2label[index]: round(float(fraction), 6) for index, fraction in enumerate(fractions) if fraction > 0}
+                image_areas = {
+                    id2label[index]: round(float(fraction), 6)
+                    for index, fraction in enumerate(fractions)
+                    if fraction > 0
+                }
                 areas[str(path)] = image_areas
                 ranked = sorted(image_areas.items(), key=lambda item: -item[1])
                 progress.write(f"{path}: " + ", ".join(f"{name} {100 * fraction:.1f}%" for name, fraction in ranked))

@@ -19,12 +19,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model-dir", help="Any save_pretrained directory (pushed without a card).")
     parser.add_argument("--repo-id", help="Hub model repo, 'user/name' (created if needed).")
     parser.add_argument(
-        "--pseudo-labels-repo", help="Also (or only) push the run's pseudo labels to this Hub dataset repo (with --run-dir)."
+        "--pseudo-labels-repo",
+        help="Also (or only) push the run's pseudo labels to this Hub dataset repo (with --run-dir).",
     )
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
     parser.add_argument("--revision", default=None, help="Branch to push to (default main).")
     parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--push-stages", action="store_true", help="Also push each stage's best model to branch stage-<n>-<name>.")
+    parser.add_argument(
+        "--push-stages", action="store_true", help="Also push each stage's best model to branch stage-<n>-<name>."
+    )
     parser.add_argument("--license", default="mit", help="License metadata of the model card (with --run-dir).")
     return parser.parse_args(argv)
 
@@ -51,7 +54,9 @@ def push(args: argparse.Namespace) -> str | None:
     if args.pseudo_labels_repo is not None:
         from stpp_hf.hub_pseudo_labels import push_pseudo_labels
 
-        print(f"pushed pseudo labels to {push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}")
+        print(
+            f"pushed pseudo labels to {push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}"
+        )
         if args.repo_id is None:
             return None
     if args.run_dir is not None:
@@ -62,6 +67,7 @@ def push(args: argparse.Namespace) -> str | None:
     return push_model_dir(
         args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
     )
+
 
 if __name__ == "__main__":
     main()

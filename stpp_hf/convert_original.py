@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", required=True, choices=["resnet50", "resnet101"])
     parser.add_argument("--num-labels", required=True, type=int)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--preset", choices=["pascal_voc", "cityscapes"], help="class names (default: by --num-labels)")
+    parser.add_argument(
+        "--preset", choices=["pascal_voc", "cityscapes"], help="class names (default: by --num-labels)"
+    )
     args = parser.parse_args(argv)
     try:
         convert_original_checkpoint(

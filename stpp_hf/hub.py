@@ -19,7 +19,11 @@ from huggingface_hub.errors import HfHubHTTPError
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "stpp_model_card.md"  # links to the root hub_cards/
 RESULTS_FILE = "results.json"
-FRAMEWORK_TITLES = {"suponly": "SupOnly (labeled images only)", "st": "ST (self-training)", "stpp": "ST++ (self-training)"}
+FRAMEWORK_TITLES = {
+    "suponly": "SupOnly (labeled images only)",
+    "st": "ST (self-training)",
+    "stpp": "ST++ (self-training)",
+}
 ARCHITECTURE_TITLES = {"deeplabv3plus": "DeepLabV3+", "deeplabv2": "DeepLabV2"}
 REQUIRED_RESULT_FIELDS = (
     "framework", "dataset", "split", "num_labeled", "num_unlabeled", "model", "backbone", "id2label", "stages", "final",
@@ -143,7 +147,8 @@ def build_model_card(
         revision, revision_note = None, None
         eval_results = [eval_result("val mIoU (%), final model", results["final"]["val_miou"])]
         eval_results += [
-            eval_result(f"val mIoU (%), stage {index + 1} {stage['name']}", stage["val_miou"]) for index, stage in stages
+            eval_result(f"val mIoU (%), stage {index + 1} {stage['name']}", stage["val_miou"])
+            for index, stage in stages
         ]
     else:
         stage = results["stages"][stage_index]
@@ -165,7 +170,14 @@ def build_model_card(
         pipeline_tag="image-segmentation",
         license=license,
         datasets=_dataset_ids(results),
-        tags=["semantic-segmentation", "semi-supervised", "self-training", "stpp", results["model"], results["backbone"]],
+        tags=[
+            "semantic-segmentation",
+            "semi-supervised",
+            "self-training",
+            "stpp",
+            results["model"],
+            results["backbone"],
+        ],
         metrics=["mean_iou"],
         eval_results=eval_results,
         backbone=results["backbone"],
@@ -180,7 +192,9 @@ def build_model_card(
         {"name": name, "cells": [_percent_cell(table[name]) if name in table else "-" for table in per_class]}
         for name in class_names
     ]
-    miou_rows = [{"name": column, "miou": _percent_cell(stage["val_miou"])} for column, (_, stage) in zip(iou_columns, stages)]
+    miou_rows = [
+        {"name": column, "miou": _percent_cell(stage["val_miou"])} for column, (_, stage) in zip(iou_columns, stages)
+    ]
     miou_rows.append({"name": f"final model, {framework_title}", "miou": _percent_cell(results["final"]["val_miou"])})
     pseudo_label_rows = [
         {"name": f"{subset} images, TTA labels of their stage's teacher", "miou": _percent_cell(miou)}
@@ -242,12 +256,23 @@ def _hub_dataset_rows(results: dict) -> list[dict]:
     if hub is None:
         return []
     partition = hub["partition"]
-    amount = f"{partition['num_labeled']} rows" if partition["num_labeled"] is not None else f"fraction {partition['labeled_fraction']}"
+    amount = (
+        f"{partition['num_labeled']} rows"
+        if partition["num_labeled"] is not None
+        else f"fraction {partition['labeled_fraction']}"
+    )
     return [
-        {"name": "Hub dataset", "value": f"`{hub['dataset_name']}`" + (f" (config `{hub['dataset_config']}`)" if hub["dataset_config"] else "")},
+        {
+            "name": "Hub dataset",
+            "value": f"`{hub['dataset_name']}`"
+            + (f" (config `{hub['dataset_config']}`)" if hub["dataset_config"] else ""),
+        },
         {"name": "Columns (image / label)", "value": f"`{hub['image_column']}` / `{hub['label_column']}`"},
         {"name": "Splits (train / val)", "value": f"`{hub['train_split']}` / `{hub['val_split']}`"},
-        {"name": "Labeled partition", "value": f"{amount} of {partition['num_rows']} train rows, seed {partition['partition_seed']}"},
+        {
+            "name": "Labeled partition",
+            "value": f"{amount} of {partition['num_rows']} train rows, seed {partition['partition_seed']}",
+        },
     ]
 
 
@@ -387,7 +412,9 @@ def push_run_to_hub(
     run_dir = Path(run_dir)
     results = load_run_results(run_dir)
     # Check every directory before the first upload, so a bad run fails before the Hub changes.
-    stage_dirs = {index: run_dir / stage["model_dir"] for index, stage in training_stages(results)} if push_stages else {}
+    stage_dirs = (
+        {index: run_dir / stage["model_dir"] for index, stage in training_stages(results)} if push_stages else {}
+    )
     for model_dir in [run_dir / results["final"]["model_dir"], *stage_dirs.values()]:
         _model_files(model_dir)
     figure = selection_figure(results)
@@ -399,7 +426,8 @@ def push_run_to_hub(
         card=build_model_card(results, repo_id, license=license),
         private=private,
         revision=revision,
-        commit_message=commit_message or f"{FRAMEWORK_TITLES.get(results['framework'], results['framework'])} final model",
+        commit_message=commit_message
+        or f"{FRAMEWORK_TITLES.get(results['framework'], results['framework'])} final model",
         token=token,
         extra_files=None if figure is None else {SELECTION_FIGURE_IN_REPO: run_dir / figure},
     )

@@ -65,7 +65,9 @@ def push_pseudo_labels(
     results = load_run_results(run_dir)
     dataset = pseudo_label_dataset(run_dir, unlabeled)
     try:
-        commit = dataset.push_to_hub(repo_id, private=private, token=token, commit_message="Pseudo labels of an stpp_hf run")
+        commit = dataset.push_to_hub(
+            repo_id, private=private, token=token, commit_message="Pseudo labels of an stpp_hf run"
+        )
         generated = DatasetCard.load(repo_id, repo_type="dataset", token=token)
         card = DatasetCard.from_template(
             generated.data, template_path=CARD_TEMPLATE_PATH, repo_id=repo_id, title=f"{repo_id.split('/')[-1]}: pseudo labels",
@@ -74,7 +76,9 @@ def push_pseudo_labels(
         card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Dataset card")
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no response"
-        raise HubPushError(f"Pushing the pseudo labels of {run_dir} to dataset {repo_id} failed (HTTP {status}): {error}") from error
+        raise HubPushError(
+            f"Pushing the pseudo labels of {run_dir} to dataset {repo_id} failed (HTTP {status}): {error}"
+        ) from error
     return str(commit.repo_url)
 
 

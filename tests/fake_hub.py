@@ -36,7 +36,10 @@ API_ROUTES = {
     ("GET", re.compile(rf"{API}/{REPO}(?:/revision/(?P<revision>[^/]+))?$")): "model_info",
     ("GET", re.compile(rf"{API}/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?$")): "tree",
     ("POST", re.compile(rf"{API}/{REPO}/paths-info/(?P<revision>[^/]+)$")): "paths_info",
-    ("POST", re.compile(r"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$")): "lfs_batch",
+    (
+        "POST",
+        re.compile(r"^/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch$"),
+    ): "lfs_batch",
     ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")): "lfs_upload",
     ("GET", re.compile(RESOLVE)): "resolve",
     ("HEAD", re.compile(RESOLVE)): "resolve",
@@ -143,7 +146,11 @@ class FakeHub:
                 files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
             elif line["key"] == "lfsFile":
                 if line["value"]["oid"] not in self.lfs_objects:
-                    return 400, {}, {"error": f"LFS object {line['value']['oid']} of {line['value']['path']} was never uploaded"}
+                    return (
+                        400,
+                        {},
+                        {"error": f"LFS object {line['value']['oid']} of {line['value']['path']} was never uploaded"},
+                    )
                 files[line["value"]["path"]] = self.lfs_objects[line["value"]["oid"]]
             elif line["key"] == "deletedFile":
                 files.pop(line["value"]["path"], None)
@@ -197,7 +204,7 @@ class FakeHub:
         for name, content in repo.lookup(revision)[1].items():
             if not name.startswith(prefix):
                 continue
-            parts = name[len(prefix):].split("/")
+            parts = name[len(prefix) :].split("/")
             depth = len(parts) if "recursive=true" in request["query"] else 1
             for level in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
                 folder = prefix + "/".join(parts[:level])
@@ -292,13 +299,20 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self.reply(method, 401, {}, {"error": "Invalid credentials in Authorization header"})
             arguments = {key: None if value is None else unquote(value) for key, value in match.groupdict().items()}
             is_json = self.headers.get("Content-Type", "").startswith("application/json")
-            request = {"path": path, "query": urlsplit(self.path).query, "body": body, "json": json.loads(body) if is_json and body else {}}
+            request = {
+                "path": path,
+                "query": urlsplit(self.path).query,
+                "body": body,
+                "json": json.loads(body) if is_json and body else {},
+            }
             request["repo"] = arguments.pop("repo", None)
             stored_as = repo_key(request["repo"], arguments.pop("kind", None))
             with hub.lock:
                 if request["repo"] is not None:
                     if stored_as not in hub.repos:
-                        return self.reply(method, 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
+                        return self.reply(
+                            method, 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"}
+                        )
                     arguments = {"repo": hub.repos[stored_as], **arguments}
                 status, headers, payload = getattr(hub, name)(request, **arguments)
             self.reply(method, status, headers, payload)
@@ -308,7 +322,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
-            self.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json")
+            self.send_header(
+                "Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json"
+            )
             self.send_header("Content-Length", str(len(content)))
             self.end_headers()
             if method != "HEAD":

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, Features, Image as ImageFeature, Value
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 
 CLASS_NAMES = ("background", "disc", "bar")
@@ -22,7 +23,9 @@ def _sample(rng: np.random.Generator, size: tuple[int, int], palette: bool) -> t
     """An image whose bright pixels are class 1 and dark ones class 2, and its class-index mask."""
     width, height = size
     mask = rng.integers(0, len(CLASS_NAMES), size=(height, width), dtype=np.uint8)
-    pixels = np.stack([mask * 100 + rng.integers(0, 30, size=mask.shape, dtype=np.uint8)] * 3, axis=-1).astype(np.uint8)
+    pixels = np.stack([mask * 100 + rng.integers(0, 30, size=mask.shape, dtype=np.uint8)] * 3, axis=-1).astype(
+        np.uint8
+    )
     label = Image.fromarray(mask)
     if palette:
         label.putpalette([0, 0, 0, 200, 30, 30, 30, 30, 200])
@@ -62,4 +65,3 @@ def write_repo(directory: Path, files: dict[str, bytes]) -> Path:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(content)
     return directory
-

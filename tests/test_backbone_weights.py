@@ -10,11 +10,10 @@ import pytest
 import timm
 import torch
 import torchvision
+from fake_hub import FakeHub
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
-
-from fake_hub import FakeHub
 
 from stpp_hf import build_model
 from stpp_hf.models.backbone_weights import describe_backbone_weights, load_backbone_weights
@@ -108,7 +107,9 @@ def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_
 
     # offline with an empty cache: say how to get the weights, or which file to pass
     use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "empty_cache", offline=True)
-    with pytest.raises(FileNotFoundError, match=rf"`hf download {TAG_REPO}`.*--backbone_weights path/to/resnet18\.pth"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"`hf download {TAG_REPO}`.*--backbone_weights path/to/resnet18\.pth"
+    ):
         load_backbone_weights(build_model("deeplabv2", backbone="resnet18", num_labels=3), "tv_in1k")
 
 
@@ -120,10 +121,14 @@ def test_hub_repos_of_another_architecture_or_layout_are_clear_errors(served, tm
     with pytest.raises(ValueError, match=other_architecture):
         load_backbone_weights(model, "someone/resnet34-weights")
     # a config.json that names resnet18 over resnet34 tensors: the key check names the repo
-    mislabelled = r"'someone/mislabelled' \(Hub repo someone/mislabelled\), loaded into a resnet18 backbone, does not match"
+    mislabelled = (
+        r"'someone/mislabelled' \(Hub repo someone/mislabelled\), loaded into a resnet18 backbone, does not match"
+    )
     with pytest.raises(ValueError, match=mislabelled + r" .*unexpected keys: .*layer1\.2\."):
         load_backbone_weights(model, "someone/mislabelled")
-    with pytest.raises(ValueError, match=r"someone/weights-without-config cannot be used as timm weights .*config\.json"):
+    with pytest.raises(
+        ValueError, match=r"someone/weights-without-config cannot be used as timm weights .*config\.json"
+    ):
         load_backbone_weights(model, "someone/weights-without-config")
     with pytest.raises(ValueError, match=r"someone/no-such-repo cannot be used as timm weights"):
         load_backbone_weights(model, "someone/no-such-repo")
@@ -146,7 +151,12 @@ def test_local_files_in_torchvision_and_timm_layout(tmp_path):
     for name, reference in files.items():
         model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
         description = load_backbone_weights(model, str(tmp_path / name))
-        assert description == {"spec": str(tmp_path / name), "kind": "file", "hub_id": None, "path": str(tmp_path / name)}
+        assert description == {
+            "spec": str(tmp_path / name),
+            "kind": "file",
+            "hub_id": None,
+            "path": str(tmp_path / name),
+        }
         assert_backbone_equals(model, reference)
 
 
@@ -156,7 +166,10 @@ def test_a_weights_file_of_another_architecture_is_a_clear_error(tmp_path):
     other_architecture = r"resnet34\.safetensors, loaded into a resnet18 backbone, does not match .*unexpected keys"
     with pytest.raises(ValueError, match=other_architecture):
         load_backbone_weights(model, str(tmp_path / "resnet34.safetensors"))
-    small_stem = {**torchvision.models.resnet18().state_dict(), "conv1.weight": torch.zeros(64, 3, 3, 3)}  # a CIFAR stem
+    small_stem = {
+        **torchvision.models.resnet18().state_dict(),
+        "conv1.weight": torch.zeros(64, 3, 3, 3),
+    }  # a CIFAR stem
     torch.save(small_stem, tmp_path / "cifar_resnet18.pth")
     with pytest.raises(ValueError, match=r"cifar_resnet18\.pth, .*shape mismatches: conv1\.weight: \(64, 3, 3, 3\)"):
         load_backbone_weights(model, str(tmp_path / "cifar_resnet18.pth"))
@@ -184,9 +197,13 @@ def test_describe_rejects_bad_specs_with_the_option_and_what_to_do(tmp_path):
     mismatch = r"--backbone_weights 'resnet50\.tv_in1k' holds resnet50 weights, but the model's backbone is resnet101"
     with pytest.raises(ValueError, match=mismatch):
         describe_backbone_weights("resnet50.tv_in1k", "resnet101")
-    with pytest.raises(ValueError, match=r"--backbone_weights 'timm/resnet50\.a1_in1k' holds resnet50 weights.* resnet101"):
+    with pytest.raises(
+        ValueError, match=r"--backbone_weights 'timm/resnet50\.a1_in1k' holds resnet50 weights.* resnet101"
+    ):
         describe_backbone_weights("timm/resnet50.a1_in1k", "resnet101")
-    unknown = r"no pretrained weights named 'resnet18\.tv_in21k'.*resnet18\.tv_in1k.*timm\.list_pretrained\('resnet18\*'\)"
+    unknown = (
+        r"no pretrained weights named 'resnet18\.tv_in21k'.*resnet18\.tv_in1k.*timm\.list_pretrained\('resnet18\*'\)"
+    )
     with pytest.raises(ValueError, match=unknown):
         describe_backbone_weights("tv_in21k", "resnet18")
     with pytest.raises(ValueError, match=r"no pretrained weights named 'resnet101\.resnet101'"):

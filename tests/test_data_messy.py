@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, features
-
 from fake_hub import save_tiny_model
+from PIL import Image, features
 from test_infer import load_infer_module
 
 from stpp_hf import DeepLabImageProcessor
@@ -73,7 +72,9 @@ def _layout(root, kind, names, orientation=1, masks=True):
     lines, paths = [], []
     for index, name in enumerate(names):
         path = root / image_dir / f"{name}.jpg"
-        Image.fromarray(_pixels(index)).save(path, quality=95, **({"exif": _exif(orientation)} if orientation != 1 else {}))
+        Image.fromarray(_pixels(index)).save(
+            path, quality=95, **({"exif": _exif(orientation)} if orientation != 1 else {})
+        )
         if masks:
             Image.fromarray(_mask()).save(root / mask_dir / f"{name}.png")
         lines.append(f"{image_dir}/{name}.jpg" + (f" {mask_dir}/{name}.png" if masks else ""))
@@ -100,7 +101,9 @@ def test_exif_tagged_images_are_read_as_stored_with_their_masks(tmp_path, kind, 
             assert np.array_equal(image, _stored(path)) and np.array_equal(mask, _mask())
     # the method's own transforms: a 90-degree tag used to fail on the size check here
     pixels, labels = EvalDataset(labeled)[0]
-    assert pixels.shape[1:] == labels.shape == (SIZE[1], SIZE[0]) and torch.equal(labels, torch.from_numpy(_mask()).long())
+    assert pixels.shape[1:] == labels.shape == (SIZE[1], SIZE[0]) and torch.equal(
+        labels, torch.from_numpy(_mask()).long()
+    )
     crops = SupOnlyDataset(labeled, TrainTransform(base_size=40, crop_size=24))
     assert crops[0][0].shape == (3, 24, 24) and crops[0][1].shape == (24, 24)
 
@@ -119,7 +122,9 @@ def test_exif_tagged_unlabeled_images_are_pseudo_labeled_as_stored(tmp_path):
 def test_mask_drawn_on_the_turned_view_is_explained(tmp_path):
     args, _ = _layout(tmp_path, "pascal", ["a"], orientation=6)
     Image.fromarray(np.ascontiguousarray(_mask().T)).save(tmp_path / "SegmentationClass" / "a.png")
-    with pytest.raises(ValueError, match=r"a\.jpg is 40x30 but its mask .*a\.png is 30x40\. The image carries EXIF orientation 6"):
+    with pytest.raises(
+        ValueError, match=r"a\.jpg is 40x30 but its mask .*a\.png is 30x40\. The image carries EXIF orientation 6"
+    ):
         load_source(*args, cache_dir=tmp_path / "cache")
 
 
@@ -141,7 +146,10 @@ def _pascal_masks(root, masks):
 def test_a_set_of_binary_0_255_masks_is_refused(tmp_path):
     binary = np.where(_mask() > 0, 255, 0).astype(np.uint8)
     split = _pascal_masks(tmp_path / "bad", [binary, np.zeros_like(binary), binary])
-    with pytest.raises(ValueError, match=r"split\.txt: every mask holds only the values 0 and 255 \(e\.g\. .*0\.png\).*mask\[mask == 255\] = 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"split\.txt: every mask holds only the values 0 and 255 \(e\.g\. .*0\.png\).*mask\[mask == 255\] = 1",
+    ):
         load_source("pascal", tmp_path / "bad", split, cache_dir=tmp_path / "cache")
     # one image of background and ignore among ordinary masks is legitimate
     split = _pascal_masks(tmp_path / "good", [binary, _mask()])
@@ -173,7 +181,9 @@ def test_lossy_masks_are_refused(tmp_path, extension):  # (lossless WebP has no 
     _layout(tmp_path, "folder", ["a"], masks=False)
     Image.fromarray(_mask()).save(tmp_path / "masks" / f"a{extension}", quality=90)
     kind = "lossy WebP" if extension == ".webp" else "JPEG"
-    with pytest.raises(ValueError, match=rf"mask .*a\{extension} is a {kind} file; lossy coding .*export masks as PNG"):
+    with pytest.raises(
+        ValueError, match=rf"mask .*a\{extension} is a {kind} file; lossy coding .*export masks as PNG"
+    ):
         load_source("folder", tmp_path, cache_dir=tmp_path / "cache")
 
 
@@ -235,13 +245,18 @@ def test_split_files_with_a_bom_spaces_and_latin1(tmp_path):
         parse_split("my photos/a 1.png my photos/a 1 mask.png\n")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("images/caf\u00e9.png\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"split file .*latin1\.txt is not UTF-8 text \(byte 10: b'\\xe9'\); save it as UTF-8"):
+    with pytest.raises(
+        ValueError, match=r"split file .*latin1\.txt is not UTF-8 text \(byte 10: b'\\xe9'\); save it as UTF-8"
+    ):
         load_source("pascal", tmp_path, latin1)
 
 
 def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
     check_split_overlap(["a", "b"], ["c"], ["d"])
-    with pytest.raises(ValueError, match=r"val set \(2 images\) shares 1 images with the labeled set and 1 with the unlabeled set \(e\.g\. b, c\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"val set \(2 images\) shares 1 images with the labeled set and 1 with the unlabeled set \(e\.g\. b, c\)",
+    ):
         check_split_overlap(["a", "b"], ["c"], ["b", "c"])
     with caplog.at_level(logging.WARNING):
         check_split_overlap(["a", "b"], ["b", "c"], ["d"])
@@ -251,7 +266,10 @@ def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
     (tmp_path / "images" / "copy.jpg").symlink_to(tmp_path / "images" / "a.jpg")
     (tmp_path / "train.txt").write_text("images/a.jpg masks/a.png\n")
     (tmp_path / "val.txt").write_text("images/b.jpg masks/b.png\nimages/copy.jpg masks/a.png\n")
-    train, val = (load_source("folder", tmp_path, tmp_path / name, cache_dir=tmp_path / "cache") for name in ("train.txt", "val.txt"))
+    train, val = (
+        load_source("folder", tmp_path, tmp_path / name, cache_dir=tmp_path / "cache")
+        for name in ("train.txt", "val.txt")
+    )
     with pytest.raises(ValueError, match=r"shares 1 images with the labeled set .*e\.g\. copy \(.*a\.jpg\)"):
         check_split_overlap(train, ["u"], val)
 
@@ -262,11 +280,20 @@ def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
 def test_images_over_the_pixel_limit_name_the_file_and_the_way_out(tmp_path, monkeypatch):
     args, _ = _layout(tmp_path, "pascal", ["a"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x30 = 1200 pixels > 2 * 500
-    with pytest.raises(ValueError, match=r"(image|mask) .*a\.(jpg|png) is over PIL's decompression-bomb limit of 1000 pixels.*STPP_MAX_IMAGE_PIXELS=n"):
+    with pytest.raises(
+        ValueError,
+        match=r"(image|mask) .*a\.(jpg|png) is over PIL's decompression-bomb limit of 1000 pixels.*STPP_MAX_IMAGE_PIXELS=n",
+    ):
         load_source(*args, cache_dir=tmp_path / "cache")
     code = "from PIL import Image; import stpp_hf.data.images; print(Image.MAX_IMAGE_PIXELS)"
     for value, expected in (("400000000", "400000000"), ("0", "None")):
-        result = subprocess.run([sys.executable, "-c", code], env={"STPP_MAX_IMAGE_PIXELS": value, "PATH": ""}, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env={"STPP_MAX_IMAGE_PIXELS": value, "PATH": ""},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert result.stdout.strip() == expected
 
 
@@ -292,7 +319,10 @@ def test_label_name_check_fails_before_training_on_names_the_file_system_refuses
         return f"labels/{'%E5%9B%BE' * len(image_id)}.png"
 
     monkeypatch.setattr(PseudoLabelStore, "file_name", staticmethod(unbounded))
-    with pytest.raises(ValueError, match=r"cannot create a pseudo-label file for id '\u56fe+' .*put the run directory on another file system"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot create a pseudo-label file for id '\u56fe+' .*put the run directory on another file system",
+    ):
         check_label_file_names(tmp_path, ["a", "\u56fe" * 28])
 
 
@@ -339,9 +369,17 @@ def test_infer_stretches_16_bit_images(infer_setup, tmp_path, monkeypatch):
     expected = _deep_image(tmp_path / "deep.png", "I;16")
     inputs = []
     predict = infer.predict
-    monkeypatch.setattr(infer, "predict", lambda model, pixel_values, args: inputs.append(pixel_values) or predict(model, pixel_values, args))
-    infer.main(["--model", str(model_dir), "--images", str(tmp_path / "deep.png"), "--output-dir", str(tmp_path / "out")])
-    assert torch.equal(inputs[0], DeepLabImageProcessor()(images=Image.fromarray(expected), return_tensors="pt")["pixel_values"])
+    monkeypatch.setattr(
+        infer,
+        "predict",
+        lambda model, pixel_values, args: inputs.append(pixel_values) or predict(model, pixel_values, args),
+    )
+    infer.main(
+        ["--model", str(model_dir), "--images", str(tmp_path / "deep.png"), "--output-dir", str(tmp_path / "out")]
+    )
+    assert torch.equal(
+        inputs[0], DeepLabImageProcessor()(images=Image.fromarray(expected), return_tensors="pt")["pixel_values"]
+    )
     mask = Image.open(tmp_path / "out" / "deep_mask.png")
     assert "exif" not in mask.info and np.array_equal(np.asarray(mask), _predicted(model, Image.fromarray(expected)))
     image, orientation = infer.read_image(tmp_path / "deep.png")

@@ -12,7 +12,9 @@ from stpp_hf.data.sources.cityscapes import label_ids_to_train_ids
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), seed=1, num_labeled=3, num_unlabeled=5, num_val=2, image_size=40)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"), seed=1, num_labeled=3, num_unlabeled=5, num_val=2, image_size=40
+    )
 
 
 def _write_pair(root, name, size=(40, 30), mask_size=None, mask_value=1, mask_mode="P"):
@@ -54,7 +56,9 @@ def test_pascal_layout_features_and_ids(synthetic, tmp_path):
 def test_image_only_lines_give_unlabeled_rows(tmp_path):
     line = _write_pair(tmp_path, "a")
     _write_pair(tmp_path, "b")
-    dataset = load_source("pascal", tmp_path, _split(tmp_path, [line, "JPEGImages/b.jpg"]), cache_dir=tmp_path / "cache")
+    dataset = load_source(
+        "pascal", tmp_path, _split(tmp_path, [line, "JPEGImages/b.jpg"]), cache_dir=tmp_path / "cache"
+    )
     assert dataset[1]["id"] == "b" and dataset[1]["label"] is None and dataset[0]["label"] is not None
     with pytest.raises(ValueError, match="1 images have no mask \\(first: .*b.jpg\\), but masks are required"):
         load_source("pascal", tmp_path, _split(tmp_path, [line, "JPEGImages/b.jpg"]), require_masks=True)
@@ -76,12 +80,32 @@ def test_changed_split_or_file_gets_a_new_fingerprint(tmp_path):
 @pytest.mark.parametrize(
     "make_bad, error, message",
     [
-        (lambda root: (root / "JPEGImages" / "a.jpg").unlink(), FileNotFoundError, r"image .*a\.jpg \(id 'a'\) does not exist"),
-        (lambda root: (root / "SegmentationClass" / "a.png").unlink(), FileNotFoundError, r"mask .*a\.png \(id 'a'\) does not exist"),
-        (lambda root: (root / "JPEGImages" / "a.jpg").write_bytes(b"not an image"), ValueError, r"cannot decode image .*a\.jpg"),
+        (
+            lambda root: (root / "JPEGImages" / "a.jpg").unlink(),
+            FileNotFoundError,
+            r"image .*a\.jpg \(id 'a'\) does not exist",
+        ),
+        (
+            lambda root: (root / "SegmentationClass" / "a.png").unlink(),
+            FileNotFoundError,
+            r"mask .*a\.png \(id 'a'\) does not exist",
+        ),
+        (
+            lambda root: (root / "JPEGImages" / "a.jpg").write_bytes(b"not an image"),
+            ValueError,
+            r"cannot decode image .*a\.jpg",
+        ),
         (lambda root: _truncate(root / "JPEGImages" / "a.jpg"), ValueError, r"cannot decode image .*a\.jpg"),
-        (lambda root: _write_pair(root, "a", mask_size=(40, 31)), ValueError, r"image .*a\.jpg is 40x30 but its mask .*a\.png is 40x31"),
-        (lambda root: _write_pair(root, "a", mask_value=30), ValueError, r"a\.png: mask values \[30\] are outside \[0, 21\) and 255"),
+        (
+            lambda root: _write_pair(root, "a", mask_size=(40, 31)),
+            ValueError,
+            r"image .*a\.jpg is 40x30 but its mask .*a\.png is 40x31",
+        ),
+        (
+            lambda root: _write_pair(root, "a", mask_value=30),
+            ValueError,
+            r"a\.png: mask values \[30\] are outside \[0, 21\) and 255",
+        ),
         (lambda root: _write_pair(root, "a", mask_mode="RGB"), ValueError, r"mask .*a\.png has mode 'RGB'"),
     ],
 )
@@ -113,7 +137,9 @@ def _cityscapes(root):
         Image.new("RGB", (8, 4)).save(image)
         gt = root / "gtFine" / "train" / city
         gt.mkdir(parents=True)
-        lines.append(f"leftImg8bit/train/{city}/{frame}_leftImg8bit.png gtFine/train/{city}/{frame}_gtFine_labelTrainIds.png")
+        lines.append(
+            f"leftImg8bit/train/{city}/{frame}_leftImg8bit.png gtFine/train/{city}/{frame}_gtFine_labelTrainIds.png"
+        )
         raw = np.array([[7, 26, 0, 33, 24, 11, 17, 23]] * 4, dtype=np.uint8)  # road, car, unlabeled, bicycle, ...
         if city == "aachen":
             Image.fromarray(raw, mode="L").save(gt / f"{frame}_gtFine_labelIds.png")
@@ -178,8 +204,12 @@ def test_streaming_validates_while_iterating(tmp_path):
 
 def test_parallel_build_and_unvalidated_build_give_the_same_rows(synthetic, tmp_path):
     reference = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "a")
-    parallel = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "b", num_proc=2)
-    quick = load_source("pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "c", validate=False)
+    parallel = load_source(
+        "pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "b", num_proc=2
+    )
+    quick = load_source(
+        "pascal", synthetic.root, synthetic.split_files["unlabeled"], cache_dir=tmp_path / "c", validate=False
+    )
     assert list(parallel["id"]) == list(reference["id"]) == list(quick["id"])
     assert quick._fingerprint != reference._fingerprint  # validation settings are part of the cache key
     assert np.array_equal(np.asarray(parallel[4]["label"]), np.asarray(reference[4]["label"]))

@@ -29,8 +29,13 @@ class _Tagging:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    synthetic = make_synthetic_dataset(root / "synthetic", seed=2, num_labeled=3, num_unlabeled=8, num_val=2, image_size=32)
-    return synthetic, {part: load_source("pascal", synthetic.root, path, cache_dir=root / "cache") for part, path in synthetic.split_files.items()}
+    synthetic = make_synthetic_dataset(
+        root / "synthetic", seed=2, num_labeled=3, num_unlabeled=8, num_val=2, image_size=32
+    )
+    return synthetic, {
+        part: load_source("pascal", synthetic.root, path, cache_dir=root / "cache")
+        for part, path in synthetic.split_files.items()
+    }
 
 
 def _stores(tmp_path, unlabeled_ids, split):
@@ -58,7 +63,11 @@ def test_retrain_order_balance_and_strong_only_on_pseudo(sources, tmp_path):
     reliable, unreliable = unlabeled_ids[::2], unlabeled_ids[1::2]
     stage3, stage5 = _stores(tmp_path, reliable + unreliable, len(reliable))
     dataset = RetrainDataset(
-        data["labeled"], data["unlabeled"], [(reliable, stage3), (unreliable, stage5)], _Tagging("weak"), _Tagging("strong")
+        data["labeled"],
+        data["unlabeled"],
+        [(reliable, stage3), (unreliable, stage5)],
+        _Tagging("weak"),
+        _Tagging("strong"),
     )
     repeats = math.ceil(8 / 3)
     assert len(dataset) == 3 * repeats + 8
@@ -79,7 +88,13 @@ def test_retrain_rejects_inconsistent_pseudo_sets(sources, tmp_path):
     stage3, stage5 = _stores(tmp_path, unlabeled_ids, 4)
     weak = strong = _Tagging("x")
     with pytest.raises(ValueError, match=f"id '{unlabeled_ids[3]}' is in two pseudo-label sets"):
-        RetrainDataset(data["labeled"], data["unlabeled"], [(unlabeled_ids[:4], stage3), (unlabeled_ids[3:], stage5)], weak, strong)
+        RetrainDataset(
+            data["labeled"],
+            data["unlabeled"],
+            [(unlabeled_ids[:4], stage3), (unlabeled_ids[3:], stage5)],
+            weak,
+            strong,
+        )
     with pytest.raises(ValueError, match="'val_00000' .* is not in the unlabeled set"):
         RetrainDataset(data["labeled"], data["unlabeled"], [(["val_00000"], stage3)], weak, strong)
     empty = PseudoLabelStore(tmp_path / "empty")
@@ -100,7 +115,9 @@ def test_eval_items_are_full_images_with_optional_masks(sources, tmp_path):
     assert dataset.ids == ["val_00000", "val_00001"]
     assert pixel_values.shape == (3, 32, 32) and labels.shape == (32, 32) and labels.dtype == torch.int64
     image_only = tmp_path / "unlabeled.txt"
-    image_only.write_text("".join(line.split()[0] + "\n" for line in synthetic.split_files["unlabeled"].read_text().splitlines()))
+    image_only.write_text(
+        "".join(line.split()[0] + "\n" for line in synthetic.split_files["unlabeled"].read_text().splitlines())
+    )
     pixel_values, labels = EvalDataset(load_source("pascal", synthetic.root, image_only, cache_dir=tmp_path))[0]
     assert pixel_values.shape == (3, 32, 32) and labels is None
 

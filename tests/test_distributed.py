@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train_e2e import free_port, script_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,14 +22,22 @@ create_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(sec
 
 @pytest.mark.parametrize(
     "rank, expected",
-    [("1", "process 1 of 2 on {host} could not reach the main process at 127.0.0.1:{port}"),
-     ("0", "process 0 of 2 on {host} hosts the rendezvous at 127.0.0.1:{port} and not all other processes joined")],
+    [
+        ("1", "process 1 of 2 on {host} could not reach the main process at 127.0.0.1:{port}"),
+        ("0", "process 0 of 2 on {host} hosts the rendezvous at 127.0.0.1:{port} and not all other processes joined"),
+    ],
 )
 def test_a_failed_rendezvous_names_the_address_and_port(rank, expected):
     port = free_port()  # nobody listens there (rank 1), nobody else joins (rank 0)
     env = dict(
-        script_env(), ACCELERATE_USE_CPU="true", RANK=rank, WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        script_env(),
+        ACCELERATE_USE_CPU="true",
+        RANK=rank,
+        WORLD_SIZE="2",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     command = [sys.executable, "-c", JOIN]
     completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

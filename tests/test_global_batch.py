@@ -21,7 +21,10 @@ class StrongItems(torch.utils.data.Dataset):
     def __init__(self, count):
         rng = np.random.default_rng(0)
         self.samples = [
-            (Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)), Image.fromarray(rng.integers(0, 3, (40, 52), dtype=np.uint8)))
+            (
+                Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)),
+                Image.fromarray(rng.integers(0, 3, (40, 52), dtype=np.uint8)),
+            )
             for _ in range(count)
         ]
         self.transform = TrainTransform(base_size=48, crop_size=32, strong=True)
@@ -97,8 +100,20 @@ def run_stage(tmp_path, name, processes, accumulation):
     launch = [sys.executable]
     env = script_env()
     if processes > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         env = dict(env, ACCELERATE_USE_CPU="true")
     command = [*launch, str(script), str(tmp_path / name), str(accumulation)]
     completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -116,7 +131,9 @@ def test_one_process_and_two_processes_with_the_same_global_batch_take_the_same_
     assert one["steps"] == two["steps"] == accumulated["steps"] == 3
     assert len(one["lr"]) == len(two["lr"]) == len(accumulated["lr"]) == 3
     assert one["lr"][0] == pytest.approx(0.01 / 16 * 4)
-    assert two["lr"] == pytest.approx(one["lr"], rel=1e-12) and accumulated["lr"] == pytest.approx(one["lr"], rel=1e-12)
+    assert two["lr"] == pytest.approx(one["lr"], rel=1e-12) and accumulated["lr"] == pytest.approx(
+        one["lr"], rel=1e-12
+    )
     # the same images with the same augmentations in the first global batch: the same loss
     assert two["loss"][0] == pytest.approx(one["loss"][0], abs=1e-6)
     assert accumulated["loss"][0] == pytest.approx(one["loss"][0], abs=1e-6)

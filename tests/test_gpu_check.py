@@ -14,7 +14,12 @@ def test_training_and_labeling_parts_run_tiny():
     settings = gpu_check.recipe(tiny=True)
     rows = gpu_check.training_steps(settings, torch.device("cpu"))
     # fp16 autocast + gradient scaler is CUDA-only; fp32 and bf16, each with channels_last off and on
-    assert [(row["precision"], row["channels_last"]) for row in rows] == [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    assert [(row["precision"], row["channels_last"]) for row in rows] == [
+        ("fp32", False),
+        ("fp32", True),
+        ("bf16", False),
+        ("bf16", True),
+    ]
     assert all(row["images_per_s"] > 0 and row["peak_memory_gib"] is None for row in rows)
     labeling = gpu_check.labeling(settings, torch.device("cpu"))
     assert labeling["batched_images_per_s"] > 0 and labeling["batch-1_images_per_s"] > 0

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_hub import FakeHub, save_tiny_model
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from fake_hub import FakeHub, save_tiny_model
 
 from stpp_hf import DeepLabImageProcessor
 from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir, push_run_to_hub
@@ -160,10 +159,19 @@ def test_push_uploads_final_model_and_card_without_touching_the_run(pushed):
     local_final = {path.name: path.read_bytes() for path in (run_dir / "final").iterdir()}
     for name, content in local_final.items():
         assert files[name] == content, name
-    assert {"README.md", "modeling_deeplabv3plus.py", "image_processing_deeplab.py", "model.safetensors"} <= files.keys()
+    assert {
+        "README.md",
+        "modeling_deeplabv3plus.py",
+        "image_processing_deeplab.py",
+        "model.safetensors",
+    } <= files.keys()
     assert tree_digest(run_dir) == pushed["before"]
     # the token authenticated the writes (the fake Hub refuses others) but appears in no output or file
-    for text in (pushed["push"].stdout, pushed["push"].stderr, *(content.decode("latin-1") for content in files.values())):
+    for text in (
+        pushed["push"].stdout,
+        pushed["push"].stderr,
+        *(content.decode("latin-1") for content in files.values()),
+    ):
         assert TOKEN not in text
     assert hub.unhandled == []
 
@@ -203,7 +211,9 @@ def test_stage_branches_hold_each_stage_best_model(pushed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "revision", "stage"), [("remote_code", "main", "retrain"), ("package", "stage-1-suponly", "suponly")])
+@pytest.mark.parametrize(
+    ("mode", "revision", "stage"), [("remote_code", "main", "retrain"), ("package", "stage-1-suponly", "suponly")]
+)
 def test_pushed_model_loads_in_fresh_process(pushed, tmp_path, mode, revision, stage):
     """remote_code: stpp_hf cannot be imported, only the repo's code files; package: stpp_hf's own classes."""
     output_path = tmp_path / "logits.safetensors"
@@ -430,5 +440,7 @@ def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(t
         environment, tmp_path,
     )  # fmt: skip
     assert push.returncode != 0
-    assert push.stderr.strip().startswith("HubPushError: ") and f"the Hub at {endpoint} cannot be reached" in push.stderr
+    assert (
+        push.stderr.strip().startswith("HubPushError: ") and f"the Hub at {endpoint} cannot be reached" in push.stderr
+    )
     assert "Traceback" not in push.stderr

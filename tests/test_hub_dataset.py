@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fake_hub import FakeHub
+from PIL import Image
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
 from stpp_hf.data.hub_dataset import load_hub_sources, parse_fraction
@@ -31,7 +30,12 @@ def local_repo(tmp_path_factory):
 
 def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
     sources = load(local_repo, tmp_path / "partition", tmp_path / "cache", partition_seed=3)
-    assert set(sources.labeled.features) == set(sources.unlabeled.features) == set(sources.val.features) == {"id", "image", "label"}
+    assert (
+        set(sources.labeled.features)
+        == set(sources.unlabeled.features)
+        == set(sources.val.features)
+        == {"id", "image", "label"}
+    )
     assert len(sources.labeled) == 6 and len(sources.unlabeled) == 18 and len(sources.val) == 6  # 1/4 of 24 rows
     labeled_ids, unlabeled_ids = set(sources.labeled["id"]), list(sources.unlabeled["id"])
     assert not labeled_ids & set(unlabeled_ids) and len(labeled_ids | set(unlabeled_ids)) == 24
@@ -62,7 +66,14 @@ def test_relaunch_reuses_the_partition_and_refuses_other_options(local_repo, tmp
     assert list(again.labeled["id"]) == list(first.labeled["id"])
     assert (tmp_path / "partition" / "labeled.txt").read_text() == labeled_file
     with pytest.raises(ValueError, match="partition_seed: recorded 0, now 1"):
-        load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=5, labeled_fraction=None, partition_seed=1)
+        load(
+            local_repo,
+            tmp_path / "partition",
+            tmp_path / "cache",
+            num_labeled=5,
+            labeled_fraction=None,
+            partition_seed=1,
+        )
     with pytest.raises(ValueError, match="num_labeled: recorded 5, now 6"):
         load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=6, labeled_fraction=None)
 
@@ -81,9 +92,15 @@ def test_fractions():
         (dict(num_labeled=24, labeled_fraction=None), "24 labeled of the 24 rows .* leaves no unlabeled image"),
         (dict(num_labeled=23, labeled_fraction=None), "only 22 rows have a label"),
         (dict(num_labeled=5), "give --num_labeled or --labeled_fraction, not both"),
-        (dict(label_column="mask"), "split 'train' has no label column 'mask' \\(columns: image, annotation, caption\\)"),
+        (
+            dict(label_column="mask"),
+            "split 'train' has no label column 'mask' \\(columns: image, annotation, caption\\)",
+        ),
         (dict(image_column="picture"), "has no image column 'picture'"),
-        (dict(label_column="caption"), "column 'caption' is Value.*not an Image feature; the label column must hold a class-index mask"),
+        (
+            dict(label_column="caption"),
+            "column 'caption' is Value.*not an Image feature; the label column must hold a class-index mask",
+        ),
         (dict(val_split="test"), "has no split 'test'"),
     ],
 )
@@ -100,11 +117,17 @@ def _bad_label(tmp_path, label: Image.Image, expected: str):
 
 
 def test_label_of_another_size_names_the_row(tmp_path):
-    _bad_label(tmp_path, Image.new("L", (5, 5)), "split 'train', row 0: image is 12x10 but its label \\('annotation'\\) is 5x5")
+    _bad_label(
+        tmp_path,
+        Image.new("L", (5, 5)),
+        "split 'train', row 0: image is 12x10 but its label \\('annotation'\\) is 5x5",
+    )
 
 
 def test_label_values_outside_the_classes_name_the_row(tmp_path):
-    _bad_label(tmp_path, Image.new("L", (12, 10), 7), "row 0, column 'annotation': mask values \\[7\\] are outside \\[0, 3\\)")
+    _bad_label(
+        tmp_path, Image.new("L", (12, 10), 7), "row 0, column 'annotation': mask values \\[7\\] are outside \\[0, 3\\)"
+    )
 
 
 def test_colour_label_names_the_row(tmp_path):
@@ -160,7 +183,9 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     eager, streamed = report["False"], report["True"]
     assert len(eager["labeled"]) == 4 and eager["val"] == 6 and len(eager["unlabeled"]) == 20
-    assert eager["id2label"] == {str(index): name for index, name in enumerate(CLASS_NAMES)}  # the repo's id2label.json
+    assert eager["id2label"] == {
+        str(index): name for index, name in enumerate(CLASS_NAMES)
+    }  # the repo's id2label.json
     assert streamed["type"] == "IterableDataset" and eager["type"] == "Dataset"
     for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
         assert streamed[key] == eager[key], key
@@ -202,7 +227,9 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
         hub.add_repo("tester/tiny-seg", segmentation_repo_files(size=(32, 24)), repo_type="dataset")
         environment = hub_environment(hub, tmp_path / "home")
         command = [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(run)]
-        completed = subprocess.run([*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400)
+        completed = subprocess.run(
+            [*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400
+        )
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
         # a relaunch with another partition seed is refused before anything is trained
         refused = subprocess.run(
@@ -210,7 +237,9 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         # the run's pseudo labels as a dataset, the images read again from the Hub dataset
-        exported = subprocess.run([sys.executable, "-c", EXPORT, str(run)], env=environment, capture_output=True, text=True, timeout=300)
+        exported = subprocess.run(
+            [sys.executable, "-c", EXPORT, str(run)], env=environment, capture_output=True, text=True, timeout=300
+        )
         assert exported.returncode == 0, exported.stderr[-3000:]
     assert refused.returncode != 0 and "partition_seed: recorded 2, now 3" in refused.stderr
     export = json.loads(exported.stdout.strip().splitlines()[-1])

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from fake_hub import save_tiny_model
+from PIL import Image
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 
@@ -43,7 +42,12 @@ def images(tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "folder").mkdir()
     paths = []
-    for name, (height, width) in (("folder/a.png", (40, 48)), ("folder/b.jpg", (40, 48)), ("folder/c.png", (33, 57)), ("d.png", (40, 48))):
+    for name, (height, width) in (
+        ("folder/a.png", (40, 48)),
+        ("folder/b.jpg", (40, 48)),
+        ("folder/c.png", (33, 57)),
+        ("d.png", (40, 48)),
+    ):
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / name)
         paths.append(root / name)
@@ -82,7 +86,9 @@ def test_infer_writes_masks_overlays_and_class_areas(infer, model_dir, images, t
         label_map = expected_label_map(model, path, "plain")
         assert np.array_equal(np.asarray(mask), label_map.numpy())
         counts = torch.bincount(label_map.flatten(), minlength=len(CLASS_NAMES))
-        expected_areas = {CLASS_NAMES[index]: count.item() / label_map.numel() for index, count in enumerate(counts) if count}
+        expected_areas = {
+            CLASS_NAMES[index]: count.item() / label_map.numel() for index, count in enumerate(counts) if count
+        }
         assert areas[str(path)] == pytest.approx(expected_areas, abs=1e-6)
         assert f"{path}: " in printed.out + printed.err
 
@@ -99,7 +105,9 @@ def test_infer_tta_and_sliding_window_match_the_model_helpers(infer, model_dir, 
 
 def test_infer_bfloat16_runs(infer, model_dir, images, tmp_path):
     _, paths = images
-    areas = infer.main(["--model", str(model_dir), "--images", str(paths[0]), "--output-dir", str(tmp_path), "--dtype", "bfloat16"])
+    areas = infer.main(
+        ["--model", str(model_dir), "--images", str(paths[0]), "--output-dir", str(tmp_path), "--dtype", "bfloat16"]
+    )
     assert sum(areas[str(paths[0])].values()) == pytest.approx(1.0, abs=1e-5)
     assert Image.open(tmp_path / "a_mask.png").size == (48, 40)
 

@@ -82,7 +82,10 @@ class _SummingAccelerator:
 
 def test_sharded_metrics_sum_to_the_single_process_result():
     generator = torch.Generator().manual_seed(1)
-    images = [(torch.randint(0, 3, (4, 4), generator=generator), torch.randint(0, 3, (4, 4), generator=generator)) for _ in range(5)]
+    images = [
+        (torch.randint(0, 3, (4, 4), generator=generator), torch.randint(0, 3, (4, 4), generator=generator))
+        for _ in range(5)
+    ]
     single = SegmentationMetric(3)
     shards = [SegmentationMetric(3), SegmentationMetric(3)]
     for index, (prediction, target) in enumerate(images):

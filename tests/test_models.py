@@ -76,7 +76,9 @@ def test_head_channels_come_from_the_backbone(backbone, low_level_channels, high
     assert logits.shape == (2, 21, 65, 81)
 
 
-@pytest.mark.parametrize("height,width,dilation,kernel_size", [(3, 3, 6, 3), (3, 5, 4, 3), (4, 4, 2, 3), (9, 2, 3, 5), (8, 8, 12, 3)])
+@pytest.mark.parametrize(
+    "height,width,dilation,kernel_size", [(3, 3, 6, 3), (3, 5, 4, 3), (4, 4, 2, 3), (9, 2, 3, 5), (8, 8, 12, 3)]
+)
 def test_atrous_conv_equals_the_plain_conv_doing_less_or_faster_work(height, width, dilation, kernel_size):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,7 +111,12 @@ def test_atrous_conv_equals_the_plain_conv_doing_less_or_faster_work(height, wid
 def test_atrous_conv_rejects_what_it_cannot_compute():
     from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
 
-    for kwargs in ({"padding": 1, "stride": 2}, {"padding": 1, "dilation": 2}, {"padding": 1, "groups": 2}, {"padding": 1, "padding_mode": "reflect"}):
+    for kwargs in (
+        {"padding": 1, "stride": 2},
+        {"padding": 1, "dilation": 2},
+        {"padding": 1, "groups": 2},
+        {"padding": 1, "padding_mode": "reflect"},
+    ):
         with pytest.raises(ValueError, match="AtrousConv2d needs stride 1"):
             AtrousConv2d(4, 4, 3, **kwargs)
 
@@ -126,9 +133,13 @@ def test_backbone_stride_1_convs_are_atrous_with_timm_parameters_and_outputs():
     plain.load_state_dict(ours.state_dict())
     converted = {name for name, module in ours.named_modules() if isinstance(module, AtrousConv2d)}
     stride_1_3x3 = {
-        name for name, module in plain.named_modules() if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+        name
+        for name, module in plain.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
     }
-    assert converted == stride_1_3x3 and len(converted) == 15  # 16, less layer2.0.conv1 (stride 2; layers 3-4 are dilated instead)
+    assert (
+        converted == stride_1_3x3 and len(converted) == 15
+    )  # 16, less layer2.0.conv1 (stride 2; layers 3-4 are dilated instead)
     assert {ours.get_submodule(name).dilation for name in converted} == {(1, 1), (2, 2), (4, 4)}
     ours.eval(), plain.eval()
     for size in (24, 64):  # 3x3 maps at stride 8 (matmul path) and 8x8 ones (convolution path)

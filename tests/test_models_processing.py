@@ -68,7 +68,9 @@ def test_colorize_gives_a_palette_image_keeping_class_ids(tmp_path):
     image = colorize(label_map, "pascal_voc")
     assert image.mode == "P" and image.size == (3, 2)
     rgb = np.asarray(image.convert("RGB"))
-    assert tuple(rgb[0, 1]) == (128, 0, 0) and tuple(rgb[1, 0]) == (192, 128, 128) and tuple(rgb[0, 2]) == (224, 224, 192)
+    assert (
+        tuple(rgb[0, 1]) == (128, 0, 0) and tuple(rgb[1, 0]) == (192, 128, 128) and tuple(rgb[0, 2]) == (224, 224, 192)
+    )
     image.save(tmp_path / "mask.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "mask.png")), label_map)
     city = colorize(torch.tensor([[13, 0]]), CITYSCAPES_PALETTE)

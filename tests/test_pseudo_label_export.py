@@ -9,23 +9,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from huggingface_hub import DatasetCard
-
 from fake_hub import FakeHub
+from huggingface_hub import DatasetCard
 
 from stpp_hf.data import PseudoLabelStore, load_source, make_synthetic_dataset
 from stpp_hf.training.pseudo_label_export import pseudo_label_dataset, record_unlabeled_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEACHERS = {"label_reliable": ("stages/1-suponly/best", "a1" * 32), "label_unreliable": ("stages/4-retrain_reliable/best", "b2" * 32)}
+TEACHERS = {
+    "label_reliable": ("stages/1-suponly/best", "a1" * 32),
+    "label_unreliable": ("stages/4-retrain_reliable/best", "b2" * 32),
+}
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """An ST++ run directory as the pipeline leaves it: results.json, reliability scores and two pseudo-label stores."""
     run_dir = tmp_path_factory.mktemp("run")
-    data = make_synthetic_dataset(run_dir / "synthetic_data", seed=0, num_labeled=3, num_unlabeled=6, num_val=2, image_size=32)
-    record_unlabeled_source(run_dir, {"kind": "local", "source": "pascal", "root": str(data.root), "split_file": str(data.split_files["unlabeled"])})
+    data = make_synthetic_dataset(
+        run_dir / "synthetic_data", seed=0, num_labeled=3, num_unlabeled=6, num_val=2, image_size=32
+    )
+    record_unlabeled_source(
+        run_dir,
+        {
+            "kind": "local",
+            "source": "pascal",
+            "root": str(data.root),
+            "split_file": str(data.split_files["unlabeled"]),
+        },
+    )
     unlabeled = load_source("pascal", data.root, data.split_files["unlabeled"], cache_dir=run_dir / "datasets_cache")
     ids = list(unlabeled["id"])
     scores = {image_id: 0.9 - 0.1 * index for index, image_id in enumerate(ids)}
@@ -81,7 +93,9 @@ def test_a_damaged_store_is_named(finished_run, tmp_path):
     store = next((run_dir / "pseudo_labels").glob("label_unreliable-*"))
     victim = sorted((store / "labels").iterdir())[0]
     victim.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=f"pseudo-label store {store} holds 2 intact labels, stage 'label_unreliable' wrote 3"):
+    with pytest.raises(
+        ValueError, match=f"pseudo-label store {store} holds 2 intact labels, stage 'label_unreliable' wrote 3"
+    ):
         pseudo_label_dataset(run_dir, finished_run["unlabeled"])
 
 
@@ -110,7 +124,13 @@ def test_push_pseudo_labels_and_load_them_back(finished_run, tmp_path):
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert push.returncode == 0, push.stderr[-3000:]
-        loaded = subprocess.run([sys.executable, "-c", LOADER, "tester/stpp-pseudo"], env=environment, capture_output=True, text=True, timeout=300)
+        loaded = subprocess.run(
+            [sys.executable, "-c", LOADER, "tester/stpp-pseudo"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert loaded.returncode == 0, loaded.stderr[-3000:]
         card = DatasetCard(hub.files("tester/stpp-pseudo", repo_type="dataset")["README.md"].decode())
     report = json.loads(loaded.stdout.strip().splitlines()[-1])
@@ -119,6 +139,9 @@ def test_push_pseudo_labels_and_load_them_back(finished_run, tmp_path):
     for image_id, label in report["labels"].items():
         assert np.array_equal(np.array(label), finished_run["labels"][image_id])
     assert f"| reliable | 3 | `stages/1-suponly/best (sha256 {'a1' * 8})` | 61.00 |" in card.text
-    assert "| unreliable | 3 | `stages/4-retrain_reliable/best (sha256" in card.text and "n/a (no true masks)" in card.text
+    assert (
+        "| unreliable | 3 | `stages/4-retrain_reliable/best (sha256" in card.text
+        and "n/a (no true masks)" in card.text
+    )
     assert 'load_dataset("tester/stpp-pseudo", split="train")' in card.text
     assert card.data.dataset_info is not None or card.data.configs  # datasets' own metadata kept

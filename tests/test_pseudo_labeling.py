@@ -54,7 +54,9 @@ def reference_pseudo_label(model, image):
     height, width = image.shape[-2:]
     total = 0
     for scale in (0.5, 0.75, 1.0, 1.5, 2.0):
-        scaled = F.interpolate(image[None], size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True)
+        scaled = F.interpolate(
+            image[None], size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True
+        )
         for flip in (False, True):
             inputs = scaled.flip(-1) if flip else scaled
             logits = model(pixel_values=inputs).logits
@@ -79,7 +81,9 @@ def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     ids = [f"img_{index}" for index in range(len(dataset))]
     store = PseudoLabelStore(tmp_path / "store")
     # two "processes" each label their shard into the same store, in batches of 2 same-size images
-    written = [label_images(model, dataset, ids, store, _FakeShardAccelerator(rank, 2), batch_size=2) for rank in (0, 1)]
+    written = [
+        label_images(model, dataset, ids, store, _FakeShardAccelerator(rank, 2), batch_size=2) for rank in (0, 1)
+    ]
     assert written == [3, 3]
     store.verify(ids)
     assert store.pending(ids) == []

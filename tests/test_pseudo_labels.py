@@ -154,7 +154,9 @@ def test_a_torn_store_header_is_rewritten_for_a_known_teacher_and_named_otherwis
     store = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
     store.put("a", _label(0))
     (store.directory / "store.json").write_text('["not", "a", "header"]')
-    with pytest.raises(ValueError, match=r"store.json is not a pseudo-label store header.*delete .*label_all-f{16} to label"):
+    with pytest.raises(
+        ValueError, match=r"store.json is not a pseudo-label store header.*delete .*label_all-f{16} to label"
+    ):
         PseudoLabelStore(store.directory)  # reading a store whose teacher is unknown
     reopened = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
     assert json.loads((store.directory / "store.json").read_text())["fingerprint"] == "f" * 64

@@ -30,10 +30,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    synthetic = make_synthetic_dataset(root / "synthetic", seed=0, num_labeled=4, num_unlabeled=4, num_val=2, image_size=32)
+    synthetic = make_synthetic_dataset(
+        root / "synthetic", seed=0, num_labeled=4, num_unlabeled=4, num_val=2, image_size=32
+    )
     files = synthetic.split_files
     sources = {
-        part: load_source("pascal", synthetic.root, files[part], require_masks=part != "unlabeled", cache_dir=root / "cache")
+        part: load_source(
+            "pascal", synthetic.root, files[part], require_masks=part != "unlabeled", cache_dir=root / "cache"
+        )
         for part in ("labeled", "unlabeled", "val")
     }
     return RunData(
@@ -98,7 +102,10 @@ def test_a_redone_suponly_redoes_every_later_stage(data, finished_run, tmp_path,
     assert new_stages["select"]["inputs"]["teacher"] != old_stages["select"]["inputs"]["teacher"]
     assert new_stages["label_reliable"]["summary"]["store_dir"] != old_stages["label_reliable"]["summary"]["store_dir"]
     # a stage is redone exactly when what it reads changed (a re-training: when its pseudo labels changed)
-    assert [stage for stage in STAGES if new_stages[stage]["inputs"] == old_stages[stage]["inputs"]] == ["suponly", *skipped]
+    assert [stage for stage in STAGES if new_stages[stage]["inputs"] == old_stages[stage]["inputs"]] == [
+        "suponly",
+        *skipped,
+    ]
     assert skipped in ([], ["retrain_reliable", "label_unreliable", "retrain_all"])
     # a relaunch now redoes nothing
     capsys.readouterr()
@@ -122,22 +129,30 @@ def test_a_stage_finished_before_its_upstream_was_redone_is_redone(data, finishe
 
 
 @pytest.mark.slow
-def test_redo_stage_redoes_that_stage_and_those_after_it_even_with_a_damaged_record(data, finished_run, tmp_path, capsys):
+def test_redo_stage_redoes_that_stage_and_those_after_it_even_with_a_damaged_record(
+    data, finished_run, tmp_path, capsys
+):
     run_dir = copy_run(finished_run, tmp_path)
     state = json.loads((run_dir / "state.json").read_text())
     state["stages"]["label_unreliable"] = ["not", "a", "record"]
     (run_dir / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="record of stage 'label_unreliable' is malformed.*--redo_stage label_unreliable"):
+    with pytest.raises(
+        ValueError, match="record of stage 'label_unreliable' is malformed.*--redo_stage label_unreliable"
+    ):
         run_pipeline(Accelerator(cpu=True), data, settings_for(run_dir, Factory(len(data.id2label))))
     capsys.readouterr()
-    run_pipeline(Accelerator(cpu=True), data, settings_for(run_dir, Factory(len(data.id2label)), redo_stage="label_unreliable"))
+    run_pipeline(
+        Accelerator(cpu=True), data, settings_for(run_dir, Factory(len(data.id2label)), redo_stage="label_unreliable")
+    )
     assert skipped_stages(capsys.readouterr().out) == STAGES[:4]
     with pytest.raises(ValueError, match="redo_stage must be one of"):
         run_pipeline(Accelerator(cpu=True), data, settings_for(run_dir, Factory(len(data.id2label)), redo_stage="sup"))
 
 
 @pytest.mark.slow
-def test_torn_pseudo_label_manifest_and_header_are_rebuilt_and_nothing_else_is_redone(data, finished_run, tmp_path, capsys):
+def test_torn_pseudo_label_manifest_and_header_are_rebuilt_and_nothing_else_is_redone(
+    data, finished_run, tmp_path, capsys
+):
     run_dir = copy_run(finished_run, tmp_path)
     state = json.loads((run_dir / "state.json").read_text())
     store = run_dir / state["stages"]["label_reliable"]["summary"]["store_dir"]
@@ -149,7 +164,10 @@ def test_torn_pseudo_label_manifest_and_header_are_rebuilt_and_nothing_else_is_r
     # the label stage is checked again and its manifest rebuilt from the journals; the labels are the same
     assert skipped_stages(capsys.readouterr().out) == [stage for stage in STAGES if stage != "label_reliable"]
     assert (store / "manifest.json").read_bytes() == manifest
-    assert json.loads((store / "store.json").read_text())["fingerprint"] == state["stages"]["label_reliable"]["inputs"]["teacher"]
+    assert (
+        json.loads((store / "store.json").read_text())["fingerprint"]
+        == state["stages"]["label_reliable"]["inputs"]["teacher"]
+    )
 
 
 @pytest.mark.parametrize("damage", ["garbage", "incomplete", "truncated_weights"])
@@ -190,7 +208,9 @@ def test_a_second_launch_on_a_locked_run_directory_is_refused_naming_the_holder(
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunDirectoryLocked, match=f"in use by another launch \\(pid {holder.pid} on host .*, started "):
+        with pytest.raises(
+            RunDirectoryLocked, match=f"in use by another launch \\(pid {holder.pid} on host .*, started "
+        ):
             lock_run(Accelerator(cpu=True), tmp_path)
     finally:
         holder.kill()

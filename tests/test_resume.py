@@ -22,7 +22,9 @@ def finished_stages(run_dir):
 
 def launch(run_dir):
     command = [sys.executable, str(SCRIPT), "--output_dir", str(run_dir), *TINY_ARGS, *ARGS]
-    return subprocess.Popen(command, env=script_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, env=script_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def kill_when(process, condition, timeout=240):
@@ -67,7 +69,9 @@ def test_sigkill_in_training_and_labeling_then_relaunch_matches_uninterrupted(tm
     assert "already finished: skipped" in completed.stdout
 
     for name in ("reliable_ids.txt", "unreliable_ids.txt"):
-        assert (killed / "stages" / "2-select" / name).read_text() == (reference / "stages" / "2-select" / name).read_text()
+        assert (killed / "stages" / "2-select" / name).read_text() == (
+            reference / "stages" / "2-select" / name
+        ).read_text()
     reference_results = json.loads((reference / "results.json").read_text())
     killed_results = json.loads((killed / "results.json").read_text())
     for stage in ("label_reliable", "label_unreliable"):

@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from test_pseudo_labeling import NUM_CLASSES, _FakeShardAccelerator, images_of_mixed_sizes, tiny_model
 
 from stpp_hf.training.selection import compute_reliability, reliability_of_predictions, split_by_reliability
-from test_pseudo_labeling import NUM_CLASSES, _FakeShardAccelerator, images_of_mixed_sizes, tiny_model
 
 
 def reference_image_miou(prediction, target, num_classes):
-    hist = np.bincount(num_classes * target.ravel() + prediction.ravel(), minlength=num_classes**2).reshape(num_classes, -1)
+    hist = np.bincount(num_classes * target.ravel() + prediction.ravel(), minlength=num_classes**2).reshape(
+        num_classes, -1
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.nanmean(np.diag(hist) / (hist.sum(0) + hist.sum(1) - np.diag(hist)))
 
@@ -29,7 +31,10 @@ def test_sharded_batched_reliability_equals_reference():
     dataset = images_of_mixed_sizes(2)
     ids = [f"u{index}" for index in range(len(dataset))]
     expected = reference_reliability(snapshots, dataset)
-    shards = [compute_reliability(snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(r, 2), batch_size=3) for r in (0, 1)]
+    shards = [
+        compute_reliability(snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(r, 2), batch_size=3)
+        for r in (0, 1)
+    ]
     merged = {**shards[0], **shards[1]}
     assert sorted(shards[0]) == ["u0", "u2", "u4"]
     assert [merged[i] for i in ids] == pytest.approx(expected, abs=0.02)
@@ -62,7 +67,9 @@ def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
     scores = dict(zip(ids, [0.2, 0.95, 0.5, 0.7, 0.1, 0.9]))
     reliable, _ = split_by_reliability(scores, ids)
     palette = flat_palette(PASCAL_VOC_PALETTE)
-    save_selection_figure(model, dataset, ids, scores, reliable, tmp_path / "selection.png", palette, num_images=2, tile=48)
+    save_selection_figure(
+        model, dataset, ids, scores, reliable, tmp_path / "selection.png", palette, num_images=2, tile=48
+    )
     figure = Image.open(tmp_path / "selection.png").convert("RGB")
     assert figure.size == (360, 150 + 2 * (48 + 14))
     # the histogram: 3 reliable scores right of the cut (green bars), 3 left of it (red bars)
@@ -90,7 +97,9 @@ def test_bf16_selection_keeps_the_fp32_split():
     dataset = images_of_mixed_sizes(2) + images_of_mixed_sizes(4)
     ids = [f"u{index}" for index in range(len(dataset))]
     scores = {
-        name: compute_reliability(snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(0, 1, dtype), batch_size=3)
+        name: compute_reliability(
+            snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(0, 1, dtype), batch_size=3
+        )
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
     }
     assert [scores["bf16"][i] for i in ids] == pytest.approx([scores["fp32"][i] for i in ids], abs=0.02)

@@ -40,7 +40,9 @@ def test_voc_layout_loads_through_the_pascal_source(tmp_path):
     assert counts == {"labeled": 4, "unlabeled": 12, "val": 6}
     labeled = {entry.image for entry in read_split(dataset.split_files["labeled"])}
     assert not labeled & {entry.image for entry in read_split(dataset.split_files["unlabeled"])}
-    val = load_source("pascal", dataset.root, dataset.split_files["val"], num_labels=dataset.num_labels, cache_dir=tmp_path / "c")
+    val = load_source(
+        "pascal", dataset.root, dataset.split_files["val"], num_labels=dataset.num_labels, cache_dir=tmp_path / "c"
+    )
     mask = val[0]["label"]
     assert mask.mode == "P" and mask.getpalette()[3:6] == [128, 0, 0] and val[0]["image"].size == (48, 48)
 
@@ -80,10 +82,23 @@ def test_reuse_replace_and_refuse(tmp_path):
 
 def test_generation_is_fast_and_cli_writes_grid(tmp_path, capsys):
     started = time.perf_counter()
-    main(["--output-dir", str(tmp_path / "data"), "--num-unlabeled", "200", "--num-val", "40", "--sample-grid", str(tmp_path / "grid.png")])
+    main(
+        [
+            "--output-dir",
+            str(tmp_path / "data"),
+            "--num-unlabeled",
+            "200",
+            "--num-val",
+            "40",
+            "--sample-grid",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     elapsed = time.perf_counter() - started
     assert elapsed < 10, f"260 images took {elapsed:.1f}s"
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (8 * 192 + 7 * 4, 2 * 192 + 4)
     assert "sample grid" in capsys.readouterr().out
-    assert save_sample_grid(make_synthetic_dataset(tmp_path / "data", num_unlabeled=200, num_val=40), tmp_path / "g2.png", num_samples=3)
+    assert save_sample_grid(
+        make_synthetic_dataset(tmp_path / "data", num_unlabeled=200, num_val=40), tmp_path / "g2.png", num_samples=3
+    )

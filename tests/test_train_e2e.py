@@ -14,9 +14,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_stpp.py"
 TINY_ARGS = [
-    "--synthetic_num_labeled", "8", "--synthetic_num_unlabeled", "12", "--synthetic_num_val", "6",
-    "--synthetic_image_size", "32", "--epochs", "3", "--global_batch_size", "4", "--crop_size", "32",
-    "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--report_to", "none",
+    "--synthetic_num_labeled",
+    "8",
+    "--synthetic_num_unlabeled",
+    "12",
+    "--synthetic_num_val",
+    "6",
+    "--synthetic_image_size",
+    "32",
+    "--epochs",
+    "3",
+    "--global_batch_size",
+    "4",
+    "--crop_size",
+    "32",
+    "--base_size",
+    "32",
+    "--inference_batch_size",
+    "4",
+    "--val_batch_size",
+    "6",
+    "--report_to",
+    "none",
 ]
 
 
@@ -35,13 +54,27 @@ def script_command(output_dir, *extra, processes=1, machines=1, machine_rank=0, 
         env = script_env()
     else:
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            str(machines),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
         ]
         if machines > 1:
             command += [
-                "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", str(main_process_port),
+                "--machine_rank",
+                str(machine_rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(main_process_port),
             ]
         command.append(str(SCRIPT))
         env = dict(script_env(), ACCELERATE_USE_CPU="true")
@@ -157,10 +190,29 @@ def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
     script = tmp_path / "bn_sync.py"
     script.write_text(BN_SYNC_SCRIPT)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "stage"),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(tmp_path / "stage"),
     ]
-    completed = subprocess.run(command, env=dict(script_env(), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        command,
+        env=dict(script_env(), ACCELERATE_USE_CPU="true"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_ok(completed)
 
 
@@ -172,11 +224,18 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert_ok(completed)
     results = json.loads((run / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == [
-        "suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"
+        "suponly",
+        "select",
+        "label_reliable",
+        "retrain_reliable",
+        "label_unreliable",
+        "retrain_all",
     ]
     assert set(results["pseudo_label_miou"]) == {"reliable", "unreliable"}
     table_lines = (
-        "SupOnly", "ST++ stage-1 re-training", "final (stpp)",
+        "SupOnly",
+        "ST++ stage-1 re-training",
+        "final (stpp)",
         "pseudo labels: reliable images (teacher 1-suponly/last, TTA)",
         "pseudo labels: unreliable images (teacher 4-retrain_reliable/last, TTA)",
     )
@@ -204,7 +263,10 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     from stpp_hf.training.trainer import evaluate
 
     teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
-    reliable_set = EvalDataset(load_source("pascal", run / "synthetic_data", run / "stages" / "2-select" / "reliable_ids.txt"), EvalTransform())
+    reliable_set = EvalDataset(
+        load_source("pascal", run / "synthetic_data", run / "stages" / "2-select" / "reliable_ids.txt"),
+        EvalTransform(),
+    )
     expected = evaluate(teacher, reliable_set, len(results["id2label"]), batch_size=6)["miou"]  # as --val_batch_size
     assert results["stages"][1]["teacher_miou"]["reliable"] == pytest.approx(expected, abs=1e-9)
     # relaunching a finished run redoes nothing and reproduces results.json

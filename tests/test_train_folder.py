@@ -2,14 +2,13 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_e2e import SCRIPT, REPO, assert_ok, script_env  # noqa: F401
-
-import subprocess
-import sys
+from test_train_e2e import REPO, SCRIPT, assert_ok, script_env  # noqa: F401
 
 CLASSES = {"0": "sky", "1": "tree", "2": "house"}
 
@@ -37,11 +36,41 @@ def make_folder_dataset(root, count=14, size=32):
 def launch(root, run_dir, splits=None):
     splits = splits or root
     command = [
-        sys.executable, str(SCRIPT), "--dataset", "folder", "--data_root", str(root),
-        *(arg for part in ("labeled", "unlabeled", "val") for arg in (f"--{part}_id_path", str(splits / f"{part}.txt"))),
-        "--output_dir", str(run_dir), "--framework", "st", "--epochs", "1", "--global_batch_size", "4",
-        "--backbone", "resnet18", "--output_stride", "16", "--backbone_weights", "none", "--crop_size", "32",
-        "--base_size", "32", "--val_batch_size", "2", "--inference_batch_size", "4", "--report_to", "none",
+        sys.executable,
+        str(SCRIPT),
+        "--dataset",
+        "folder",
+        "--data_root",
+        str(root),
+        *(
+            arg
+            for part in ("labeled", "unlabeled", "val")
+            for arg in (f"--{part}_id_path", str(splits / f"{part}.txt"))
+        ),
+        "--output_dir",
+        str(run_dir),
+        "--framework",
+        "st",
+        "--epochs",
+        "1",
+        "--global_batch_size",
+        "4",
+        "--backbone",
+        "resnet18",
+        "--output_stride",
+        "16",
+        "--backbone_weights",
+        "none",
+        "--crop_size",
+        "32",
+        "--base_size",
+        "32",
+        "--val_batch_size",
+        "2",
+        "--inference_batch_size",
+        "4",
+        "--report_to",
+        "none",
     ]
     return subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
 

@@ -50,9 +50,17 @@ def weights_description(monkeypatch):
 
 
 def test_options_from_yaml_json_and_command_line(tmp_path):
-    (tmp_path / "run.yaml").write_text("framework: st\nepochs: 4\nbackbone: resnet34\ndataset: cityscapes\nteacher: last\n")
+    (tmp_path / "run.yaml").write_text(
+        "framework: st\nepochs: 4\nbackbone: resnet34\ndataset: cityscapes\nteacher: last\n"
+    )
     data, model, run, _ = parse_arguments([str(tmp_path / "run.yaml")])
-    assert (run.framework, run.epochs, model.backbone, data.dataset, run.teacher) == ("st", 4, "resnet34", "cityscapes", "last")
+    assert (run.framework, run.epochs, model.backbone, data.dataset, run.teacher) == (
+        "st",
+        4,
+        "resnet34",
+        "cityscapes",
+        "last",
+    )
     (tmp_path / "run.json").write_text(json.dumps({"framework": "suponly", "lr": 0.01, "split": "1_8/split_1"}))
     data, model, run, _ = parse_arguments([str(tmp_path / "run.json")])
     assert (run.framework, run.lr, data.split) == ("suponly", 0.01, "1_8/split_1")
@@ -131,7 +139,12 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
     real = ["--data_root", str(tmp_path), "--split", "1_16/split_0"]
     pascal = resolve(real, num_processes=4, device_type="cuda")
     assert (pascal.global_batch_size, pascal.per_device_batch_size, pascal.lr, pascal.epochs) == (16, 4, 0.001, 80)
-    assert (pascal.backbone, pascal.backbone_weights, pascal.output_stride, pascal.sync_bn) == ("resnet50", "resnet50.tv_in1k", 8, True)
+    assert (pascal.backbone, pascal.backbone_weights, pascal.output_stride, pascal.sync_bn) == (
+        "resnet50",
+        "resnet50.tv_in1k",
+        8,
+        True,
+    )
     assert not resolve(real, num_processes=1, device_type="cuda").sync_bn
     with pytest.warns(UserWarning, match="not the method's recipe"):
         resolve([*real, "--backbone_weights", "none"])
@@ -157,7 +170,9 @@ def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_
             config = resolve(argv, num_processes=processes)
         summary = cli.recipe_summary(config)
         assert config.per_device_batch_size * processes == config.global_batch_size == 16
-        summaries.append((config.global_batch_size, config.lr, summary["lr"], summary["steps"], summary["total_steps"]))
+        summaries.append(
+            (config.global_batch_size, config.lr, summary["lr"], summary["steps"], summary["total_steps"])
+        )
         assert summary["total_steps"] > 0
     assert summaries[0] == summaries[1] == summaries[2]
     text = cli.describe_recipe(config, parse_arguments(argv)[3])
@@ -182,9 +197,15 @@ def test_dry_run_prints_the_recipe_and_trains_nothing(tmp_path, monkeypatch, cap
 
 def test_relaunch_differences_list_every_setting_with_both_values(tmp_path):
     saved = {**resolve([]).to_dict(), "data": {"val": {"fingerprint": "a", "num_images": 3}}}
-    new = {**resolve(["--synthetic_seed", "1", "--epochs", "7", "--num_workers", "2", "--output_dir", "o"]).to_dict(),
-           "data": {"val": {"fingerprint": "b", "num_images": 3}}}
-    assert config_differences(saved, new) == [("data.val.fingerprint", "a", "b"), ("epochs", 6, 7), ("synthetic.seed", 0, 1)]
+    new = {
+        **resolve(["--synthetic_seed", "1", "--epochs", "7", "--num_workers", "2", "--output_dir", "o"]).to_dict(),
+        "data": {"val": {"fingerprint": "b", "num_images": 3}},
+    }
+    assert config_differences(saved, new) == [
+        ("data.val.fingerprint", "a", "b"),
+        ("epochs", 6, 7),
+        ("synthetic.seed", 0, 1),
+    ]
     # the settings alone (before the data is built) are compared without the data section
     assert config_differences(saved, resolve([]).to_dict()) == []
     check_and_record_run_config(tmp_path, saved)
@@ -199,8 +220,20 @@ def test_relaunch_differences_list_every_setting_with_both_values(tmp_path):
 
 def test_relaunch_with_another_synthetic_seed_is_refused_before_the_data_is_regenerated(tmp_path):
     run = tmp_path / "run"
-    common = ["--output_dir", str(run), "--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4",
-              "--synthetic_num_val", "2", "--synthetic_image_size", "32", "--report_to", "none"]
+    common = [
+        "--output_dir",
+        str(run),
+        "--synthetic_num_labeled",
+        "4",
+        "--synthetic_num_unlabeled",
+        "4",
+        "--synthetic_num_val",
+        "2",
+        "--synthetic_image_size",
+        "32",
+        "--report_to",
+        "none",
+    ]
     # stand in for a first launch killed after building its data (before training)
     original = cli.run_pipeline
     cli.run_pipeline = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed"))

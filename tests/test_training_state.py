@@ -17,7 +17,11 @@ from stpp_hf.training.trainer import poly_factor, scaled_lr
 def test_stage_sequences_follow_the_spec():
     assert [s.name for s in build_stages("suponly")] == ["suponly"]
     st = build_stages("st")
-    assert [(s.kind, s.source, s.subset) for s in st] == [("train", None, "all"), ("label", "suponly", "all"), ("train", None, "all")]
+    assert [(s.kind, s.source, s.subset) for s in st] == [
+        ("train", None, "all"),
+        ("label", "suponly", "all"),
+        ("train", None, "all"),
+    ]
     assert st[2].pseudo_label_stages == ("label_all",)
     stpp = build_stages("stpp")
     assert [s.kind for s in stpp] == ["train", "select", "label", "train", "label", "train"]
@@ -90,7 +94,10 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
         ("[1, 2]", "is not a run state"),
         ('{"version": 1, "run_config": [], "stages": {}}', "is not a run state"),
         ('{"version": 1, "run_config": {}, "stages": []}', "'stages' must be an object"),
-        ('{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}', "record of stage 'select'"),
+        (
+            '{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}',
+            "record of stage 'select'",
+        ),
     ],
 )
 def test_a_state_file_of_the_wrong_shape_is_named_with_what_to_do(tmp_path, content, message):

@@ -57,7 +57,9 @@ def recorded_steps(monkeypatch):
 def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
     hparams = StageHyperParameters(epochs=2, global_batch_size=4, base_lr=0.01, val_batch_size=4, channels_last=False)
-    summary = train_stage(make_model, toy_set(17, 0), toy_val_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES)
+    summary = train_stage(
+        make_model, toy_set(17, 0), toy_val_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES
+    )
     # 17 images, global batch 4 = 2 per micro-batch x 2 accumulation steps, drop_last -> 4 optimizer steps per epoch
     assert summary["steps"] == 8 and len(recorded_steps) == 8
     lr = scaled_lr(0.01, 4)
@@ -84,9 +86,13 @@ def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
         return model
 
     train = toy_set(4, 0)
-    hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=channels_last)
-    train_stage(recording_model, train, toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, NUM_CLASSES)
-    (pixel_values, labels), = seen
+    hparams = StageHyperParameters(
+        epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=channels_last
+    )
+    train_stage(
+        recording_model, train, toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, NUM_CLASSES
+    )
+    ((pixel_values, labels),) = seen
     assert pixel_values.dtype == torch.float32 and labels.dtype == torch.int64
     # the batch is shuffled: match each row to its item
     for pixels, label in train:
@@ -105,9 +111,21 @@ def test_too_small_training_set_is_a_clear_error(tmp_path):
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last):
     # channels_last=False caught evaluation switching the trained parameters to channels_last behind
     # the optimizer's back (fused SGD then adds momentum in the wrong layout; a resume did not)
-    hparams = StageHyperParameters(epochs=3, global_batch_size=4, base_lr=0.02, val_batch_size=4, channels_last=channels_last)
+    hparams = StageHyperParameters(
+        epochs=3, global_batch_size=4, base_lr=0.02, val_batch_size=4, channels_last=channels_last
+    )
     train, val = toy_set(8, 0), toy_val_set(2, 1)
-    reference = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "uninterrupted", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+    reference = train_stage(
+        make_model,
+        train,
+        val,
+        fresh_accelerator(),
+        tmp_path / "uninterrupted",
+        hparams,
+        5,
+        NUM_CLASSES,
+        snapshot_epochs=(1, 2, 3),
+    )
 
     original = trainer_module._save_checkpoint
     saved = []
@@ -120,9 +138,29 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
 
     monkeypatch.setattr(trainer_module, "_save_checkpoint", crash_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+        train_stage(
+            make_model,
+            train,
+            val,
+            fresh_accelerator(),
+            tmp_path / "resumed",
+            hparams,
+            5,
+            NUM_CLASSES,
+            snapshot_epochs=(1, 2, 3),
+        )
     monkeypatch.setattr(trainer_module, "_save_checkpoint", original)
-    resumed = train_stage(make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES, snapshot_epochs=(1, 2, 3))
+    resumed = train_stage(
+        make_model,
+        train,
+        val,
+        fresh_accelerator(),
+        tmp_path / "resumed",
+        hparams,
+        5,
+        NUM_CLASSES,
+        snapshot_epochs=(1, 2, 3),
+    )
 
     assert [h["val_miou"] for h in resumed["history"]] == [h["val_miou"] for h in reference["history"]]
     for relative in ("snapshots/epoch_3/model.safetensors", "best/model.safetensors"):
@@ -153,11 +191,15 @@ def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_pa
 
     def factory():
         model = make_model()
-        model.classifier.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+        model.classifier.register_forward_hook(
+            lambda module, args, output: seen.append((module.training, output.dtype))
+        )
         return model
 
     hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
-    summary = train_stage(factory, toy_set(8, 0), toy_val_set(3, 1), accelerator, tmp_path / "stage", hparams, 3, NUM_CLASSES)
+    summary = train_stage(
+        factory, toy_set(8, 0), toy_val_set(3, 1), accelerator, tmp_path / "stage", hparams, 3, NUM_CLASSES
+    )
     assert 0.0 <= summary["val_miou"] <= 1.0
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
     # evaluation: the BN-folding check runs twice in fp32, then the 2 val batches run in bf16

@@ -62,7 +62,11 @@ def _reference_scale_and_crop(image, mask, base_size, crop_size):
     random numbers in the same order as the package."""
     long_side = int(torch.randint(int(base_size * 0.5), int(base_size * 2.0) + 1, ()))
     width, height = image.size
-    size = (int(width * long_side / height + 0.5), long_side) if height > width else (long_side, int(height * long_side / width + 0.5))
+    size = (
+        (int(width * long_side / height + 0.5), long_side)
+        if height > width
+        else (long_side, int(height * long_side / width + 0.5))
+    )
     image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
     pad = (0, 0, max(crop_size - size[0], 0), max(crop_size - size[1], 0))
     image, mask = ImageOps.expand(image, border=pad, fill=0), ImageOps.expand(mask, border=pad, fill=255)
@@ -80,7 +84,9 @@ def test_fused_scale_and_crop_equals_the_plain_reference(width, height, base_siz
     lefts = set()
     for seed in range(60):
         torch.manual_seed(seed)
-        fused_image, fused_mask = random_scale_and_crop(image, mask_array(_mask(labels), image.size), base_size, crop_size)
+        fused_image, fused_mask = random_scale_and_crop(
+            image, mask_array(_mask(labels), image.size), base_size, crop_size
+        )
         torch.manual_seed(seed)
         expected_image, expected_mask, left = _reference_scale_and_crop(image, _mask(labels), base_size, crop_size)
         lefts.add(left)
@@ -131,7 +137,9 @@ def test_normalize_matches_the_imagenet_formula():
         assert (normalized.double() - expected).abs().max() < 1e-6
     batch = normalize_batch(torch.stack([pixels, pixels.flip(-1)]))
     assert batch.dtype == torch.float32 and batch.shape == (2, 3, 17, 23)
-    assert (batch[0].double() - expected).abs().max() < 1e-6 and (batch[1].double() - expected.flip(-1)).abs().max() < 1e-6
+    assert (batch[0].double() - expected).abs().max() < 1e-6 and (
+        batch[1].double() - expected.flip(-1)
+    ).abs().max() < 1e-6
     for wrong in (pixels[None].float(), pixels):
         with pytest.raises(ValueError, match=r"expected a \[B, 3, H, W\] uint8 batch"):
             normalize_batch(wrong)
@@ -323,7 +331,9 @@ def test_seeded_reproducible_and_distinct_across_workers():
 
 def _every_colour() -> Image.Image:
     codes = np.arange(1 << 24, dtype=np.uint32)
-    return Image.fromarray(np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3))
+    return Image.fromarray(
+        np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    )
 
 
 @pytest.mark.parametrize("hue_factor", [-0.5, -0.25, -0.013, 0.0, 0.1, 0.25, 0.5])

@@ -18,7 +18,6 @@ from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
 from .transforms import EvalTransform, TrainTransform, normalize_batch
 
 
-
 def __getattr__(name: str):
     # imported lazily so `python -m stpp_hf.data.synthetic` does not run a module imported twice
     if name in ("SyntheticDataset", "make_synthetic_dataset"):

@@ -50,7 +50,8 @@ class HubDataArguments:
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
     image_column: str = field(default="image", metadata={"help": "Column of the images."})
     label_column: str = field(
-        default="label", metadata={"help": "Column of the class-index masks ('annotation' is used when 'label' is absent)."}
+        default="label",
+        metadata={"help": "Column of the class-index masks ('annotation' is used when 'label' is absent)."},
     )
     train_split: str = field(default="train", metadata={"help": "Split partitioned into labeled and unlabeled rows."})
     val_split: str = field(default="validation", metadata={"help": "Split the stages are evaluated on."})
@@ -179,7 +180,9 @@ def _validate_rows(
     rows = dataset.select_columns([columns.image, columns.label]).select(indices)
     for index, row in zip(indices, rows):
         if row[columns.label] is not None:
-            check_label_row(row, columns, num_labels, f"dataset {columns.dataset_name!r}, split {split!r}, row {index}")
+            check_label_row(
+                row, columns, num_labels, f"dataset {columns.dataset_name!r}, split {split!r}, row {index}"
+            )
     cache[key] = len(indices)
 
 
@@ -208,9 +211,7 @@ def partition_settings(
     }
 
 
-def draw_partition(
-    entries: list[SplitEntry], settings: dict, partition_dir: str | os.PathLike
-) -> dict[str, Path]:
+def draw_partition(entries: list[SplitEntry], settings: dict, partition_dir: str | os.PathLike) -> dict[str, Path]:
     """Reuse or draw the labeled / unlabeled partition of ``entries`` (one per train row, ``mask`` None for
     rows without a label) in ``partition_dir``; returns ``{"labeled", "unlabeled"}`` split files."""
     partition_dir = Path(partition_dir)
@@ -235,7 +236,9 @@ def draw_partition(
     elif settings["labeled_fraction"] is not None:
         count = round(parse_fraction(settings["labeled_fraction"]) * num_rows)
     else:
-        raise ValueError(f"give --num_labeled N or --labeled_fraction F to partition the {num_rows} training rows of {dataset!r}")
+        raise ValueError(
+            f"give --num_labeled N or --labeled_fraction F to partition the {num_rows} training rows of {dataset!r}"
+        )
     described = f"{count} labeled of the {num_rows} rows of {dataset!r} [{settings['train_split']}]"
     if count < 1:
         raise ValueError(f"{described} leaves no labeled image; raise --num_labeled or --labeled_fraction")
@@ -294,16 +297,22 @@ def load_hub_sources(
         for index, labeled in enumerate(has_label.tolist())
     ]
     fraction = None if labeled_fraction is None else str(labeled_fraction)
-    settings = partition_settings(dataset_name, dataset_config, train_split, num_labeled, fraction, partition_seed, len(entries))
+    settings = partition_settings(
+        dataset_name, dataset_config, train_split, num_labeled, fraction, partition_seed, len(entries)
+    )
     files = draw_partition(entries, settings, partition_dir)
     parts = {part: read_split(path) for part, path in files.items()}
-    indices = {part: [_checked_index(entry, len(train), path) for entry in parts[part]] for part, path in files.items()}
+    indices = {
+        part: [_checked_index(entry, len(train), path) for entry in parts[part]] for part, path in files.items()
+    }
     unlabeled_without_label = [i for i in indices["labeled"] if not has_label[i]]
     if unlabeled_without_label:
         raise ValueError(f"{files['labeled']}: rows {unlabeled_without_label[:5]} of {dataset_name!r} have no label")
     val_missing = np.flatnonzero(val.data.column(columns.label).is_null().to_numpy(zero_copy_only=False))
     if len(val_missing):
-        raise ValueError(f"dataset {dataset_name!r}, split {val_split!r}: rows {val_missing[:5].tolist()} have no {columns.label!r}")
+        raise ValueError(
+            f"dataset {dataset_name!r}, split {val_split!r}: rows {val_missing[:5].tolist()} have no {columns.label!r}"
+        )
 
     validated_path = Path(partition_dir) / VALIDATED_FILE
     validated = json.loads(validated_path.read_text(encoding="utf-8")) if validated_path.is_file() else {}
@@ -318,7 +327,9 @@ def load_hub_sources(
     if streaming:
         unlabeled = stream_rows(dataset_name, train_split, columns, set(indices["unlabeled"]), load_kwargs)
     else:
-        unlabeled = columns.to_common(train.select(indices["unlabeled"]), [entry.image for entry in parts["unlabeled"]])
+        unlabeled = columns.to_common(
+            train.select(indices["unlabeled"]), [entry.image for entry in parts["unlabeled"]]
+        )
     metadata = {
         "dataset_name": dataset_name,
         "dataset_config": dataset_config,
@@ -345,7 +356,9 @@ def _load_split(dataset_name: str, split: str, load_kwargs: dict) -> Dataset:
     except ValueError as error:
         if "Unknown split" not in str(error):
             raise
-        raise ValueError(f"dataset {dataset_name!r} has no split {split!r} ({error}); name one with --train_split / --val_split") from error
+        raise ValueError(
+            f"dataset {dataset_name!r} has no split {split!r} ({error}); name one with --train_split / --val_split"
+        ) from error
 
 
 def _checked_index(entry: SplitEntry, num_rows: int, path: Path) -> int:
@@ -358,7 +371,9 @@ def _checked_index(entry: SplitEntry, num_rows: int, path: Path) -> int:
     return index
 
 
-def stream_rows(dataset_name: str, split: str, columns: _Columns, keep: set[int], load_kwargs: dict) -> IterableDataset:
+def stream_rows(
+    dataset_name: str, split: str, columns: _Columns, keep: set[int], load_kwargs: dict
+) -> IterableDataset:
     """The rows ``keep`` of ``split`` read lazily (``streaming=True``) with the common features.
 
     Row numbers count from the start of the split, so the stream is filtered before it is sharded:
@@ -381,7 +396,9 @@ def hub_split_name(metadata: dict) -> str:
     return f"{partition['train_split']}: {amount} labeled, seed {partition['partition_seed']}"
 
 
-def load_hub_run_sources(args: HubDataArguments, run_dir: str | os.PathLike, accelerator) -> tuple[dict, dict, list, str]:
+def load_hub_run_sources(
+    args: HubDataArguments, run_dir: str | os.PathLike, accelerator
+) -> tuple[dict, dict, list, str]:
     """What ``train_stpp.py`` needs from ``args``: ``(sources, id2label, palette, name)``, ``sources`` holding
     ``labeled``, ``unlabeled``, ``val``, ``unlabeled_entries`` and ``metadata`` (for ``results.json``).
 

@@ -80,7 +80,9 @@ class PseudoLabelStore:
         fingerprint: the teacher's fingerprint; opening a store made by another teacher is an error.
     """
 
-    def __init__(self, directory: str | os.PathLike, palette: Sequence[int] | None = None, fingerprint: str | None = None):
+    def __init__(
+        self, directory: str | os.PathLike, palette: Sequence[int] | None = None, fingerprint: str | None = None
+    ):
         self.directory = Path(directory)
         self.palette = None if palette is None else list(palette)
         self.fingerprint = fingerprint
@@ -260,8 +262,14 @@ class PseudoLabelStore:
         problems = [(i, p) for i in ids if (p := self._problem(i, entries.get(i))) is not None]
         if problems:
             listed = "; ".join(f"{image_id!r}: {problem}" for image_id, problem in problems[:5])
-            raise ValueError(f"pseudo-label store {self.directory}: {len(problems)} of {len(ids)} labels unusable ({listed})")
-        manifest = {"version": STORE_VERSION, "fingerprint": self.fingerprint, "entries": dict(sorted(entries.items()))}
+            raise ValueError(
+                f"pseudo-label store {self.directory}: {len(problems)} of {len(ids)} labels unusable ({listed})"
+            )
+        manifest = {
+            "version": STORE_VERSION,
+            "fingerprint": self.fingerprint,
+            "entries": dict(sorted(entries.items())),
+        }
         atomic_write_bytes(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
 
     # ---- reading --------------------------------------------------------------------------------
@@ -281,7 +289,9 @@ class PseudoLabelStore:
         image = Image.open(path)
         image.load()
         if image.size != (entry["width"], entry["height"]):
-            raise ValueError(f"pseudo label {path} of {image_id!r} is {image.size}, the manifest says {entry['width']}x{entry['height']}")
+            raise ValueError(
+                f"pseudo label {path} of {image_id!r} is {image.size}, the manifest says {entry['width']}x{entry['height']}"
+            )
         return image
 
     def get(self, image_id: str) -> np.ndarray:

@@ -65,7 +65,9 @@ def parse_split(text: str, source: str = "<split>", require_masks: bool = False)
             raise ValueError(f"{source}:{line_number}: a mask path is required here, got only {fields[0]!r}")
         image = fields[0]
         if image in first_line_of:
-            raise ValueError(f"{source}:{line_number}: duplicate image {image!r} (first on line {first_line_of[image]})")
+            raise ValueError(
+                f"{source}:{line_number}: duplicate image {image!r} (first on line {first_line_of[image]})"
+            )
         first_line_of[image] = line_number
         entries.append(SplitEntry(image, fields[1] if len(fields) == 2 else None))
     if not entries:
@@ -81,7 +83,7 @@ def read_split_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         raise ValueError(
             f"split file {path} is not UTF-8 text (byte {error.start}: "
-            f"{error.object[error.start:error.start + 1]!r}); save it as UTF-8"
+            f"{error.object[error.start : error.start + 1]!r}); save it as UTF-8"
         ) from None
 
 
@@ -136,7 +138,9 @@ def generate_split(
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         num_labeled = max(1, round(fraction * len(entries)))
     if not 0 < num_labeled < len(entries):
-        raise ValueError(f"num_labeled must be in [1, {len(entries) - 1}] for {len(entries)} entries, got {num_labeled}")
+        raise ValueError(
+            f"num_labeled must be in [1, {len(entries) - 1}] for {len(entries)} entries, got {num_labeled}"
+        )
     if strata is not None and len(strata) != len(entries):
         raise ValueError(f"strata has {len(strata)} keys for {len(entries)} entries")
     generator = torch.Generator().manual_seed(seed)
@@ -163,7 +167,9 @@ def generate_split(
 
 def list_shipped_splits() -> list[str]:
     """Names of every shipped split file, e.g. ``"pascal/1_16/split_0/labeled"``, ``"pascal/val"``."""
-    return sorted(path.relative_to(SHIPPED_SPLITS_DIR).with_suffix("").as_posix() for path in SHIPPED_SPLITS_DIR.rglob("*.txt"))
+    return sorted(
+        path.relative_to(SHIPPED_SPLITS_DIR).with_suffix("").as_posix() for path in SHIPPED_SPLITS_DIR.rglob("*.txt")
+    )
 
 
 def shipped_split_path(name: str) -> Path:
@@ -244,5 +250,7 @@ def check_split_overlap(labeled, unlabeled, val) -> None:
         logger.warning(
             "%d of %d labeled images are also in the unlabeled set (e.g. %s); they are trained on with their mask "
             "and with a pseudo label. The paper's partitions are disjoint: remove them from the unlabeled split",
-            len(both), len(labeled[0]), ", ".join(both[:OVERLAP_EXAMPLES]),
+            len(both),
+            len(labeled[0]),
+            ", ".join(both[:OVERLAP_EXAMPLES]),
         )

@@ -127,7 +127,9 @@ class RetrainDataset(Dataset):
         for ids, store in pseudo_labels:
             for image_id in ids:
                 if image_id in self.store_of:
-                    raise ValueError(f"id {image_id!r} is in two pseudo-label sets ({self.store_of[image_id]} and {store})")
+                    raise ValueError(
+                        f"id {image_id!r} is in two pseudo-label sets ({self.store_of[image_id]} and {store})"
+                    )
                 if image_id not in unlabeled_rows:
                     raise ValueError(f"pseudo-labeled id {image_id!r} ({store}) is not in the unlabeled set")
                 self.store_of[image_id] = store

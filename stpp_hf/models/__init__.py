@@ -31,7 +31,9 @@ MODEL_REGISTRY = {
 for _config_class, _model_class in MODEL_REGISTRY.values():
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForSemanticSegmentation.register(_config_class, _model_class, exist_ok=True)
-    AutoImageProcessor.register(_config_class, image_processor_classes={"torchvision": DeepLabImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        _config_class, image_processor_classes={"torchvision": DeepLabImageProcessor}, exist_ok=True
+    )
     # save_pretrained then writes auto_map + the code files, so trust_remote_code works without this package.
     _config_class.register_for_auto_class()
     _model_class.register_for_auto_class("AutoModelForSemanticSegmentation")

@@ -42,6 +42,7 @@ logger = logging.getLogger("stpp_train")
 
 # ---- the recipe, without data ----------------------------------------------------------------------
 
+
 def dataset_sizes(config: RunConfig) -> dict[str, int] | None:
     """``{"labeled", "unlabeled", "val": number of images}`` from the split files' lines (no image is read);
     ``None`` for a ``--dataset_name`` run, whose sizes are known once the dataset is loaded."""
@@ -120,7 +121,9 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
     if sizes is not None:
         steps_line = (
             f"epochs per stage: {config.epochs}; steps per epoch / per stage: "
-            + ", ".join(f"{name} {summary['steps_per_epoch'][name]} / {summary['steps'][name]}" for name in summary["steps"])
+            + ", ".join(
+                f"{name} {summary['steps_per_epoch'][name]} / {summary['steps'][name]}" for name in summary["steps"]
+            )
             + f"; total {summary['total_steps']}"
         )
     else:
@@ -157,6 +160,7 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
 
 # ---- data and model -------------------------------------------------------------------------------
 
+
 def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[RunData, dict]:
     """The sources of the run (the synthetic dataset is generated first) as :class:`RunData`, and what
     ``results.json`` says of the data besides the options (the Hub dataset and its partition).
@@ -169,7 +173,11 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
         sources, id2label, palette, name = load_hub_run_sources(hub_args, output_dir, accelerator)
         if accelerator.is_main_process:
             record_unlabeled_source(output_dir, {"kind": "hub", **config.hub_dataset})
-        data_metadata = {"dataset": name, "split": hub_split_name(sources["metadata"]), "hub_dataset": sources["metadata"]}
+        data_metadata = {
+            "dataset": name,
+            "split": hub_split_name(sources["metadata"]),
+            "hub_dataset": sources["metadata"],
+        }
         unlabeled_entries = sources["unlabeled_entries"]
     else:
         sources, id2label, palette, unlabeled_entries = _local_sources(config, output_dir, accelerator)
@@ -210,7 +218,8 @@ def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[di
     if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
         unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())
         record_unlabeled_source(
-            output_dir, {"kind": "local", "source": layout, "root": str(Path(root).resolve()), "split_file": unlabeled_file}
+            output_dir,
+            {"kind": "local", "source": layout, "root": str(Path(root).resolve()), "split_file": unlabeled_file},
         )
     return sources, id2label, palette, read_split(files["unlabeled"])
 
@@ -242,6 +251,7 @@ def _check_run_dir(accelerator, output_dir: Path, record: dict) -> None:
 
 
 # ---- main -----------------------------------------------------------------------------------------
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), then print the recipe (``--dry_run``) or train; returns 0."""
@@ -326,7 +336,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if config.push_to_hub:
             from stpp_hf.hub import push_run_to_hub
 
-            url = push_run_to_hub(output_dir, config.hub_model_id, private=config.hub_private, push_stages=config.push_stage_branches)
+            url = push_run_to_hub(
+                output_dir, config.hub_model_id, private=config.hub_private, push_stages=config.push_stage_branches
+            )
             print(f"pushed to {url}")
     return 0
 

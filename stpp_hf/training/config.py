@@ -38,8 +38,17 @@ RECIPE_INFO_KEY = "paper"
 RECIPE_INFO_KEYS = ("published_miou", "table", "note")
 # settings that cannot change the trained weights or the reported numbers: a relaunch may change them
 NON_RESULT_SETTINGS = frozenset(
-    {"output_dir", "report_to", "push_to_hub", "hub_model_id", "hub_private", "push_stage_branches", "num_workers", "dry_run",
-     "redo_stage"}
+    {
+        "output_dir",
+        "report_to",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private",
+        "push_stage_branches",
+        "num_workers",
+        "dry_run",
+        "redo_stage",
+    }
 )
 
 
@@ -68,8 +77,14 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
     HUB: RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
     # small images, a ResNet-18 from scratch at output stride 16, global batch 8 and 6 epochs: minutes on 2 CPU cores
     SYNTHETIC: RecipeDefaults(
-        epochs=6, base_lr=0.02, crop_size=48, base_size=64, val_batch_size=25, global_batch_size=8,
-        backbone="resnet18", output_stride=16,
+        epochs=6,
+        base_lr=0.02,
+        crop_size=48,
+        base_size=64,
+        val_batch_size=25,
+        global_batch_size=8,
+        backbone="resnet18",
+        output_stride=16,
     ),
 }
 # the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
@@ -79,11 +94,13 @@ DEEPLABV2_BACKBONE = "resnet101"
 @dataclass
 class DataArguments(HubDataArguments):  # --dataset_name etc.: a `datasets` dataset instead of --data_root
     dataset: Literal["pascal", "cityscapes", "folder"] = field(
-        default="pascal", metadata={"help": "Dataset layout. Without --data_root the built-in synthetic dataset is generated."}
+        default="pascal",
+        metadata={"help": "Dataset layout. Without --data_root the built-in synthetic dataset is generated."},
     )
     data_root: Optional[str] = field(default=None, metadata={"help": "Dataset root; omit to run on synthetic data."})
     split: Optional[str] = field(
-        default=None, metadata={"help": "Shipped partition, e.g. '1_16/split_0' (pascal) or '1_30/split_0' (cityscapes)."}
+        default=None,
+        metadata={"help": "Shipped partition, e.g. '1_16/split_0' (pascal) or '1_30/split_0' (cityscapes)."},
     )
     labeled_id_path: Optional[str] = field(default=None, metadata={"help": "Split file of labeled images."})
     unlabeled_id_path: Optional[str] = field(default=None, metadata={"help": "Split file of unlabeled images."})
@@ -93,9 +110,12 @@ class DataArguments(HubDataArguments):  # --dataset_name etc.: a `datasets` data
     # several hundred unlabeled images make the ST++ gain clear; 100 val images keep its noise low
     synthetic_num_unlabeled: int = 300
     synthetic_num_val: int = 100
-    synthetic_image_size: int = field(default=64, metadata={"help": "Side of the synthetic images (64 keeps the demo fast)."})
+    synthetic_image_size: int = field(
+        default=64, metadata={"help": "Side of the synthetic images (64 keeps the demo fast)."}
+    )
     num_workers: int = field(
-        default=0, metadata={"help": "DataLoader workers per process (does not change results: may change on a relaunch)."}
+        default=0,
+        metadata={"help": "DataLoader workers per process (does not change results: may change on a relaunch)."},
     )
 
 
@@ -106,7 +126,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "timm ResNet (default: resnet50; resnet101 for deeplabv2; resnet18 on synthetic data)."},
     )
-    output_stride: Optional[int] = field(default=None, metadata={"help": "8 (the method's) or 16 (default on synthetic data)."})
+    output_stride: Optional[int] = field(
+        default=None, metadata={"help": "8 (the method's) or 16 (default on synthetic data)."}
+    )
     backbone_weights: Optional[str] = field(
         default=None,
         metadata={
@@ -116,7 +138,10 @@ class ModelArguments:
         },
     )
     coco_init: Optional[str] = field(
-        default=None, metadata={"help": "DeepLabV2 only: the COCO-pretrained DeepLabV2-ResNet-101 checkpoint (.pth), the paper's init."}
+        default=None,
+        metadata={
+            "help": "DeepLabV2 only: the COCO-pretrained DeepLabV2-ResNet-101 checkpoint (.pth), the paper's init."
+        },
     )
 
 
@@ -127,30 +152,41 @@ class RunArguments:
     teacher: Literal["best", "last"] = field(
         default="best", metadata={"help": "Pseudo labels from the best-on-val model (reference) or the last epoch."}
     )
-    epochs: Optional[int] = field(default=None, metadata={"help": "Epochs per training stage (80 Pascal, 240 Cityscapes)."})
+    epochs: Optional[int] = field(
+        default=None, metadata={"help": "Epochs per training stage (80 Pascal, 240 Cityscapes)."}
+    )
     global_batch_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Images per optimizer step over all processes and accumulation steps (16, the paper's; 8 on synthetic data)."},
+        metadata={
+            "help": "Images per optimizer step over all processes and accumulation steps (16, the paper's; 8 on synthetic data)."
+        },
     )
     per_device_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Instead of --global_batch_size: images per process and forward pass."}
     )
     lr: Optional[float] = field(
         default=None,
-        metadata={"help": "Base lr for a global batch of 16 (0.001 Pascal, 0.004 Cityscapes); the lr used is base_lr / 16 * global batch."},
+        metadata={
+            "help": "Base lr for a global batch of 16 (0.001 Pascal, 0.004 Cityscapes); the lr used is base_lr / 16 * global batch."
+        },
     )
     crop_size: Optional[int] = None
-    base_size: Optional[int] = field(default=None, metadata={"help": "Long side that the random rescale is drawn around."})
+    base_size: Optional[int] = field(
+        default=None, metadata={"help": "Long side that the random rescale is drawn around."}
+    )
     val_batch_size: Optional[int] = None
     inference_batch_size: int = field(default=8, metadata={"help": "Images per batch in selection / pseudo-labeling."})
-    sliding_window: Optional[int] = field(default=None, metadata={"help": "Evaluate with this window (stride 2/3 of it)."})
+    sliding_window: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate with this window (stride 2/3 of it)."}
+    )
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     sync_bn: Optional[bool] = field(
         default=None, metadata={"help": "SyncBatchNorm (default: on with several CUDA GPUs; needs CUDA)."}
     )
     channels_last: Optional[bool] = field(
-        default=None, metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."}
+        default=None,
+        metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."},
     )
     seed: int = 0
     report_to: Literal["tensorboard", "none"] = "tensorboard"
@@ -161,8 +197,10 @@ class RunArguments:
     dry_run: bool = field(default=False, metadata={"help": "Print the resolved recipe and exit without training."})
     redo_stage: Optional[str] = field(
         default=None,
-        metadata={"help": "Redo this stage and every stage after it (e.g. 'suponly' after its files were damaged); "
-                  "the finished stages before it are kept."},
+        metadata={
+            "help": "Redo this stage and every stage after it (e.g. 'suponly' after its files were damaged); "
+            "the finished stages before it are kept."
+        },
     )
 
 
@@ -248,6 +286,7 @@ class RunConfig:
 
 # ---- parsing -----------------------------------------------------------------------------------
 
+
 def _field_types() -> dict[str, tuple[Any, Any]]:
     """``{option: (type annotation, default)}`` of all three argument classes."""
     result = {}
@@ -303,7 +342,9 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[dict, dict]:
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
     info = raw.pop(RECIPE_INFO_KEY, None) or {}
     if not isinstance(info, dict) or set(info) - set(RECIPE_INFO_KEYS):
-        raise ConfigError(f"{path}: '{RECIPE_INFO_KEY}' must be a mapping with keys among {', '.join(RECIPE_INFO_KEYS)}")
+        raise ConfigError(
+            f"{path}: '{RECIPE_INFO_KEY}' must be a mapping with keys among {', '.join(RECIPE_INFO_KEYS)}"
+        )
     known = _field_types()
     options = {}
     for key, value in raw.items():
@@ -324,12 +365,17 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[DataArguments, Mo
         parser.set_defaults(**options)
     data, model, run, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown:
-        hint = " (--batch_size is gone: give --global_batch_size or --per_device_batch_size)" if "--batch_size" in unknown else ""
+        hint = (
+            " (--batch_size is gone: give --global_batch_size or --per_device_batch_size)"
+            if "--batch_size" in unknown
+            else ""
+        )
         raise ConfigError(f"unknown options {' '.join(unknown)}{hint}; see --help")
     return data, model, run, info
 
 
 # ---- validation ---------------------------------------------------------------------------------
+
 
 def _positive(name: str, value: Optional[int | float], minimum: int | float = 1) -> None:
     if value is not None and value < minimum:
@@ -339,7 +385,14 @@ def _positive(name: str, value: Optional[int | float], minimum: int | float = 1)
 def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArguments) -> None:
     """Check every option (no data is read besides the existence of the files named); raises
     :class:`ConfigError` naming the option."""
-    for name in ("epochs", "global_batch_size", "per_device_batch_size", "crop_size", "val_batch_size", "sliding_window"):
+    for name in (
+        "epochs",
+        "global_batch_size",
+        "per_device_batch_size",
+        "crop_size",
+        "val_batch_size",
+        "sliding_window",
+    ):
         _positive(name, getattr(run, name))
     _positive("base_size", run.base_size, 2)
     for name in ("inference_batch_size", "gradient_accumulation_steps"):
@@ -361,7 +414,9 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
             raise ConfigError(f"--epochs {run.epochs}: {error}") from None
     stage_names = [stage.name for stage in build_stages(run.framework)]
     if run.redo_stage is not None and run.redo_stage not in stage_names:
-        raise ConfigError(f"--redo_stage must be one of the {run.framework} stages {stage_names}, got {run.redo_stage!r}")
+        raise ConfigError(
+            f"--redo_stage must be one of the {run.framework} stages {stage_names}, got {run.redo_stage!r}"
+        )
     if run.push_to_hub and run.hub_model_id is None:
         raise ConfigError("--push_to_hub needs --hub_model_id")
     if model.coco_init is not None:
@@ -375,8 +430,16 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         _validate_hub_arguments(data)
         return
     if data.data_root is None:
-        if data.dataset != "pascal" or data.split or data.labeled_id_path or data.unlabeled_id_path or data.val_id_path:
-            raise ConfigError("--dataset / --split / --*_id_path need --data_root (without it the synthetic dataset is used)")
+        if (
+            data.dataset != "pascal"
+            or data.split
+            or data.labeled_id_path
+            or data.unlabeled_id_path
+            or data.val_id_path
+        ):
+            raise ConfigError(
+                "--dataset / --split / --*_id_path need --data_root (without it the synthetic dataset is used)"
+            )
         return
     if not run.dry_run and not Path(data.data_root).is_dir():
         raise ConfigError(f"--data_root {data.data_root} is not a directory")
@@ -432,6 +495,7 @@ def split_files(data: DataArguments) -> dict[str, str]:
 
 
 # ---- resolution ---------------------------------------------------------------------------------
+
 
 def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
     """``global / (processes x accumulation)``; a :class:`ConfigError` naming the option when it does not divide."""
@@ -553,6 +617,7 @@ def _synthetic_settings(data: DataArguments) -> dict:
 
 # ---- the record of a run directory --------------------------------------------------------------
 
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in values.items():
@@ -613,7 +678,9 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
         check_same_config(run_dir, saved, record)
         merged = {**saved, **record}  # keep the data section of the first check until the second one
     elif (run_dir / STATE_FILE).is_file():
-        raise ConfigError(f"{run_dir} holds a run without {RUN_CONFIG_FILE} (an older version): use another --output_dir")
+        raise ConfigError(
+            f"{run_dir} holds a run without {RUN_CONFIG_FILE} (an older version): use another --output_dir"
+        )
     else:
         merged = dict(record)
     if write:
@@ -630,5 +697,7 @@ def describe_stages(config: RunConfig) -> list[str]:
         elif stage.kind == "select":
             lines.append(f"{stage.name}: reliable / unreliable halves from the snapshots of {stage.source}")
         else:
-            lines.append(f"{stage.name}: TTA pseudo labels of the {stage.subset} unlabeled images by {stage.source}'s {config.teacher} model")
+            lines.append(
+                f"{stage.name}: TTA pseudo labels of the {stage.subset} unlabeled images by {stage.source}'s {config.teacher} model"
+            )
     return lines

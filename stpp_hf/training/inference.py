@@ -112,7 +112,9 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 
         _set_submodule(folded, bn_name, torch.nn.Identity())
     difference = (fp32_forward(folded, pixel_values=example).logits - reference).abs().max().item()
     if difference > atol:
-        raise RuntimeError(f"BatchNorm folding changed the logits by {difference:.2e}: a folded conv output has other users")
+        raise RuntimeError(
+            f"BatchNorm folding changed the logits by {difference:.2e}: a folded conv output has other users"
+        )
     return folded
 
 

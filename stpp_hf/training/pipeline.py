@@ -28,12 +28,12 @@ from ..data import (
     TrainTransform,
     teacher_fingerprint,
 )
+from ..data.splits import read_split, write_split
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
-from ..data.splits import read_split, write_split
 from .state import (
     RunDirectoryLocked,
     RunState,
@@ -123,8 +123,10 @@ class _Run:
         if redo_stage is None:
             return []
         if redo_stage not in names:
-            raise ValueError(f"redo_stage must be one of the {self.settings.framework} stages {names}, got {redo_stage!r}")
-        return names[names.index(redo_stage):]
+            raise ValueError(
+                f"redo_stage must be one of the {self.settings.framework} stages {names}, got {redo_stage!r}"
+            )
+        return names[names.index(redo_stage) :]
 
     # ---- paths -------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -141,7 +143,9 @@ class _Run:
         path = self.stage_dir("select") / (RELIABLE_IDS if subset == "reliable" else UNRELIABLE_IDS)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the selection stage must run first")
-        id_of_image = {entry.image: image_id for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)}
+        id_of_image = {
+            entry.image: image_id for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)
+        }
         entries = read_split(path)
         unknown = [entry.image for entry in entries if entry.image not in id_of_image]
         if unknown:
@@ -176,12 +180,17 @@ class _Run:
             }
             return {**inputs, "teacher": teacher_fingerprint(self.teacher_dir(stage.source))}
         if stage.kind == "label":
-            return {"teacher": teacher_fingerprint(self.teacher_dir(stage.source)), "ids": sha256_json(self.subset_ids(stage.subset))}
+            return {
+                "teacher": teacher_fingerprint(self.teacher_dir(stage.source)),
+                "ids": sha256_json(self.subset_ids(stage.subset)),
+            }
         inputs = {}
         for label_stage_name in stage.pseudo_label_stages:
             label_stage = next(s for s in self.stages if s.name == label_stage_name)
             entries = self.finished_store(label_stage_name).entries()
-            labels = {image_id: entries.get(image_id, {}).get("sha256") for image_id in self.subset_ids(label_stage.subset)}
+            labels = {
+                image_id: entries.get(image_id, {}).get("sha256") for image_id in self.subset_ids(label_stage.subset)
+            }
             inputs[label_stage_name] = sha256_json(labels)
         return inputs
 
@@ -243,8 +252,12 @@ class _Run:
     def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
         source_dir = self.stage_dir(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
-        snapshots = [self.settings.model_class.from_pretrained(source_dir / SNAPSHOT_DIR / f"epoch_{e}") for e in epochs]
-        progress = progress_bar(total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
+        snapshots = [
+            self.settings.model_class.from_pretrained(source_dir / SNAPSHOT_DIR / f"epoch_{e}") for e in epochs
+        ]
+        progress = progress_bar(
+            total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process
+        )
         scores = compute_reliability(
             snapshots,
             self.unlabeled_set,
@@ -265,7 +278,9 @@ class _Run:
         summary = {
             "num_reliable": len(reliable),
             "num_unreliable": len(unreliable),
-            "teacher_miou": self.teacher_miou_by_subset(stage.source, {"reliable": reliable, "unreliable": unreliable}),
+            "teacher_miou": self.teacher_miou_by_subset(
+                stage.source, {"reliable": reliable, "unreliable": unreliable}
+            ),
             "figure": (stage_dir / SELECTION_FIGURE).relative_to(self.run_dir).as_posix(),
         }
         artefacts = [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES, SELECTION_FIGURE)]
@@ -291,8 +306,12 @@ class _Run:
         hparams = self.settings.hparams
         return {
             name: evaluate(
-                teacher, self.unlabeled_subset(ids), self.num_classes,
-                accelerator=self.accelerator, batch_size=hparams.val_batch_size, sliding_window=hparams.sliding_window,
+                teacher,
+                self.unlabeled_subset(ids),
+                self.num_classes,
+                accelerator=self.accelerator,
+                batch_size=hparams.val_batch_size,
+                sliding_window=hparams.sliding_window,
             )["miou"]
             for name, ids in subsets.items()
         }
@@ -315,7 +334,9 @@ class _Run:
         self.accelerator.wait_for_everyone()
         miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator)
         if miou is not None:
-            self.accelerator.print(f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)")
+            self.accelerator.print(
+                f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)"
+            )
         summary = {
             "subset": stage.subset,
             "num_images": len(ids),
@@ -352,8 +373,13 @@ class _Run:
         self.accelerator.wait_for_everyone()
         final_model = self.settings.model_class.from_pretrained(final_dir)
         final_metrics = evaluate(
-            final_model, self.val_set, self.num_classes, self.class_names, self.accelerator,
-            self.settings.hparams.val_batch_size, self.settings.hparams.sliding_window,
+            final_model,
+            self.val_set,
+            self.num_classes,
+            self.class_names,
+            self.accelerator,
+            self.settings.hparams.val_batch_size,
+            self.settings.hparams.sliding_window,
         )
         results = self.results(final_metrics, wall_time_s)
         if self.is_main():
@@ -378,7 +404,9 @@ class _Run:
                 entry.update({key: value for key, value in summary.items()})
             stages.append(entry)
         pseudo = {
-            stage.subset: self.state.summary(stage.name)["pseudo_label_miou"] for stage in self.stages if stage.kind == "label"
+            stage.subset: self.state.summary(stage.name)["pseudo_label_miou"]
+            for stage in self.stages
+            if stage.kind == "label"
         }
         accelerator = self.accelerator
         device = "GPU" if accelerator.device.type == "cuda" else accelerator.device.type.upper()
@@ -391,7 +419,11 @@ class _Run:
             "wall_time_s": round(wall_time_s, 1),
             "id2label": {str(k): v for k, v in self.data.id2label.items()},
             "stages": stages,
-            "final": {"val_miou": final_metrics["miou"], "per_class_iou": final_metrics["per_class_iou"], "model_dir": FINAL_DIR},
+            "final": {
+                "val_miou": final_metrics["miou"],
+                "per_class_iou": final_metrics["per_class_iou"],
+                "model_dir": FINAL_DIR,
+            },
             "pseudo_label_miou": pseudo,
             "config": self.settings.run_config,
         }
@@ -434,8 +466,12 @@ def results_table(results: dict) -> str:
     """The closing table: val mIoU of SupOnly, each re-training stage and the final model, plus
     pseudo-label mIoU of each labeled subset."""
     rows = []
-    names = {"suponly": "SupOnly", "retrain": "ST (re-training)", "retrain_reliable": "ST++ stage-1 re-training (reliable)",
-             "retrain_all": "ST++ stage-2 re-training (all)"}
+    names = {
+        "suponly": "SupOnly",
+        "retrain": "ST (re-training)",
+        "retrain_reliable": "ST++ stage-1 re-training (reliable)",
+        "retrain_all": "ST++ stage-2 re-training (all)",
+    }
     for stage in results["stages"]:
         if stage["kind"] == "train":
             rows.append((names.get(stage["name"], stage["name"]), stage["val_miou"]))
@@ -444,7 +480,9 @@ def results_table(results: dict) -> str:
         # stage 5's teacher is the stage-4 model, so compare subsets on the same-teacher rows below
         if stage["kind"] == "label" and stage["pseudo_label_miou"] is not None:
             teacher = stage["teacher"].removeprefix("stages/")
-            rows.append((f"pseudo labels: {stage['subset']} images (teacher {teacher}, TTA)", stage["pseudo_label_miou"]))
+            rows.append(
+                (f"pseudo labels: {stage['subset']} images (teacher {teacher}, TTA)", stage["pseudo_label_miou"])
+            )
     for stage in results["stages"]:
         for subset, miou in (stage.get("teacher_miou") or {}).items():
             rows.append((f"SupOnly teacher, no TTA: {subset} images", miou))

@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from datasets import Dataset, Features, Image as ImageFeature, Value
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
 
 from ..data import PseudoLabelStore, load_source
 from .pipeline import RELIABILITY_SCORES
@@ -48,10 +49,16 @@ def load_unlabeled_source(run_dir: str | os.PathLike) -> Dataset:
         raise FileNotFoundError(f"{path} is missing: it names the run's unlabeled images (train_stpp.py writes it)")
     description = json.loads(path.read_text(encoding="utf-8"))
     if description["kind"] == "local":
-        return load_source(description["source"], description["root"], description["split_file"], cache_dir=run_dir / "datasets_cache")
+        return load_source(
+            description["source"], description["root"], description["split_file"], cache_dir=run_dir / "datasets_cache"
+        )
     from ..data.hub_dataset import PARTITION_DIR, load_hub_sources
 
-    options = {key: value for key, value in description.items() if key not in ("kind", "dataset_name", "id2label", "streaming")}
+    options = {
+        key: value
+        for key, value in description.items()
+        if key not in ("kind", "dataset_name", "id2label", "streaming")
+    }
     return load_hub_sources(
         description["dataset_name"], run_dir / PARTITION_DIR, id2label_file=description.get("id2label"), **options
     ).unlabeled
@@ -104,9 +111,7 @@ def pseudo_label_dataset(run_dir: str | os.PathLike, unlabeled: Dataset | None =
     positions = [position for position, image_id in enumerate(ids) if image_id in label_of]
     rows = unlabeled.select(positions).select_columns(["id", "image"])
     kept = [ids[position] for position in positions]
-    labels = [
-        {"path": str(label_of[i][0].directory / PseudoLabelStore.file_name(i)), "bytes": None} for i in kept
-    ]
+    labels = [{"path": str(label_of[i][0].directory / PseudoLabelStore.file_name(i)), "bytes": None} for i in kept]
     rows = rows.add_column("pseudo_label", labels, feature=ImageFeature())
     rows = rows.add_column("reliability", [reliability.get(i) for i in kept], feature=Value("float64"))
     rows = rows.add_column("subset", [label_of[i][1] for i in kept], feature=Value("string"))

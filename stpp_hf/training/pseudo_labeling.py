@@ -65,7 +65,9 @@ def label_images(
     return written
 
 
-def pseudo_label_miou(store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None) -> float | None:
+def pseudo_label_miou(
+    store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None
+) -> float | None:
     """mIoU of the stored pseudo labels of ``ids`` against the true masks (``None`` without masks)."""
     rank, world = rank_and_world_size(accelerator)
     metric = SegmentationMetric(num_classes)

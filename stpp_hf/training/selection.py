@@ -32,7 +32,9 @@ def reliability_of_predictions(predictions: Sequence[torch.Tensor], num_classes:
     reference = predictions[-1]
     scores = []
     for image_index in range(reference.shape[0]):
-        ious = [per_image_miou(earlier[image_index], reference[image_index], num_classes) for earlier in predictions[:-1]]
+        ious = [
+            per_image_miou(earlier[image_index], reference[image_index], num_classes) for earlier in predictions[:-1]
+        ]
         scores.append(sum(ious) / len(ious))
     return scores
 

@@ -258,6 +258,4 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(
-            self.path, {"version": STATE_VERSION, "run_config": self.run_config, "stages": self.stages}
-        )
+        atomic_write_json(self.path, {"version": STATE_VERSION, "run_config": self.run_config, "stages": self.stages})

@@ -122,7 +122,9 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, sliding_window: tuple[int, int] | None) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, sliding_window: tuple[int, int] | None
+) -> torch.Tensor:
     """Logits ``[B, C, H, W]`` for ``images`` ``[B, 3, H, W]``, whole image or sliding window."""
     if sliding_window is not None:
         window, stride = sliding_window
@@ -202,7 +204,11 @@ def train_stage(
 
     set_seed(stage_seed)  # same fresh init on every process and on every relaunch
     model = model_factory()
-    if hparams.sync_batchnorm and accelerator.distributed_type == DistributedType.MULTI_GPU and accelerator.device.type == "cuda":
+    if (
+        hparams.sync_batchnorm
+        and accelerator.distributed_type == DistributedType.MULTI_GPU
+        and accelerator.device.type == "cuda"
+    ):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if hparams.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -225,7 +231,9 @@ def train_stage(
     best_metrics: dict = {}
     saved = _read_trainer_state(checkpoint_dir)
     if saved is not None and saved.get("inputs", {}) != (inputs or {}):
-        logger.warning("%s: the epoch checkpoint was written for other inputs: training from the start", stage_dir.name)
+        logger.warning(
+            "%s: the epoch checkpoint was written for other inputs: training from the start", stage_dir.name
+        )
         saved = None
     if saved is not None:
         try:
@@ -247,7 +255,10 @@ def train_stage(
         set_seed(epoch_seed, device_specific=True)
         loader.set_epoch(epoch_seed)
         model.train()
-        running_loss, step_loss = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+        running_loss, step_loss = (
+            torch.zeros((), device=accelerator.device),
+            torch.zeros((), device=accelerator.device),
+        )
         for batch in loader:
             pixels, labels = _batch_tensors(batch)
             # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
@@ -276,10 +287,18 @@ def train_stage(
         # after the last step each process holds its own; evaluate the ones the main process saves.
         broadcast(list(unwrapped.buffers()), from_process=0)
         metrics = evaluate(
-            unwrapped, val_dataset, num_classes, class_names, accelerator, hparams.val_batch_size, hparams.sliding_window
+            unwrapped,
+            val_dataset,
+            num_classes,
+            class_names,
+            accelerator,
+            hparams.val_batch_size,
+            hparams.sliding_window,
         )
         history.append({"epoch": epoch + 1, "loss": running_loss.item() / epoch_steps, "val_miou": metrics["miou"]})
-        accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step)
+        accelerator.log(
+            {f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step
+        )
         accelerator.print(
             f"[{stage_dir.name}] epoch {epoch + 1}/{hparams.epochs} loss {history[-1]['loss']:.4f} "
             f"val mIoU {100 * metrics['miou']:.2f} (best {100 * max(best_miou, metrics['miou']):.2f})\n"
@@ -299,8 +318,12 @@ def train_stage(
             accelerator,
             checkpoint_dir,
             {
-                "epoch": epoch + 1, "best_miou": best_miou, "best_epoch": best_epoch, "history": history,
-                "best_metrics": best_metrics, "inputs": inputs or {},
+                "epoch": epoch + 1,
+                "best_miou": best_miou,
+                "best_epoch": best_epoch,
+                "history": history,
+                "best_metrics": best_metrics,
+                "inputs": inputs or {},
             },
         )
     progress.close()
@@ -320,7 +343,13 @@ def _restart_stage_advice(checkpoint_dir: Path) -> str:
     return f"delete {checkpoint_dir} to restart stage {checkpoint_dir.parent.name} from its first epoch (finished stages are kept)"
 
 
-TRAINER_STATE_FIELDS = {"epoch": int, "best_miou": (int, float), "best_epoch": int, "history": list, "best_metrics": dict}
+TRAINER_STATE_FIELDS = {
+    "epoch": int,
+    "best_miou": (int, float),
+    "best_epoch": int,
+    "history": list,
+    "best_metrics": dict,
+}
 
 
 def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
@@ -334,7 +363,11 @@ def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); {advice}") from error
-    wrong = [key for key, kind in TRAINER_STATE_FIELDS.items() if not isinstance(saved, dict) or not isinstance(saved.get(key), kind)]
+    wrong = [
+        key
+        for key, kind in TRAINER_STATE_FIELDS.items()
+        if not isinstance(saved, dict) or not isinstance(saved.get(key), kind)
+    ]
     if wrong:
         raise ValueError(f"{path} lacks or has malformed fields {wrong}; {advice}")
     return saved

@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
@@ -38,7 +37,11 @@ def save_prediction_grid(
     for index in range(min(num_images, len(dataset))):
         image, mask = dataset[index]
         prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
-        tiles = [_denormalize(image), _palette_image(mask, palette) if mask is not None else None, _palette_image(prediction, palette)]
+        tiles = [
+            _denormalize(image),
+            _palette_image(mask, palette) if mask is not None else None,
+            _palette_image(prediction, palette),
+        ]
         rows.append([tile for tile in tiles if tile is not None])
     if not rows:
         return
@@ -78,7 +81,12 @@ def _histogram(scores: Sequence[float], cut: float, width: int, height: int = 15
     draw.line([left, bottom, right, bottom], fill="black")
     draw.text((left, bottom + 4), "0", fill="black", font=font)
     draw.text((right - 6, bottom + 4), "1", fill="black", font=font)
-    draw.text((left, 4), f"reliability of {len(scores)} unlabeled images; cut {cut:.3f} (reliable: right, green)", fill="black", font=font)
+    draw.text(
+        (left, 4),
+        f"reliability of {len(scores)} unlabeled images; cut {cut:.3f} (reliable: right, green)",
+        fill="black",
+        font=font,
+    )
     draw.text((2, top), str(tallest), fill="black", font=font)
     return canvas
 
@@ -116,5 +124,10 @@ def save_selection_figure(
             x = column * 2 * tile
             canvas.paste(_denormalize(image).resize((tile, tile), Image.BILINEAR), (x, y + 14))
             canvas.paste(_palette_image(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
-            draw.text((x + 2, y + 1), f"{title}: {scores[image_id]:.3f}" if column == 0 else f"{scores[image_id]:.3f}", fill="black", font=font)
+            draw.text(
+                (x + 2, y + 1),
+                f"{title}: {scores[image_id]:.3f}" if column == 0 else f"{scores[image_id]:.3f}",
+                fill="black",
+                font=font,
+            )
     _save_atomically(canvas, path)

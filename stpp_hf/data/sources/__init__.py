@@ -89,7 +89,9 @@ def load_source(
     if require_masks:
         unlabeled = [record for record in records if record.mask is None]
         if unlabeled:
-            raise ValueError(f"{split_path or root}: {len(unlabeled)} images have no mask (first: {unlabeled[0].image}), but masks are required")
+            raise ValueError(
+                f"{split_path or root}: {len(unlabeled)} images have no mask (first: {unlabeled[0].image}), but masks are required"
+            )
     if validate:
         check_not_binary_export(source, records, str(split_path or root))
     gen_kwargs = {"source": source, "records": records, "validate": validate}

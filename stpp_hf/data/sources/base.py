@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from datasets import Features, Image as ImageFeature, Value
+from datasets import Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from ...models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
@@ -85,12 +86,12 @@ def read_id2label_file(path: str | os.PathLike) -> dict[int, str]:
     """Class names from a JSON file ``{"0": "background", "1": "cat", ...}`` (keys ``0..N-1``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; it maps class indices to names, e.g. {{\"0\": \"background\"}}")
+        raise FileNotFoundError(f'{path} does not exist; it maps class indices to names, e.g. {{"0": "background"}}')
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine
         id2label = {int(key): str(value) for key, value in raw.items()}
     except (ValueError, AttributeError) as error:
-        raise ValueError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}}: {error}") from error
+        raise ValueError(f'{path}: expected a JSON object {{"0": "name", ...}}: {error}') from error
     if sorted(id2label) != list(range(len(id2label))) or not id2label:
         raise ValueError(f"{path}: keys must be 0..N-1, got {sorted(id2label)}")
     return id2label
@@ -100,7 +101,9 @@ def check_unique_ids(records: Sequence[Record], source: str) -> None:
     seen: dict[str, Record] = {}
     for record in records:
         if record.id in seen:
-            raise ValueError(f"{source}: images {seen[record.id].image} and {record.image} map to the same id {record.id!r}")
+            raise ValueError(
+                f"{source}: images {seen[record.id].image} and {record.image} map to the same id {record.id!r}"
+            )
         seen[record.id] = record
 
 

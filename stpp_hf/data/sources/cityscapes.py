@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ...models.deeplab.label_presets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from ..splits import SplitEntry
 from ..images import open_image
+from ..splits import SplitEntry
 from .base import IGNORE_INDEX, DatasetSource, Record
 
 TRAIN_IDS_SUFFIX = "_labelTrainIds.png"

@@ -17,9 +17,9 @@ import logging
 import os
 from pathlib import Path
 
+from ...models.deeplab.label_presets import flat_palette
 from ..images import check_lossless_mask
 from ..splits import SplitEntry
-from ...models.deeplab.label_presets import flat_palette
 from .base import DatasetSource, Record, check_unique_ids, read_id2label_file
 
 IMAGES_DIR, MASKS_DIR, ID2LABEL_FILE = "images", "masks", "id2label.json"
@@ -69,7 +69,10 @@ class FolderSource(DatasetSource):
         if unmatched:
             logger.warning(
                 "%d files in %s match no image in %s and are not used (first: %s)",
-                len(unmatched), root / MASKS_DIR, images_dir, ", ".join(unmatched[:UNMATCHED_LISTED]),
+                len(unmatched),
+                root / MASKS_DIR,
+                images_dir,
+                ", ".join(unmatched[:UNMATCHED_LISTED]),
             )
         return records
 

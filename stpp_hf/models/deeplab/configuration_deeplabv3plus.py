@@ -51,7 +51,9 @@ class DeepLabV3PlusConfig(DeepLabConfigMixin, PreTrainedConfig):
         if aspp_rates is not None:
             aspp_rates = list(aspp_rates)
             if len(aspp_rates) != 3:
-                raise ValueError(f"aspp_rates={aspp_rates!r} is invalid; allowed values: None or three positive integers")
+                raise ValueError(
+                    f"aspp_rates={aspp_rates!r} is invalid; allowed values: None or three positive integers"
+                )
             for rate in aspp_rates:
                 require_positive_int("aspp_rates", rate)
         require_probability("aspp_dropout", aspp_dropout)

@@ -104,7 +104,9 @@ def build_resnet_backbone(name: str, output_stride: int) -> nn.Module:
     Randomly initialised (timm's ResNet init); ImageNet weights come later via `load_backbone_weights`.
     Its stride-1 3x3 convs are `AtrousConv2d`s (same parameters and keys, faster on small maps).
     """
-    backbone = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 4), output_stride=output_stride)
+    backbone = timm.create_model(
+        name, pretrained=False, features_only=True, out_indices=(1, 4), output_stride=output_stride
+    )
     return with_atrous_convs(backbone)
 
 
@@ -145,14 +147,24 @@ class AtrousConv2d(nn.Conv2d):
     @staticmethod
     def is_same_padded_stride_1(conv: nn.Conv2d) -> bool:
         same_padding = tuple(dilation * (size // 2) for size, dilation in zip(conv.kernel_size, conv.dilation))
-        return conv.stride == (1, 1) and conv.groups == 1 and conv.padding == same_padding and conv.padding_mode == "zeros"
+        return (
+            conv.stride == (1, 1)
+            and conv.groups == 1
+            and conv.padding == same_padding
+            and conv.padding_mode == "zeros"
+        )
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "AtrousConv2d":
         """An `AtrousConv2d` holding `conv`'s own parameters (shared, not copied)."""
         atrous = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, device="meta",
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            device="meta",
         )
         atrous.weight, atrous.bias = conv.weight, conv.bias
         return atrous
@@ -166,12 +178,16 @@ class AtrousConv2d(nn.Conv2d):
         weight, padding = self.weight, self.padding
         if any(side < size // 2 for side, size in zip(keep, self.kernel_size)):
             (rows, columns), (center_row, center_column) = keep, (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
-            weight = weight[:, :, center_row - rows : center_row + rows + 1, center_column - columns : center_column + columns + 1]
+            weight = weight[
+                :, :, center_row - rows : center_row + rows + 1, center_column - columns : center_column + columns + 1
+            ]
             padding = (rows * self.dilation[0], columns * self.dilation[1])
         if input.device.type != "cpu" or height * width > SMALL_MAP_POSITIONS or not input.is_contiguous():
             return F.conv2d(input, weight, self.bias, self.stride, padding, self.dilation, self.groups)
         patches = F.unfold(input, weight.shape[-2:], dilation=self.dilation, padding=padding)  # [B, C*kh*kw, H*W]
-        output = (weight.reshape(self.out_channels, -1) @ patches).view(input.shape[0], self.out_channels, height, width)
+        output = (weight.reshape(self.out_channels, -1) @ patches).view(
+            input.shape[0], self.out_channels, height, width
+        )
         if self.bias is None:
             return output
         return output + self.bias.to(output.dtype).view(1, -1, 1, 1)  # output is bf16 under CPU autocast
@@ -194,7 +210,12 @@ class ConvNormAct(nn.Sequential):
         super().__init__()
         conv_class = AtrousConv2d if dilation > 1 else nn.Conv2d
         self.conv = conv_class(
-            in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, bias=False
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            bias=False,
         )
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
@@ -278,14 +299,20 @@ class DeepLabPreTrainedModel(PreTrainedModel):
 
     def _check_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor | None):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            shape = (
+                tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            )
             raise ValueError(f"pixel_values must be a 4-D tensor [batch, 3, height, width], got {shape}")
         if pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})")
+            raise ValueError(
+                f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})"
+            )
         if labels is not None:
             expected = (pixel_values.shape[0], *pixel_values.shape[2:])
             if labels.dim() != 3 or tuple(labels.shape) != expected:
-                raise ValueError(f"labels must have shape [batch, height, width] = {expected}, got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must have shape [batch, height, width] = {expected}, got {tuple(labels.shape)}"
+                )
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}")
 

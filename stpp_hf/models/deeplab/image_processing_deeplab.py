@@ -37,9 +37,7 @@ class DeepLabImageProcessor(SegformerImageProcessor):
         if target_sizes is None:
             return list(logits.argmax(dim=1))
         if len(target_sizes) != len(logits):
-            raise ValueError(
-                f"target_sizes has {len(target_sizes)} entries but the logits hold {len(logits)} images"
-            )
+            raise ValueError(f"target_sizes has {len(target_sizes)} entries but the logits hold {len(logits)} images")
         segmentations = []
         for image_logits, size in zip(logits, target_sizes):
             size = tuple(int(length) for length in size)

@@ -81,7 +81,11 @@ def flat_palette(palette: Sequence[Sequence[int]] | str) -> list[int]:
     if isinstance(palette, str):
         palette = get_label_preset(palette).palette
     colors = [tuple(int(channel) for channel in color) for color in palette]
-    if not colors or len(colors) > 256 or any(len(color) != 3 or not all(0 <= c <= 255 for c in color) for color in colors):
+    if (
+        not colors
+        or len(colors) > 256
+        or any(len(color) != 3 or not all(0 <= c <= 255 for c in color) for color in colors)
+    ):
         raise ValueError("palette must hold 1 to 256 RGB triplets with values in 0..255")
     flat = [channel for color in colors for channel in color]
     return flat + [0] * (768 - len(flat))
