@@ -283,9 +283,11 @@ def main():
     load_after = os.getloadavg()
     print(
         f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
-        f"{args.num_workers} workers, {args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        f"{args.num_workers} workers, {args.rounds} rounds; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} CPUs)\n"
-        f"  stpp_hf items are uint8, normalised per batch in this process (timed); baseline items are normalised per sample by its dataset"
+        f"  stpp_hf items are uint8, normalised per batch in this process (timed); "
+        f"baseline items are normalised per sample by its dataset"
     )
     median, best = {}, {}
     for name, values in results.items():
@@ -304,7 +306,8 @@ def main():
     print(
         f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f} + {normalise_ms:.2f} batch normalisation in the "
         f"consumer (uint8 items), baseline {per_sample['baseline']:.2f} (float32 items; one process, no loader); "
-        f"the loader itself {loader_ms['stpp_hf']:.2f} for uint8 items, {loader_ms['baseline']:.2f} for float32 / int64 ones"
+        f"the loader itself {loader_ms['stpp_hf']:.2f} for uint8 items, "
+        f"{loader_ms['baseline']:.2f} for float32 / int64 ones"
     )
 
 

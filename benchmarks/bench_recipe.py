@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Speed at the method's recipe (docs/method.md §2, §4, §5) against a plain reference-style implementation, in one process.
+"""Speed at the method's recipe (docs/method.md §2, §4, §5) against a plain reference-style implementation,
+in one process.
 
 * training step of DeepLabV3+ ResNet-50 / ResNet-101, output stride 8, 321-px crops: the package's model and
   trainer step (fused SGD; bf16 = CPU/CUDA autocast, as ``--mixed_precision bf16`` does through Accelerate)
@@ -59,7 +60,8 @@ class ReferenceASPP(nn.Module):
 
 
 class ReferenceDeepLabV3Plus(nn.Module):
-    """The reference's DeepLabV3+ (docs/method.md §4) with its module names: torchvision ResNet dilated to output stride 8."""
+    """The reference's DeepLabV3+ (docs/method.md §4) with its module names: torchvision ResNet dilated to output
+    stride 8."""
 
     def __init__(self, backbone: str, num_labels: int):
         super().__init__()
@@ -126,7 +128,8 @@ def alternate(functions: dict, rounds: int, repeats: int, device, warm_up: bool 
 def report(title, seconds, work, unit, flops, peaks):
     base = next(iter(seconds.values()))
     print(
-        f"\n== {title} ==\n2048² matmul in the same rounds: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s"
+        f"\n== {title} ==\n2048² matmul in the same rounds: "
+        f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s"
     )
     width = max(len(name) for name in seconds)
     for name, elapsed in seconds.items():
@@ -253,7 +256,8 @@ def benchmark_labeling(args, backbone, device):
     for name in list(functions)[1:]:
         equal = sum((a == b).sum().item() for a, b in zip(outputs[name], outputs["baseline"]))
         print(
-            f"{name}: labels equal to the baseline's on {100 * equal / (args.num_images * height * width):.3f}% of pixels"
+            f"{name}: labels equal to the baseline's on "
+            f"{100 * equal / (args.num_images * height * width):.3f}% of pixels"
         )
 
 

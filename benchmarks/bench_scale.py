@@ -126,14 +126,16 @@ def main():
             for name, seconds in row["seconds"].items()
         }
         print(
-            f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  peak RSS {row['peak_rss_mib']:.0f} MiB",
+            f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  "
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB",
             flush=True,
         )
     first, last = results[0], results[-1]
     for name in first["seconds"]:
         scale = 1 if name == "tta_label_sample" else last["count"] / first["count"]
         print(
-            f"{name}: per-image time at N={last['count']} / at N={first['count']}: {last['seconds'][name] / first['seconds'][name] / scale:.2f}"
+            f"{name}: per-image time at N={last['count']} / at N={first['count']}: "
+            f"{last['seconds'][name] / first['seconds'][name] / scale:.2f}"
         )
     if args.clear:
         shutil.rmtree(cache_dir)

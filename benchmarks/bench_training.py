@@ -88,7 +88,8 @@ def count_flops(function):
 
 
 def naive_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose ``AtrousConv2d``s are plain ``nn.Conv2d``s: every tap computed, padding included, by oneDNN."""
+    """A copy of ``model`` whose ``AtrousConv2d``s are plain ``nn.Conv2d``s: every tap computed, padding included,
+    by oneDNN."""
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, AtrousConv2d):
@@ -227,7 +228,8 @@ def _print(title, results, peak):
     width = max(len(name) for name in results)
     for name, (speed, gflops) in results.items():
         print(
-            f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  {gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)"
+            f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  "
+            f"{gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)"
         )
 
 

@@ -139,11 +139,12 @@ def labeling(settings, device) -> dict:
 
 def short_stpp_run(tiny: bool, output_dir: Path) -> dict:
     """All six ST++ stages of ``examples/train_stpp.py`` in bf16 on a small built-in dataset."""
-    size = ["--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4", "--synthetic_num_val", "2", "--synthetic_image_size", "32",
-            "--epochs", "3", "--global_batch_size", "2", "--crop_size", "32", "--base_size", "32", "--inference_batch_size", "4",
+    size = ["--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4", "--synthetic_num_val", "2",
+            "--synthetic_image_size", "32", "--epochs", "3", "--global_batch_size", "2", "--crop_size", "32",
+            "--base_size", "32", "--inference_batch_size", "4",
             "--val_batch_size", "2"] if tiny else ["--epochs", "3"]  # fmt: skip
-    command = [sys.executable, str(REPO / "examples" / "train_stpp.py"), "--output_dir", str(output_dir), "--mixed_precision", "bf16",
-               "--report_to", "none", *size]  # fmt: skip
+    command = [sys.executable, str(REPO / "examples" / "train_stpp.py"), "--output_dir", str(output_dir),
+               "--mixed_precision", "bf16", "--report_to", "none", *size]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO)
     results = json.loads((output_dir / "results.json").read_text())
@@ -174,7 +175,8 @@ def main(argv=None) -> dict:
     for row in report["training"]:
         memory = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f} GiB"
         print(
-            f"train step {row['precision']:>4} channels_last={row['channels_last']!s:<5} {row['images_per_s']:8.2f} img/s  peak {memory}",
+            f"train step {row['precision']:>4} channels_last={row['channels_last']!s:<5} "
+            f"{row['images_per_s']:8.2f} img/s  peak {memory}",
             flush=True,
         )
     report["labeling"] = labeling(settings, device)

@@ -55,7 +55,8 @@ def push(args: argparse.Namespace) -> str | None:
         from stpp_hf.hub_pseudo_labels import push_pseudo_labels
 
         print(
-            f"pushed pseudo labels to {push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}"
+            "pushed pseudo labels to "
+            f"{push_pseudo_labels(args.run_dir, args.pseudo_labels_repo, private=args.private)}"
         )
         if args.repo_id is None:
             return None

@@ -26,7 +26,8 @@ FRAMEWORK_TITLES = {
 }
 ARCHITECTURE_TITLES = {"deeplabv3plus": "DeepLabV3+", "deeplabv2": "DeepLabV2"}
 REQUIRED_RESULT_FIELDS = (
-    "framework", "dataset", "split", "num_labeled", "num_unlabeled", "model", "backbone", "id2label", "stages", "final",
+    "framework", "dataset", "split", "num_labeled", "num_unlabeled", "model", "backbone", "id2label", "stages",
+    "final",
 )  # fmt: skip
 PAPER_URL = "https://arxiv.org/abs/2106.05095"
 SELECTION_FIGURE_IN_REPO = "selection.png"  # the ST++ selection picture, uploaded next to the final model

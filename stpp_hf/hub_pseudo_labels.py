@@ -70,8 +70,8 @@ def push_pseudo_labels(
         )
         generated = DatasetCard.load(repo_id, repo_type="dataset", token=token)
         card = DatasetCard.from_template(
-            generated.data, template_path=CARD_TEMPLATE_PATH, repo_id=repo_id, title=f"{repo_id.split('/')[-1]}: pseudo labels",
-            **pseudo_label_card_values(results, dataset),
+            generated.data, template_path=CARD_TEMPLATE_PATH, repo_id=repo_id,
+            title=f"{repo_id.split('/')[-1]}: pseudo labels", **pseudo_label_card_values(results, dataset),
         )  # fmt: skip
         card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Dataset card")
     except HfHubHTTPError as error:

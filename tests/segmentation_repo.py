@@ -1,4 +1,5 @@
-"""A small segmentation dataset repo as Hub datasets ship them: parquet splits with Image features and id2label.json."""
+"""A small segmentation dataset repo as Hub datasets ship them: parquet splits with Image features and
+id2label.json."""
 
 import io
 import json

@@ -53,7 +53,8 @@ def assert_backbone_equals(model, reference: dict[str, torch.Tensor]):
 
 
 def use_hub(monkeypatch, url: str, cache: Path, offline: bool = False):
-    """Point this process's huggingface_hub at `url` with the cache `cache` (what HF_ENDPOINT / HF_HOME set at import)."""
+    """Point this process's huggingface_hub at `url` with the cache `cache` (what HF_ENDPOINT / HF_HOME set
+    at import)."""
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -79,7 +80,8 @@ def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_
     hub, reference = served["hub"], served["resnet18"]
     home = tmp_path / "hf_home"
     environment = {
-        **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(REPO_ROOT),
+        **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
+        "PYTHONPATH": str(REPO_ROOT),
     }  # fmt: skip
     environment.pop("HF_HUB_OFFLINE", None)
     environment.pop("HF_HUB_CACHE", None)

@@ -255,7 +255,10 @@ def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
     check_split_overlap(["a", "b"], ["c"], ["d"])
     with pytest.raises(
         ValueError,
-        match=r"val set \(2 images\) shares 1 images with the labeled set and 1 with the unlabeled set \(e\.g\. b, c\)",
+        match=(
+            r"val set \(2 images\) shares 1 images with the labeled set "
+            r"and 1 with the unlabeled set \(e\.g\. b, c\)"
+        ),
     ):
         check_split_overlap(["a", "b"], ["c"], ["b", "c"])
     with caplog.at_level(logging.WARNING):
@@ -282,7 +285,10 @@ def test_images_over_the_pixel_limit_name_the_file_and_the_way_out(tmp_path, mon
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x30 = 1200 pixels > 2 * 500
     with pytest.raises(
         ValueError,
-        match=r"(image|mask) .*a\.(jpg|png) is over PIL's decompression-bomb limit of 1000 pixels.*STPP_MAX_IMAGE_PIXELS=n",
+        match=(
+            r"(image|mask) .*a\.(jpg|png) is over PIL's decompression-bomb limit of 1000 pixels"
+            r".*STPP_MAX_IMAGE_PIXELS=n"
+        ),
     ):
         load_source(*args, cache_dir=tmp_path / "cache")
     code = "from PIL import Image; import stpp_hf.data.images; print(Image.MAX_IMAGE_PIXELS)"

@@ -151,7 +151,8 @@ def _cityscapes(root):
 def test_cityscapes_train_ids_and_raw_label_ids(tmp_path):
     dataset = load_source("cityscapes", tmp_path, _cityscapes(tmp_path), cache_dir=tmp_path / "cache")
     assert dataset["id"] == ["train/aachen/aachen_000000_000019", "train/bochum/aachen_000000_000019"]
-    # official table: road 7->0, car 26->13, unlabeled 0->255, bicycle 33->18, person 24->11, building 11->2, pole 17->5, sky 23->10
+    # official table: road 7->0, car 26->13, unlabeled 0->255, bicycle 33->18, person 24->11, building 11->2,
+    # pole 17->5, sky 23->10
     assert np.asarray(dataset[0]["label"])[0].tolist() == [0, 13, 255, 18, 11, 2, 5, 10]
     assert (np.asarray(dataset[1]["label"]) == 5).all()
 

@@ -90,7 +90,9 @@ hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_
 summary = train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
 if accelerator.is_main_process:
     steps = [r for r in records if "train/lr" in r]
-    print("RESULT" + json.dumps({"steps": summary["steps"], "lr": [r["train/lr"] for r in steps], "loss": [r["train/loss"] for r in steps]}))
+    print("RESULT" + json.dumps(
+        {"steps": summary["steps"], "lr": [r["train/lr"] for r in steps], "loss": [r["train/loss"] for r in steps]}
+    ))
 """
 
 

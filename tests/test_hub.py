@@ -52,7 +52,9 @@ LOADER = textwrap.dedent(
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
     trust = mode == "remote_code"
-    model = AutoModelForSemanticSegmentation.from_pretrained(repo_id, revision=revision, trust_remote_code=trust).eval()
+    model = AutoModelForSemanticSegmentation.from_pretrained(
+        repo_id, revision=revision, trust_remote_code=trust
+    ).eval()
     processor = AutoImageProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=trust)
     image = load_file(input_path)["image"].numpy()
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
@@ -92,7 +94,9 @@ def tiny_run(tmp_path_factory):
             models[name] = save_tiny_model(run_dir / model_dir, CLASS_NAMES, seed=index)
             entry.update(
                 val_miou=0.41 + 0.1 * index, best_epoch=2, model_dir=model_dir,
-                per_class_iou={class_name: 0.3 + 0.1 * position + 0.05 * index for position, class_name in enumerate(CLASS_NAMES)},
+                per_class_iou={
+                    class_name: 0.3 + 0.1 * position + 0.05 * index for position, class_name in enumerate(CLASS_NAMES)
+                },
             )  # fmt: skip
         else:
             entry.update(num_images=300)
@@ -104,7 +108,10 @@ def tiny_run(tmp_path_factory):
         "batch_size": 8, "lr": 0.001, "crop_size": 96, "hardware": "1x CPU", "wall_time_s": 512.3,
         "id2label": {str(index): name for index, name in enumerate(CLASS_NAMES)},
         "stages": stages,
-        "final": {"val_miou": 0.5234, "per_class_iou": {"background": 0.93, "disc": 0.41, "square": 0.2272}, "model_dir": "final"},
+        "final": {
+            "val_miou": 0.5234, "per_class_iou": {"background": 0.93, "disc": 0.41, "square": 0.2272},
+            "model_dir": "final",
+        },
         "pseudo_label_miou": {"all": 0.71},
     }  # fmt: skip
     (run_dir / "results.json").write_text(json.dumps(results))
@@ -144,7 +151,8 @@ def pushed(tiny_run, tmp_path_factory):
     with FakeHub(token=TOKEN) as hub:
         environment = hub_environment(hub, home)
         push = run_python(
-            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID, "--push-stages"],
+            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID,
+             "--push-stages"],
             environment, home,
         )  # fmt: skip
         assert push.returncode == 0, push.stderr[-3000:]

@@ -152,8 +152,8 @@ HUB_LOADER = textwrap.dedent(
     repo_id, partition_dir, cache_dir = sys.argv[1:]
     report = {}
     for streaming in (False, True):
-        sources = load_hub_sources(repo_id, partition_dir, labeled_fraction="1/6", partition_seed=1, streaming=streaming,
-                                   cache_dir=cache_dir)
+        sources = load_hub_sources(repo_id, partition_dir, labeled_fraction="1/6", partition_seed=1,
+                                   streaming=streaming, cache_dir=cache_dir)
         unlabeled = list(sources.unlabeled)
         report[str(streaming)] = {
             "labeled": list(sources.labeled["id"]), "val": len(sources.val), "id2label": sources.id2label,
@@ -171,11 +171,13 @@ HUB_LOADER = textwrap.dedent(
 def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     with FakeHub() as hub:
         hub.add_repo("tester/tiny-seg", segmentation_repo_files(), repo_type="dataset")
-        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home"),
-                       "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
+                       "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
         environment.pop("HF_HUB_OFFLINE", None)
         completed = subprocess.run(
-            [sys.executable, "-c", HUB_LOADER, "tester/tiny-seg", str(tmp_path / "partition"), str(tmp_path / "cache")],
+            [sys.executable, "-c", HUB_LOADER, "tester/tiny-seg", str(tmp_path / "partition"),
+             str(tmp_path / "cache")],
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert completed.returncode == 0, completed.stderr[-3000:]
@@ -202,8 +204,9 @@ def hub_environment(hub: FakeHub, home: Path) -> dict:
 
 TRAIN_ARGS = [
     "--dataset_name", "tester/tiny-seg", "--labeled_fraction", "1/4", "--partition_seed", "2", "--framework", "stpp",
-    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--global_batch_size", "4", "--crop_size", "32",
-    "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02", "--report_to", "none",
+    "--backbone", "resnet18", "--output_stride", "16", "--epochs", "3", "--global_batch_size", "4",
+    "--crop_size", "32", "--base_size", "32", "--inference_batch_size", "4", "--val_batch_size", "6", "--lr", "0.02",
+    "--report_to", "none",
     "--backbone_weights", "none",  # a random ResNet-18: no ImageNet weights to download in a test
 ]  # fmt: skip
 

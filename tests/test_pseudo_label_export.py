@@ -24,7 +24,8 @@ TEACHERS = {
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """An ST++ run directory as the pipeline leaves it: results.json, reliability scores and two pseudo-label stores."""
+    """An ST++ run directory as the pipeline leaves it: results.json, reliability scores and two pseudo-label
+    stores."""
     run_dir = tmp_path_factory.mktemp("run")
     data = make_synthetic_dataset(
         run_dir / "synthetic_data", seed=0, num_labeled=3, num_unlabeled=6, num_val=2, image_size=32
@@ -63,7 +64,8 @@ def finished_run(tmp_path_factory):
         {"name": "retrain_all", **train},
     ]  # fmt: skip
     results = {"framework": "stpp", "dataset": "synthetic", "split": "synthetic", "num_labeled": 3, "num_unlabeled": 6,
-               "model": "deeplabv3plus", "backbone": "resnet18", "id2label": {str(k): v for k, v in data.id2label.items()},
+               "model": "deeplabv3plus", "backbone": "resnet18",
+               "id2label": {str(k): v for k, v in data.id2label.items()},
                "stages": stages, "final": {"val_miou": 0.5, "per_class_iou": {}, "model_dir": "final"},
                "pseudo_label_miou": {"reliable": 0.61, "unreliable": None}}  # fmt: skip
     (run_dir / "results.json").write_text(json.dumps(results))
@@ -115,8 +117,9 @@ LOADER = textwrap.dedent(
 @pytest.mark.slow
 def test_push_pseudo_labels_and_load_them_back(finished_run, tmp_path):
     with FakeHub() as hub:
-        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home"),
-                       "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+        environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
+                       "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
         environment.pop("HF_HUB_OFFLINE", None)
         push = subprocess.run(
             [sys.executable, str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(finished_run["run_dir"]),

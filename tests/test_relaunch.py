@@ -63,8 +63,8 @@ def settings_for(run_dir, factory, **overrides):
     hparams = StageHyperParameters(epochs=3, global_batch_size=4, base_lr=0.02, val_batch_size=2, channels_last=False)
     return RunSettings(
         run_dir=run_dir, framework="stpp", hparams=hparams, model_factory=factory,
-        model_class=DeepLabV3PlusForSemanticSegmentation, image_processor=DeepLabImageProcessor(), inference_batch_size=4,
-        **overrides,
+        model_class=DeepLabV3PlusForSemanticSegmentation, image_processor=DeepLabImageProcessor(),
+        inference_batch_size=4, **overrides,
     )  # fmt: skip
 
 

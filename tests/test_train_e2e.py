@@ -151,7 +151,9 @@ accelerator = Accelerator()
 generator = torch.Generator().manual_seed(0)
 pixels = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(8)]
 train = [(image, (image[0] > 127).to(torch.uint8)) for image in pixels]
-val = [(torch.randn(3, 32, 32, generator=generator), torch.randint(0, 2, (32, 32), generator=generator)) for _ in range(2)]
+val = [
+    (torch.randn(3, 32, 32, generator=generator), torch.randint(0, 2, (32, 32), generator=generator)) for _ in range(2)
+]
 models = []
 
 def factory():

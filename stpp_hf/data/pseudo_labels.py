@@ -290,7 +290,8 @@ class PseudoLabelStore:
         image.load()
         if image.size != (entry["width"], entry["height"]):
             raise ValueError(
-                f"pseudo label {path} of {image_id!r} is {image.size}, the manifest says {entry['width']}x{entry['height']}"
+                f"pseudo label {path} of {image_id!r} is {image.size}, "
+                f"the manifest says {entry['width']}x{entry['height']}"
             )
         return image
 

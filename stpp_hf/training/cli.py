@@ -116,7 +116,8 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
     else:
         data_line = (
             f"dataset: {config.dataset} ({config.data_root or 'generated in the run directory'}), split "
-            f"{config.split or '-'}: {sizes['labeled']} labeled, {sizes['unlabeled']} unlabeled, {sizes['val']} val images"
+            f"{config.split or '-'}: {sizes['labeled']} labeled, {sizes['unlabeled']} unlabeled, "
+            f"{sizes['val']} val images"
         )
     if sizes is not None:
         steps_line = (
@@ -134,8 +135,8 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
         f"initialisation: {describe_initialisation(config)}",
         f"framework: {config.framework}, teacher: the {config.teacher} model of its stage",
         *(f"  {line}" for line in describe_stages(config)),
-        f"global batch: {config.global_batch_size} = {config.per_device_batch_size} per device x {config.num_processes} "
-        f"processes x {config.gradient_accumulation_steps} accumulation steps",
+        f"global batch: {config.global_batch_size} = {config.per_device_batch_size} per device x "
+        f"{config.num_processes} processes x {config.gradient_accumulation_steps} accumulation steps",
         f"lr: base {config.base_lr:g} for a global batch of 16 -> backbone {summary['lr']['backbone']:g}, "
         f"head {summary['lr']['head']:g} (poly 0.9, SGD momentum 0.9, wd 1e-4)",
         steps_line,

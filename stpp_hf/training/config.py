@@ -132,8 +132,10 @@ class ModelArguments:
     backbone_weights: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Backbone initialisation: a timm pretrained tag or Hub id (resnet101.tv_in1k, timm/resnet101.a1h_in1k), "
-            "a local .pth / .safetensors file, or 'none'. Default: <backbone>.tv_in1k (torchvision's ImageNet weights, "
+            "help": "Backbone initialisation: a timm pretrained tag or Hub id "
+            "(resnet101.tv_in1k, timm/resnet101.a1h_in1k), "
+            "a local .pth / .safetensors file, or 'none'. Default: <backbone>.tv_in1k "
+            "(torchvision's ImageNet weights, "
             "the method's) on real data, none on synthetic data."
         },
     )
@@ -158,7 +160,8 @@ class RunArguments:
     global_batch_size: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Images per optimizer step over all processes and accumulation steps (16, the paper's; 8 on synthetic data)."
+            "help": "Images per optimizer step over all processes and accumulation steps "
+            "(16, the paper's; 8 on synthetic data)."
         },
     )
     per_device_batch_size: Optional[int] = field(
@@ -167,7 +170,8 @@ class RunArguments:
     lr: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Base lr for a global batch of 16 (0.001 Pascal, 0.004 Cityscapes); the lr used is base_lr / 16 * global batch."
+            "help": "Base lr for a global batch of 16 (0.001 Pascal, 0.004 Cityscapes); "
+            "the lr used is base_lr / 16 * global batch."
         },
     )
     crop_size: Optional[int] = None
@@ -503,7 +507,8 @@ def per_device_batch_size(global_batch_size: int, num_processes: int, accumulati
     if global_batch_size % share:
         raise ConfigError(
             f"--global_batch_size {global_batch_size} is not divisible by {num_processes} processes x "
-            f"{accumulation_steps} accumulation steps: pick a multiple of {share} or change --gradient_accumulation_steps"
+            f"{accumulation_steps} accumulation steps: pick a multiple of {share} "
+            f"or change --gradient_accumulation_steps"
         )
     return global_batch_size // share
 
@@ -698,6 +703,7 @@ def describe_stages(config: RunConfig) -> list[str]:
             lines.append(f"{stage.name}: reliable / unreliable halves from the snapshots of {stage.source}")
         else:
             lines.append(
-                f"{stage.name}: TTA pseudo labels of the {stage.subset} unlabeled images by {stage.source}'s {config.teacher} model"
+                f"{stage.name}: TTA pseudo labels of the {stage.subset} unlabeled images "
+                f"by {stage.source}'s {config.teacher} model"
             )
     return lines

@@ -69,8 +69,8 @@ def inference_model(model: torch.nn.Module, device: torch.device, example: torch
 
 @torch.no_grad()
 def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4) -> torch.nn.Module:
-    """An eval-mode copy of ``model``, on ``example``'s device, with every BatchNorm2d that directly follows a Conv2d folded
-    into the convolution's weights (one layer less per pair at inference, same function).
+    """An eval-mode copy of ``model``, on ``example``'s device, with every BatchNorm2d that directly follows
+    a Conv2d folded into the convolution's weights (one layer less per pair at inference, same function).
 
     Pairs are found by running ``example`` ``[B, 3, H, W]`` once and matching each BatchNorm's input
     tensor to the Conv2d that produced it; the folded copy is checked against the original on the same

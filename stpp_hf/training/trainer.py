@@ -340,7 +340,10 @@ def train_stage(
 
 
 def _restart_stage_advice(checkpoint_dir: Path) -> str:
-    return f"delete {checkpoint_dir} to restart stage {checkpoint_dir.parent.name} from its first epoch (finished stages are kept)"
+    return (
+        f"delete {checkpoint_dir} to restart stage {checkpoint_dir.parent.name} from its first epoch "
+        "(finished stages are kept)"
+    )
 
 
 TRAINER_STATE_FIELDS = {

@@ -90,7 +90,8 @@ def load_source(
         unlabeled = [record for record in records if record.mask is None]
         if unlabeled:
             raise ValueError(
-                f"{split_path or root}: {len(unlabeled)} images have no mask (first: {unlabeled[0].image}), but masks are required"
+                f"{split_path or root}: {len(unlabeled)} images have no mask (first: {unlabeled[0].image}), "
+                "but masks are required"
             )
     if validate:
         check_not_binary_export(source, records, str(split_path or root))

@@ -141,7 +141,8 @@ def check_not_binary_export(source: DatasetSource, records: Sequence[Record], wh
     if first_ignore is not None and background:
         raise ValueError(
             f"{where}: every mask holds only the values 0 and {IGNORE_INDEX} (e.g. {first_ignore}); "
-            f"{IGNORE_INDEX} means ignore, so no pixel would be learned as a class other than 0. A binary 0/255 export must map its "
+            f"{IGNORE_INDEX} means ignore, so no pixel would be learned as a class other than 0. "
+            f"A binary 0/255 export must map its "
             f"foreground to class 1 (mask[mask == 255] = 1) and be saved again as an 8-bit PNG"
         )
 

@@ -141,7 +141,8 @@ class AtrousConv2d(nn.Conv2d):
         if not self.is_same_padded_stride_1(self):
             raise ValueError(
                 f"AtrousConv2d needs stride 1, groups 1 and zero padding dilation * (kernel_size // 2); got stride "
-                f"{self.stride}, groups {self.groups}, padding {self.padding} ({self.padding_mode}), dilation {self.dilation}"
+                f"{self.stride}, groups {self.groups}, padding {self.padding} ({self.padding_mode}), "
+                f"dilation {self.dilation}"
             )
 
     @staticmethod
@@ -305,7 +306,8 @@ class DeepLabPreTrainedModel(PreTrainedModel):
             raise ValueError(f"pixel_values must be a 4-D tensor [batch, 3, height, width], got {shape}")
         if pixel_values.shape[1] != 3:
             raise ValueError(
-                f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})"
+                f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} "
+                f"(shape {tuple(pixel_values.shape)})"
             )
         if labels is not None:
             expected = (pixel_values.shape[0], *pixel_values.shape[2:])

@@ -1,4 +1,5 @@
-"""DeepLabV2 (four summed dilated 3x3 classifiers) on a dilated timm ResNet, as used by ST / ST++ (docs/method.md §4)."""
+"""DeepLabV2 (four summed dilated 3x3 classifiers) on a dilated timm ResNet, as used by ST / ST++
+(docs/method.md §4)."""
 
 import os
 
