@@ -236,6 +236,7 @@ def build_model_card(
         pseudo_label_rows=pseudo_label_rows,
         iou_columns=iou_columns,
         iou_rows=iou_rows,
+        run_config=json.dumps(results["config"], indent=2) if "config" in results else None,
     )
 
 

@@ -452,3 +452,13 @@ def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(t
         push.stderr.strip().startswith("HubPushError: ") and f"the Hub at {endpoint} cannot be reached" in push.stderr
     )
     assert "Traceback" not in push.stderr
+
+
+def test_card_shows_the_resolved_run_configuration(tiny_run):
+    results = json.loads(json.dumps(tiny_run["results"]))
+    results["config"] = {"global_batch_size": 8, "backbone_weights": "none", "data": {"val": {"num_images": 4}}}
+    text = build_model_card(results, REPO_ID).text
+    shown = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert json.loads(shown) == results["config"]
+    del results["config"]
+    assert "run_config.json" not in build_model_card(results, REPO_ID).text

@@ -1,0 +1,34 @@
+"""Training: the ST / ST++ stages on Accelerate and the run configuration (the ``stpp-train`` entry point is
+``stpp_hf.training.cli``)."""
+
+from .config import ConfigError, RunConfig, parse_arguments, resolve_run_config
+from .distributed import check_shared_run_dir, create_accelerator
+from .pipeline import RunData, RunSettings, results_table, run_pipeline
+from .pseudo_label_export import pseudo_label_dataset
+from .pseudo_labeling import label_images
+from .selection import compute_reliability, split_by_reliability
+from .stages import Stage, build_stages, snapshot_epochs
+from .trainer import StageHyperParameters, evaluate, train_stage
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "RunData",
+    "RunSettings",
+    "Stage",
+    "StageHyperParameters",
+    "build_stages",
+    "check_shared_run_dir",
+    "compute_reliability",
+    "create_accelerator",
+    "evaluate",
+    "label_images",
+    "parse_arguments",
+    "pseudo_label_dataset",
+    "resolve_run_config",
+    "results_table",
+    "run_pipeline",
+    "snapshot_epochs",
+    "split_by_reliability",
+    "train_stage",
+]
