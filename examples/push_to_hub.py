@@ -9,7 +9,7 @@ The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login
 
 import argparse
 
-from stpp_hf.hub import HubPushError, push_model_dir, push_run_to_hub
+from stpp_hf.hub import DEFAULT_LICENSE, HubPushError, push_model_dir, push_run_to_hub
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--push-stages", action="store_true", help="Also push each stage's best model to branch stage-<n>-<name>."
     )
-    parser.add_argument("--license", default="mit", help="License metadata of the model card (with --run-dir).")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help="License metadata of the model card (with --run-dir)."
+    )
     return parser.parse_args(argv)
 
 

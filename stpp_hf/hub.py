@@ -34,6 +34,10 @@ SELECTION_FIGURE_IN_REPO = "selection.png"  # the ST++ selection picture, upload
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
+# the package's own license (pyproject.toml), the default of the cards it writes
+DEFAULT_LICENSE = "apache-2.0"
+
+
 class HubPushError(RuntimeError):
     """An upload to the Hub failed; the local files were only read, never changed."""
 
@@ -104,7 +108,7 @@ def build_model_card(
     repo_id: str,
     *,
     stage_index: int | None = None,
-    license: str = "mit",
+    license: str = DEFAULT_LICENSE,
     template_path: str | os.PathLike = CARD_TEMPLATE_PATH,
 ) -> ModelCard:
     """Render the model card of a run from its `results.json` content.
@@ -393,7 +397,7 @@ def push_run_to_hub(
     commit_message: str | None = None,
     push_stages: bool = False,
     token: str | bool | None = None,
-    license: str = "mit",
+    license: str = DEFAULT_LICENSE,
 ) -> str:
     """Push a finished run's final model with its model card; `push_stages=True` also pushes each training
     stage's best model (with its own card) to the branch `stage-<n>-<name>`, e.g. `stage-1-suponly`.

@@ -191,7 +191,7 @@ def test_card_metadata_and_model_index(pushed):
     data = card.data
     assert data.library_name == "transformers"
     assert {"semantic-segmentation", "semi-supervised", "stpp", "resnet18"} <= set(data.tags)
-    assert data.license == "mit" and data.backbone == "resnet18"
+    assert data.license == "apache-2.0" and data.backbone == "resnet18"  # the package's license
     metrics = {result.metric_name: result.metric_value for result in data.eval_results}
     assert data.eval_results[0].metric_value == pytest.approx(100 * results["final"]["val_miou"], abs=0.005)
     assert metrics["val mIoU (%), stage 1 suponly"] == pytest.approx(100 * results["stages"][0]["val_miou"], abs=0.005)
