@@ -99,3 +99,18 @@ def test_folder_dataset_trains_from_the_command_line_and_other_data_is_refused(t
     assert refused.returncode != 0 and "data.val.fingerprint" in refused.stderr
     assert "data.labeled" not in refused.stderr
     assert json.loads((run_dir / "results.json").read_text()) == results
+
+
+def test_a_val_set_that_shares_images_with_training_is_refused_before_training(tmp_path):
+    root, run_dir = tmp_path / "my_data", tmp_path / "run"
+    make_folder_dataset(root)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for part in ("labeled", "unlabeled"):
+        shutil.copy(root / f"{part}.txt", splits / f"{part}.txt")
+    labeled_lines = (root / "labeled.txt").read_text().splitlines()
+    (splits / "val.txt").write_text("\n".join(labeled_lines[:2] + (root / "val.txt").read_text().splitlines()) + "\n")
+    refused = launch(root, run_dir, splits=splits)
+    assert refused.returncode != 0
+    assert "the val set (4 images) shares 2 images with the labeled set" in refused.stderr
+    assert not (run_dir / "stages").exists()  # nothing trained
