@@ -244,7 +244,8 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
             [sys.executable, "-c", EXPORT, str(run)], env=environment, capture_output=True, text=True, timeout=300
         )
         assert exported.returncode == 0, exported.stderr[-3000:]
-    assert refused.returncode != 0 and "partition_seed: recorded 2, now 3" in refused.stderr
+    # the whole-configuration check refuses it, before the partition files are read
+    assert refused.returncode != 0 and "hub_dataset.partition_seed: 2 -> 3" in refused.stderr
     export = json.loads(exported.stdout.strip().splitlines()[-1])
     unlabeled = (run / "partition" / "unlabeled.txt").read_text().split("\n")
     assert export["ids"] == [line.split()[0] for line in unlabeled if line]
