@@ -93,6 +93,7 @@ if accelerator.is_main_process:
     print("RESULT" + json.dumps(
         {"steps": summary["steps"], "lr": [r["train/lr"] for r in steps], "loss": [r["train/loss"] for r in steps]}
     ))
+accelerator.end_training()  # ends the process group: gloo's threads stop before the interpreter exits
 """
 
 

@@ -164,6 +164,7 @@ hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, chan
 train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
 statistics = torch.cat([buffer.float().flatten() for buffer in models[0].buffers()])
 gathered = accelerator.gather(statistics[None])
+accelerator.end_training()  # ends the process group: gloo's threads stop before the interpreter exits
 if accelerator.is_main_process and not torch.equal(gathered[0], gathered[1]):
     sys.exit("BatchNorm running statistics differ between the processes")
 """
