@@ -3,13 +3,12 @@ steps or DataLoader workers."""
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train_e2e import REPO, assert_ok, script_env
+from test_train_e2e import REPO, assert_ok, launch_command
 
 from stpp_hf.data.transforms import TrainTransform
 from stpp_hf.training.sampling import training_loader
@@ -100,25 +99,8 @@ accelerator.end_training()  # ends the process group: gloo's threads stop before
 def run_stage(tmp_path, name, processes, accumulation):
     script = tmp_path / "stage.py"
     script.write_text(STAGE_SCRIPT)
-    launch = [sys.executable]
-    env = script_env()
-    if processes > 1:
-        launch = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        env = dict(env, ACCELERATE_USE_CPU="true")
-    command = [*launch, str(script), str(tmp_path / name), str(accumulation)]
+    launch, env = launch_command(script, processes)
+    command = [*launch, str(tmp_path / name), str(accumulation)]
     completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert_ok(completed)
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT"))

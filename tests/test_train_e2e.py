@@ -45,39 +45,41 @@ def script_env():
     return env
 
 
-def script_command(output_dir, *extra, processes=1, machines=1, machine_rank=0, main_process_port=None):
-    """``(command, env)`` that runs the example on tiny data: plain Python for one process, otherwise
+def launch_command(script, processes=1, machines=1, machine_rank=0, main_process_port=None):
+    """``(command, env)`` that runs the Python file ``script``: plain Python for one process, otherwise
     ``accelerate launch`` of CPU processes (gloo), ``processes`` in all over ``machines`` "machines" (one
     launch per machine, all on this host, meeting at 127.0.0.1:``main_process_port``)."""
     if processes == 1:
-        command = [sys.executable, str(SCRIPT)]
-        env = script_env()
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            str(machines),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+        return [sys.executable, str(script)], script_env()
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    if machines > 1:
+        command += [
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(main_process_port),
         ]
-        if machines > 1:
-            command += [
-                "--machine_rank",
-                str(machine_rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                str(main_process_port),
-            ]
-        command.append(str(SCRIPT))
-        env = dict(script_env(), ACCELERATE_USE_CPU="true")
+    return [*command, str(script)], dict(script_env(), ACCELERATE_USE_CPU="true")
+
+
+def script_command(output_dir, *extra, processes=1, machines=1, machine_rank=0, main_process_port=None):
+    """``(command, env)`` that runs the example on tiny data (see :func:`launch_command`)."""
+    command, env = launch_command(SCRIPT, processes, machines, machine_rank, main_process_port)
     return [*command, "--output_dir", str(output_dir), *TINY_ARGS, *extra], env
 
 
@@ -192,29 +194,9 @@ def test_two_processes_give_the_one_process_metric(tmp_path):
 def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
     script = tmp_path / "bn_sync.py"
     script.write_text(BN_SYNC_SCRIPT)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        str(tmp_path / "stage"),
-    ]
+    command, env = launch_command(script, processes=2)
     completed = subprocess.run(
-        command,
-        env=dict(script_env(), ACCELERATE_USE_CPU="true"),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*command, str(tmp_path / "stage")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert_ok(completed)
 
