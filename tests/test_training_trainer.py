@@ -136,31 +136,17 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
         if len(saved) == 2:
             raise KeyboardInterrupt("simulated kill")
 
+    def train_in_resumed_dir():
+        return train_stage(
+            make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES,
+            snapshot_epochs=(1, 2, 3),
+        )  # fmt: skip
+
     monkeypatch.setattr(trainer_module, "_save_checkpoint", crash_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(
-            make_model,
-            train,
-            val,
-            fresh_accelerator(),
-            tmp_path / "resumed",
-            hparams,
-            5,
-            NUM_CLASSES,
-            snapshot_epochs=(1, 2, 3),
-        )
+        train_in_resumed_dir()
     monkeypatch.setattr(trainer_module, "_save_checkpoint", original)
-    resumed = train_stage(
-        make_model,
-        train,
-        val,
-        fresh_accelerator(),
-        tmp_path / "resumed",
-        hparams,
-        5,
-        NUM_CLASSES,
-        snapshot_epochs=(1, 2, 3),
-    )
+    resumed = train_in_resumed_dir()
 
     assert [h["val_miou"] for h in resumed["history"]] == [h["val_miou"] for h in reference["history"]]
     for relative in ("snapshots/epoch_3/model.safetensors", "best/model.safetensors"):
