@@ -9,7 +9,7 @@ in one process.
 * TTA pseudo-labeling of Pascal-sized images: ``label_images`` (BN folded, channels_last, the flip batched
   with the original, same-size images batched; bf16 under autocast) vs the reference network labeling one
   image and one flip at a time, fp32. Both networks hold the same weights (the package loads the reference's
-  state dict with ``load_original_state_dict``), so their labels are compared pixel by pixel.
+  state dict with ``convert_original.load_original_state_dict``), so their labels are compared pixel by pixel.
 
 Variants are timed in alternating rounds (median round), so a slow spell of a shared machine hits all alike.
 GFLOP/s are the reference's FLOPs (``torch.utils.flop_counter``) over the time, against the fp32 and bf16
@@ -34,6 +34,7 @@ from bench_training import _Device, _MemoryStore, count_flops, matmul_peak_gflop
 from torch import nn
 
 from stpp_hf import build_model
+from stpp_hf.convert_original import load_original_state_dict
 from stpp_hf.training.pseudo_labeling import TTA_SCALES, label_images
 from stpp_hf.training.trainer import build_optimizer
 
@@ -94,7 +95,7 @@ def networks(backbone, num_labels, calibration_images):
         reference.classifier.weight /= scale
         reference.classifier.bias /= scale
     model = build_model("deeplabv3plus", num_labels=num_labels, backbone=backbone, output_stride=8)
-    model.load_original_state_dict(reference.state_dict())
+    load_original_state_dict(model, reference.state_dict())
     return reference.eval(), model.eval()
 
 

@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from stpp_hf import DeepLabV2ForSemanticSegmentation, DeepLabV3PlusForSemanticSegmentation
+from stpp_hf.convert_original import load_coco_init
 from stpp_hf.convert_original import main as convert_main
 from stpp_hf.models import DeepLabV2Config
 
@@ -165,7 +166,7 @@ def test_deeplabv2_coco_init_matches_official_logits(official_v3plus, tmp_path):
     path = tmp_path / "deeplabv2_resnet101_coco_pretrained.pth"
     torch.save(official_v2.state_dict(), path)
     model = DeepLabV2ForSemanticSegmentation(DeepLabV2Config(backbone="resnet50", num_labels=5))
-    model.load_coco_init(path)
+    load_coco_init(model, path)
     model.eval()
     pixel_values = torch.randn(1, 3, 33, 41)
     with torch.no_grad():
@@ -174,6 +175,6 @@ def test_deeplabv2_coco_init_matches_official_logits(official_v3plus, tmp_path):
     # A different class count: only the backbone can be taken.
     other = DeepLabV2ForSemanticSegmentation(DeepLabV2Config(backbone="resnet50", num_labels=3))
     with pytest.raises(ValueError, match="classifier.0.weight"):
-        other.load_coco_init(path)
-    other.load_coco_init(path, include_classifier=False)
+        load_coco_init(other, path)
+    load_coco_init(other, path, include_classifier=False)
     torch.testing.assert_close(other.backbone.state_dict(), model.backbone.state_dict(), atol=0, rtol=0)

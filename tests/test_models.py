@@ -82,7 +82,7 @@ def test_head_channels_come_from_the_backbone(backbone, low_level_channels, high
 def test_atrous_conv_equals_the_plain_conv_doing_less_or_faster_work(height, width, dilation, kernel_size):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
+    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
     torch.manual_seed(0)
     padding = dilation * (kernel_size // 2)
@@ -109,7 +109,7 @@ def test_atrous_conv_equals_the_plain_conv_doing_less_or_faster_work(height, wid
 
 
 def test_atrous_conv_rejects_what_it_cannot_compute():
-    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
+    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
     for kwargs in (
         {"padding": 1, "stride": 2},
@@ -124,7 +124,8 @@ def test_atrous_conv_rejects_what_it_cannot_compute():
 def test_backbone_stride_1_convs_are_atrous_with_timm_parameters_and_outputs():
     import timm
 
-    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d, build_resnet_backbone
+    from stpp_hf.models.deeplab.deeplab_common import build_resnet_backbone
+    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
     torch.manual_seed(0)
     ours = build_resnet_backbone("resnet18", 8)
@@ -152,7 +153,7 @@ def test_backbone_stride_1_convs_are_atrous_with_timm_parameters_and_outputs():
 def test_atrous_conv_leaves_channels_last_small_maps_to_the_convolution():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
+    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
     conv = AtrousConv2d(8, 4, 3, padding=2, dilation=2)
     pixels = torch.randn(2, 8, 3, 3)
@@ -163,7 +164,7 @@ def test_atrous_conv_leaves_channels_last_small_maps_to_the_convolution():
 
 
 def test_atrous_conv_small_map_under_cpu_autocast_returns_bf16():
-    from stpp_hf.models.deeplab.deeplab_common import AtrousConv2d
+    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
     conv = AtrousConv2d(8, 4, 3, padding=2, dilation=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -335,6 +336,20 @@ def test_load_backbone_weights_errors(tmp_path):
     not_weights.write_text("hello")
     with pytest.raises(ValueError, match="notes.pth"):
         model.load_backbone_weights(not_weights)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_a_fresh_model_keeps_timms_backbone_init(name):
+    from stpp_hf.models.deeplab.deeplab_common import build_resnet_backbone
+
+    torch.manual_seed(7)  # the backbone is built first, so it draws the same numbers as a lone one
+    model = build_model(name, backbone="resnet18", output_stride=16, num_labels=3)
+    torch.manual_seed(7)
+    timm_backbone = build_resnet_backbone("resnet18", 16)
+    for key, value in timm_backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    # timm zero-initialises the last BatchNorm of each residual block; PyTorch's default init would give ones
+    assert not model.backbone.layer1[0].bn2.weight.any()
 
 
 def test_from_pretrained_does_not_reinitialise_a_loaded_backbone(tmp_path):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..convert_original import load_coco_init
 from ..data import check_label_file_names, check_split_overlap, load_source, make_synthetic_dataset, read_split
 from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
 from ..data.sources import get_source
@@ -234,7 +235,7 @@ def model_factory(config: RunConfig, id2label: dict[int, str]):
     def factory():
         model = build_model(config.model, **config_kwargs)
         if config.coco_init is not None:
-            model.load_coco_init(config.coco_init)
+            load_coco_init(model, config.coco_init)
         elif config.backbone_weights != "none":
             load_backbone_weights(model, config.backbone_weights)
         return model

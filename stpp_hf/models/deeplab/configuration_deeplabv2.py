@@ -1,44 +1,37 @@
 """DeepLabV2 configuration."""
 
-from transformers import PreTrainedConfig
+from huggingface_hub.dataclasses import strict
 
-from .deeplab_common import DeepLabConfigMixin, require_positive_int, require_positive_number
+from .configuration_deeplab import DeepLabConfig, require_positive_ints, require_positive_number
 
 
-class DeepLabV2Config(DeepLabConfigMixin, PreTrainedConfig):
-    """Configuration of [`DeepLabV2ForSemanticSegmentation`] (docs/method.md §4).
+@strict
+class DeepLabV2Config(DeepLabConfig):
+    """Configuration of [`DeepLabV2ForSemanticSegmentation`] (docs/method.md §4); the shared fields are
+    [`DeepLabConfig`]'s, with the method's DeepLabV2 defaults.
 
     Args:
-        num_labels: number of classes (default 21, Pascal VOC, unless `id2label` is given).
-        backbone: timm ResNet-family name (the method uses "resnet101", from a COCO-pretrained DeepLabV2).
-        output_stride: 8 (the method) or 16.
-        classifier_rates: dilations of the parallel 3x3 classifiers whose outputs are summed.
-        classifier_init_std: std of the N(0, std) init of those classifiers' weights.
-        head_lr_multiplier: learning-rate multiplier of the classifiers (1 in the method).
-        semantic_loss_ignore_index: label value ignored by the loss (255).
+        backbone (`str`, defaults to `"resnet101"`): the method's, from a COCO-pretrained DeepLabV2.
+        output_stride (`int`, defaults to 8): the method's.
+        classifier_rates (`list[int]`, defaults to `[6, 12, 18, 24]`): dilations of the parallel 3x3 classifiers whose
+            outputs are summed.
+        classifier_init_std (`float`, defaults to 0.01): std of the N(0, std) init of those classifiers' weights.
+        head_lr_multiplier (`float`, defaults to 1.0): learning-rate multiplier of the classifiers (the method's).
     """
 
     model_type = "stpp_deeplabv2"
 
-    def __init__(
-        self,
-        num_labels: int | None = None,
-        backbone: str = "resnet101",
-        output_stride: int = 8,
-        classifier_rates: list[int] = (6, 12, 18, 24),
-        classifier_init_std: float = 0.01,
-        head_lr_multiplier: float = 1.0,
-        **kwargs,
-    ):
-        kwargs = self._init_labels_and_backbone(backbone, output_stride, num_labels, kwargs)
-        classifier_rates = list(classifier_rates)
-        if not classifier_rates:
-            raise ValueError("classifier_rates=[] is invalid; allowed values: one or more positive integers")
-        for rate in classifier_rates:
-            require_positive_int("classifier_rates", rate)
-        require_positive_number("classifier_init_std", classifier_init_std)
-        require_positive_number("head_lr_multiplier", head_lr_multiplier)
-        self.classifier_rates = classifier_rates
-        self.classifier_init_std = float(classifier_init_std)
-        self.head_lr_multiplier = float(head_lr_multiplier)
-        super().__init__(**kwargs)
+    backbone: str = "resnet101"
+    head_lr_multiplier: float | int = 1.0
+    classifier_rates: list[int] | tuple[int, ...] = (6, 12, 18, 24)
+    classifier_init_std: float | int = 0.01
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.classifier_rates = list(self.classifier_rates)
+        require_positive_ints("classifier_rates", self.classifier_rates)
+        require_positive_number("classifier_init_std", self.classifier_init_std)
+        self.classifier_init_std = float(self.classifier_init_std)
+
+
+__all__ = ["DeepLabV2Config"]

@@ -1,14 +1,14 @@
 """DeepLabV2 (four summed dilated 3x3 classifiers) on a dilated timm ResNet, as used by ST / ST++
 (docs/method.md §4)."""
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .configuration_deeplabv2 import DeepLabV2Config
-from .deeplab_common import AtrousConv2d, DeepLabPreTrainedModel, check_state_dict_matches, read_state_dict_file
+from .deeplab_common import DeepLabPreTrainedModel
+from .small_map_conv import AtrousConv2d
 
 
 class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
@@ -18,7 +18,6 @@ class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
     """
 
     config_class = DeepLabV2Config
-    _original_prefix_map = (("backbone.", "backbone."), ("classifier.", "classifier."))
 
     def __init__(self, config: DeepLabV2Config):
         super().__init__(config)
@@ -31,29 +30,22 @@ class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, nn.Conv2d):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.classifier_init_std)
+        if any(module is classifier for classifier in self.classifier):
+            init.normal_(module.weight, mean=0.0, std=self.config.classifier_init_std)
 
     def _compute_logits(self, pixel_values: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """features [c1, c4 [B, C4, H/os, W/os]] -> logits [B, num_labels, H, W]."""
+        """
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`): the input, for its size.
+            features (`list[torch.Tensor]`): the backbone's [c1, c4]; c4 of shape `(batch_size, C4,
+                height / output_stride, width / output_stride)`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, num_labels, height, width)`: logits at the input resolution.
+        """
         high_level = features[-1]
         logits = sum(classifier(high_level) for classifier in self.classifier)
         return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)
-
-    def load_coco_init(self, path: str | os.PathLike, include_classifier: bool = True) -> None:
-        """Initialise from the official COCO-pretrained DeepLabV2-ResNet-101 `.pth` (backbone + classifier keys).
-
-        Set `include_classifier=False` to take only the backbone (e.g. when `num_labels` differs from the file's).
-        """
-        state_dict = read_state_dict_file(path, "COCO-pretrained DeepLabV2 file")
-        what = f"COCO-pretrained DeepLabV2 file {os.fspath(path)}"
-        if include_classifier:
-            self.load_original_state_dict(state_dict, what)
-            return
-        converted = self.convert_original_state_dict(state_dict)
-        backbone = {key[len("backbone.") :]: value for key, value in converted.items() if key.startswith("backbone.")}
-        check_state_dict_matches(backbone, self.backbone.state_dict(), what)
-        self.backbone.load_state_dict(backbone)
 
 
 __all__ = ["DeepLabV2ForSemanticSegmentation"]

@@ -5,14 +5,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_deeplabv3plus import DeepLabV3PlusConfig
-from .deeplab_common import ConvNormAct, DeepLabPreTrainedModel
+from .deeplab_common import DeepLabPreTrainedModel
+from .small_map_conv import AtrousConv2d
+
+
+class ConvNormAct(nn.Sequential):
+    """Bias-free conv -> BatchNorm -> ReLU, the building block of the DeepLabV3+ head ("same" padding, stride 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
+        super().__init__()
+        conv_class = AtrousConv2d if dilation > 1 else nn.Conv2d
+        self.conv = conv_class(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            bias=False,
+        )
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
 
 
 class AtrousSpatialPyramidPooling(nn.Module):
-    """ASPP: a 1x1 branch, three dilated 3x3 branches and an image-pooling branch, concatenated and projected.
-
-    [B, in_channels, h, w] -> [B, out_channels, h, w]
-    """
+    """ASPP: a 1x1 branch, three dilated 3x3 branches and an image-pooling branch, concatenated and projected."""
 
     def __init__(self, in_channels: int, out_channels: int, rates: tuple[int, ...], dropout: float):
         super().__init__()
@@ -25,6 +41,13 @@ class AtrousSpatialPyramidPooling(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): c4.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`.
+        """
         outputs = [branch(features) for branch in self.branches]
         pooled = self.pooling(F.adaptive_avg_pool2d(features, 1))
         outputs.append(F.interpolate(pooled, size=features.shape[-2:], mode="bilinear", align_corners=True))
@@ -34,33 +57,11 @@ class AtrousSpatialPyramidPooling(nn.Module):
 class DeepLabV3PlusForSemanticSegmentation(DeepLabPreTrainedModel):
     """DeepLabV3+: ASPP on c4, upsampled to c1 and fused with c1 reduced to 48 channels.
 
-    Module names map onto the official ST++ network via `_original_prefix_map`
-    (official `head` = ASPP, `reduce`, `fuse`, `classifier`).
+    Its module names differ from the official ST++ network's (`head` = ASPP, `reduce`, `fuse`, `classifier`):
+    `stpp_hf.convert_original` maps official checkpoints onto them.
     """
 
     config_class = DeepLabV3PlusConfig
-    _original_prefix_map = (
-        ("backbone.", "backbone."),
-        ("head.b0.0.", "aspp.branches.0.conv."),
-        ("head.b0.1.", "aspp.branches.0.norm."),
-        ("head.b1.0.", "aspp.branches.1.conv."),
-        ("head.b1.1.", "aspp.branches.1.norm."),
-        ("head.b2.0.", "aspp.branches.2.conv."),
-        ("head.b2.1.", "aspp.branches.2.norm."),
-        ("head.b3.0.", "aspp.branches.3.conv."),
-        ("head.b3.1.", "aspp.branches.3.norm."),
-        ("head.b4.gap.1.", "aspp.pooling.conv."),
-        ("head.b4.gap.2.", "aspp.pooling.norm."),
-        ("head.project.0.", "aspp.project.conv."),
-        ("head.project.1.", "aspp.project.norm."),
-        ("reduce.0.", "low_level_reduce.conv."),
-        ("reduce.1.", "low_level_reduce.norm."),
-        ("fuse.0.", "fuse.0.conv."),
-        ("fuse.1.", "fuse.0.norm."),
-        ("fuse.3.", "fuse.1.conv."),
-        ("fuse.4.", "fuse.1.norm."),
-        ("classifier.", "classifier."),
-    )
 
     def __init__(self, config: DeepLabV3PlusConfig):
         super().__init__(config)
@@ -78,7 +79,15 @@ class DeepLabV3PlusForSemanticSegmentation(DeepLabPreTrainedModel):
         self.post_init()
 
     def _compute_logits(self, pixel_values: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """features [c1 [B, C1, H/4, W/4], c4 [B, C4, H/os, W/os]] -> logits [B, num_labels, H, W]."""
+        """
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`): the input, for its size.
+            features (`list[torch.Tensor]`): the backbone's c1 `(batch_size, C1, height / 4, width / 4)` and c4
+                `(batch_size, C4, height / output_stride, width / output_stride)`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, num_labels, height, width)`: logits at the input resolution.
+        """
         low_level, high_level = features
         context = self.aspp(high_level)
         context = F.interpolate(context, size=low_level.shape[-2:], mode="bilinear", align_corners=True)

@@ -1,0 +1,108 @@
+"""The fields and checks shared by the DeepLabV3+ and DeepLabV2 configurations."""
+
+from collections.abc import Iterable
+
+import timm
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+from .label_presets import get_label_preset
+
+logger = logging.get_logger(__name__)
+
+ALLOWED_OUTPUT_STRIDES = (8, 16)
+
+
+def resnet_family_backbones() -> list[str]:
+    """timm architecture names whose module is timm's ResNet family (resnet18 ... resnet152, resnet50d, ...)."""
+    return timm.list_models(module="resnet")
+
+
+def require_choice(field: str, value, allowed: Iterable):
+    """Raise a `ValueError` naming `field` and the allowed values unless `value` is one of them."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is invalid; allowed values: {allowed}")
+
+
+def require_positive_int(field: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid; allowed values: a positive integer")
+
+
+def require_positive_ints(field: str, values, count: int | None = None):
+    """`values` must be a non-empty list of positive integers (of length `count` when given)."""
+    expected = f"{count} positive integers" if count else "one or more positive integers"
+    if not values or (count and len(values) != count):
+        raise ValueError(f"{field}={values!r} is invalid; allowed values: {expected}")
+    for value in values:
+        require_positive_int(field, value)
+
+
+def require_positive_number(field: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid; allowed values: a positive number")
+
+
+def require_probability(field: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{field}={value!r} is invalid; allowed values: a float in [0, 1)")
+
+
+@strict
+class DeepLabConfig(PreTrainedConfig):
+    """Fields of both DeepLab configurations; a value out of range raises a `ValueError` that names its field.
+
+    Args:
+        num_labels (`int`, *optional*): number of classes; 21 (Pascal VOC) unless `id2label` is given. An explicit
+            `num_labels` that disagrees with `id2label` wins, as in transformers (`from_pretrained(path,
+            num_labels=5)` to fine-tune), with generic class names and a warning.
+        backbone (`str`): timm ResNet-family name ("resnet50", "resnet101", "resnet18", "resnet50d", ...).
+        output_stride (`int`): 8 (the method: layer3 / layer4 dilated) or 16 (faster).
+        head_lr_multiplier (`float`): learning-rate multiplier of everything but the backbone.
+        semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss.
+    """
+
+    backbone: str = "resnet50"
+    output_stride: int = 8
+    head_lr_multiplier: float | int = 10.0
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        # `num_labels` is not a field: transformers derives it from `id2label`.
+        num_labels = kwargs.pop("num_labels", None)
+        if self.id2label is not None and num_labels is not None and num_labels != len(self.id2label):
+            logger.warning(
+                f"num_labels={num_labels} replaces the {len(self.id2label)} class names of id2label "
+                "with generic ones (LABEL_0, ...)"
+            )
+            self.id2label = self.label2id = None
+        if self.id2label is None:
+            num_labels = 21 if num_labels is None else num_labels
+            require_positive_int("num_labels", num_labels)
+            kwargs["num_labels"] = num_labels
+        super().__post_init__(**kwargs)
+        if sorted(self.id2label) != list(range(len(self.id2label))):
+            raise ValueError(f"id2label keys must be 0..{len(self.id2label) - 1}, got {sorted(self.id2label)}")
+        if self.label2id is None:
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        require_choice("backbone", self.backbone, resnet_family_backbones())
+        require_choice("output_stride", self.output_stride, ALLOWED_OUTPUT_STRIDES)
+        require_positive_number("head_lr_multiplier", self.head_lr_multiplier)
+        self.head_lr_multiplier = float(self.head_lr_multiplier)
+        if isinstance(self.semantic_loss_ignore_index, bool):  # a bool passes the `int` type check
+            raise ValueError(
+                f"semantic_loss_ignore_index={self.semantic_loss_ignore_index} is invalid; allowed values: an integer"
+            )
+
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs) -> "DeepLabConfig":
+        """A config with the class names of a dataset preset (`"pascal_voc"`: 21 classes, `"cityscapes"`: 19)."""
+        label_preset = get_label_preset(preset)
+        if kwargs.pop("num_labels", label_preset.num_labels) != label_preset.num_labels:
+            raise ValueError(f"num_labels must be {label_preset.num_labels} for preset {preset!r}")
+        return cls(id2label=label_preset.id2label, **kwargs)
+
+
+__all__ = ["DeepLabConfig"]
