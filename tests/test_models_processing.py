@@ -53,6 +53,19 @@ def test_post_process_semantic_segmentation():
         DeepLabImageProcessor().post_process_semantic_segmentation(logits, target_sizes=[(4, 4)])
 
 
+def test_post_process_semantic_segmentation_returns_scores_like_its_parent():
+    logits = torch.randn(2, 5, 8, 12)
+    target_sizes = torch.tensor([[16, 24], [4, 6]])
+    outputs = DeepLabImageProcessor().post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=logits), target_sizes, return_segmentation_scores=True
+    )
+    expected = torch.nn.functional.interpolate(logits[1:], size=(4, 6), mode="bilinear", align_corners=True)[0]
+    assert torch.equal(outputs[1].segmentation_scores, expected)
+    assert torch.equal(outputs[1].segmentation, expected.argmax(0)) and outputs[0].segmentation.shape == (16, 24)
+    unresized = DeepLabImageProcessor().post_process_semantic_segmentation(logits, return_segmentation_scores=True)
+    assert torch.equal(unresized[0].segmentation_scores, logits[0])
+
+
 def test_presets_hold_the_dataset_classes():
     assert len(PASCAL_VOC_CLASSES) == 21 and PASCAL_VOC_CLASSES[15] == "person"
     assert len(CITYSCAPES_CLASSES) == 19 and CITYSCAPES_CLASSES[13] == "car"
