@@ -302,7 +302,7 @@ def test_push_refuses_a_directory_missing_remote_code(tiny_run, tmp_path):
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_run["run_dir"] / "final", model_dir)
-    (model_dir / "deeplab_common.py").unlink()  # imported by the modeling and configuration files
+    (model_dir / "deeplab_common.py").unlink()  # imported by the modeling files
     with pytest.raises(FileNotFoundError, match="deeplab_common.py"):
         push_model_dir(model_dir, REPO_ID)  # fails before any request
     (model_dir / "modeling_deeplabv3plus.py").unlink()

@@ -74,7 +74,8 @@ def describe_backbone_weights(spec: str, backbone: str) -> dict:
     - a local `.pth` / `.safetensors` / `.bin` file of torchvision or timm layout.
 
     Returns:
-        `{"spec": spec, "kind": "hub" | "file" | "none", "hub_id": Hub repo id or None, "path": absolute path or None}`
+        `dict`: `{"spec": spec, "kind": "hub" | "file" | "none", "hub_id": Hub repo id or None, "path": absolute path
+        or None}`
 
     Raises:
         FileNotFoundError: a weights file that does not exist.
@@ -144,7 +145,7 @@ def load_backbone_weights(model: nn.Module, spec: str) -> dict:
     ignored; any other missing, unexpected or wrongly shaped key is a `ValueError` naming the source.
 
     Returns:
-        The `describe_backbone_weights` dict of `spec`.
+        `dict`: the `describe_backbone_weights` dict of `spec`.
     """
     backbone = model.config.backbone
     description = describe_backbone_weights(spec, backbone)

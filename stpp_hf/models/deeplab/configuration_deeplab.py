@@ -91,10 +91,6 @@ class DeepLabConfig(PreTrainedConfig):
         require_choice("output_stride", self.output_stride, ALLOWED_OUTPUT_STRIDES)
         require_positive_number("head_lr_multiplier", self.head_lr_multiplier)
         self.head_lr_multiplier = float(self.head_lr_multiplier)
-        if isinstance(self.semantic_loss_ignore_index, bool):  # a bool passes the `int` type check
-            raise ValueError(
-                f"semantic_loss_ignore_index={self.semantic_loss_ignore_index} is invalid; allowed values: an integer"
-            )
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "DeepLabConfig":

@@ -95,12 +95,13 @@ def colorize(label_map, palette: Sequence[Sequence[int]] | str) -> Image.Image:
     """Turn a class-index map into a palette ("P" mode) PIL image.
 
     Args:
-        label_map: integer array-like (numpy array, torch tensor, PIL "L"/"P" image) of shape [H, W]
+        label_map (integer array-like of shape `(height, width)`): a numpy array, torch tensor or PIL "L" / "P" image
             holding class ids in `[0, len(palette))` or the ignore index 255.
-        palette: a sequence of RGB triplets (index = class id) or a preset name ("pascal_voc", "cityscapes").
+        palette (`Sequence[Sequence[int]]` or `str`): RGB triplets (index = class id) or a preset name
+            ("pascal_voc", "cityscapes").
 
     Returns:
-        A "P" mode image: shows the colours, and saved as PNG it keeps the class ids as pixel values.
+        `PIL.Image.Image` in "P" mode: shows the colours, and saved as PNG it keeps the class ids as pixel values.
     """
     if hasattr(label_map, "detach"):
         label_map = label_map.detach().cpu().numpy()
