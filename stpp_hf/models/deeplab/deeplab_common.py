@@ -26,7 +26,7 @@ def build_resnet_backbone(name: str, output_stride: int) -> nn.Module:
     """A timm ResNet returning the features [c1 (layer1), c4 (layer4)], dilated to `output_stride` (8 or 16).
 
     Randomly initialised (timm's ResNet init); ImageNet weights come later via `load_backbone_weights`. Its stride-1
-    3x3 convs are `AtrousConv2d`s (`small_map_conv.py`: same parameters and keys, faster on small maps).
+    3x3 convs are `AtrousConv2d`s (`small_map_conv.py`: same parameters and keys, shortcuts on small maps).
     """
     backbone = timm.create_model(
         name, pretrained=False, features_only=True, out_indices=(1, 4), output_stride=output_stride

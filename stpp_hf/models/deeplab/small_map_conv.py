@@ -1,7 +1,7 @@
-"""An optimisation, not part of the method: a "same"-padded stride-1 convolution that is faster on the small feature
-maps of small crops, with the output and gradients of the plain (dilated) `nn.Conv2d` up to float rounding.
+"""An optimisation, not part of the method: a "same"-padded stride-1 convolution for the small feature maps of small
+crops, with the output and gradients of the plain (dilated) `nn.Conv2d` up to float rounding.
 
-`tests/test_models.py` checks it against `nn.Conv2d`; `benchmarks/bench_small_map_conv.py` measures it.
+`tests/test_models.py` checks it against `nn.Conv2d`; `benchmarks/bench_small_map_conv.py` measures its speed.
 """
 
 import torch
@@ -20,8 +20,8 @@ class AtrousConv2d(nn.Conv2d):
       is at least the map's height or width (a 48-px crop at output stride 16 gives 3x3 maps under ASPP rates
       6 / 12 / 18, where each dilated 3x3 conv is in fact its centre 1x1 tap);
     - on CPU, a contiguous (NCHW) map of at most `SMALL_MAP_POSITIONS` positions is convolved as one matmul over its
-      unfolded patches, since oneDNN's conv kernels are tuned for large maps. Unfolding a channels_last map is slow,
-      so those stay with oneDNN.
+      unfolded patches (oneDNN's conv kernels are tuned for large maps). Unfolding a channels_last map is slow, so
+      those stay with oneDNN.
 
     Same parameters and state-dict keys as `nn.Conv2d`; the omitted terms are products with zeros.
     """
