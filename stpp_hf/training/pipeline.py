@@ -168,9 +168,9 @@ class _Run:
         """Fingerprints of what ``stage`` reads from earlier stages (all of which are finished when it
         starts): the teacher's weights, the id lists, the pseudo labels a re-training uses."""
         if stage.kind == "select":
-            source_dir = self.stage_layout(stage.source)
+            source_files = self.stage_layout(stage.source)
             inputs = {
-                f"snapshot_epoch_{epoch}": teacher_fingerprint(source_dir.snapshot(epoch))
+                f"snapshot_epoch_{epoch}": teacher_fingerprint(source_files.snapshot(epoch))
                 for epoch in snapshot_epochs(self.settings.hparams.epochs)
             }
             return {**inputs, "teacher": teacher_fingerprint(self.teacher_dir(stage.source))}
@@ -245,10 +245,10 @@ class _Run:
         return summary
 
     def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
-        source_dir = self.stage_layout(stage.source)
+        source_files = self.stage_layout(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
         snapshots = [
-            self.settings.model_class.from_pretrained(source_dir.snapshot(epoch)) for epoch in epochs
+            self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs
         ]
         progress = progress_bar(
             total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from .run_layout import RunLayout
 
 _NUMBER = (int, float)
-_OPTIONAL_NUMBER = (int, float, type(None))
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true / false", dict: "an object",
                list: "a list", type(None): "null"}  # fmt: skip
 # fields whose expected value needs more words than its JSON type
@@ -93,11 +92,12 @@ class StageSummary:
         "select": ("num_reliable", "num_unreliable"),
         "label": ("num_images",),
     }
+    # a field that the stage's kind does not require may also be null
     TYPES = {
-        "name": (str,), "kind": (str,), "val_miou": _NUMBER, "per_class_iou": (dict,), "best_epoch": (int, type(None)),
+        "name": (str,), "kind": (str,), "val_miou": _NUMBER, "per_class_iou": (dict,), "best_epoch": (int,),
         "model_dir": (str,), "history": (list,), "num_reliable": (int,), "num_unreliable": (int,),
-        "teacher_miou": (dict, type(None)), "figure": (str, type(None)), "subset": (str,), "num_images": (int,),
-        "pseudo_label_miou": _OPTIONAL_NUMBER, "teacher": (str,), "store_dir": (str,),
+        "teacher_miou": (dict,), "figure": (str,), "subset": (str,), "num_images": (int,),
+        "pseudo_label_miou": _NUMBER, "teacher": (str,), "store_dir": (str,),
     }  # fmt: skip
 
     def to_json(self) -> dict:
@@ -117,7 +117,9 @@ class StageSummary:
         kind = data.get("kind")
         if kind not in cls.KIND_FIELDS:
             raise ValueError(f"{source}: field {where}.kind must be one of {list(cls.KIND_FIELDS)}, got {kind!r}")
-        return cls(**_check_fields(data, cls.TYPES, ("name", "kind", *cls.REQUIRED[kind]), where, source))
+        required = ("name", "kind", *cls.REQUIRED[kind])
+        types = {name: kinds if name in required else (*kinds, type(None)) for name, kinds in cls.TYPES.items()}
+        return cls(**_check_fields(data, types, required, where, source))
 
 
 @dataclass(frozen=True)
