@@ -26,8 +26,8 @@ def pipeline_results() -> dict:
     ]  # fmt: skip
     return {
         "framework": "stpp", "dataset": "hub-owner/scenes", "split": "train: 3 labeled, seed 0",
-        "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 3, "batch_size": 4, "lr": 0.02, "crop_size": 32,
-        "pretrained_backbone": False,
+        "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 3, "batch_size": 4,
+        "lr": 0.02, "crop_size": 32, "pretrained_backbone": False,
         "backbone_weights": {"spec": "none", "kind": "none", "hub_id": None, "path": None},
         "hub_dataset": {"dataset_name": "hub-owner/scenes", "partition": {"num_labeled": 3}},
         "notes": "extra metadata is kept",

@@ -106,7 +106,9 @@ def pseudo_label_dataset(run_dir: str | os.PathLike, unlabeled: Dataset | None =
     ids = list(unlabeled["id"])
     missing = sorted(set(label_of) - set(ids))
     if missing:
-        raise ValueError(f"{layout.run_dir}: pseudo labels of ids that are not in the unlabeled set, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{layout.run_dir}: pseudo labels of ids that are not in the unlabeled set, e.g. {missing[:3]}"
+        )
     positions = [position for position, image_id in enumerate(ids) if image_id in label_of]
     rows = unlabeled.select(positions).select_columns(["id", "image"])
     kept = [ids[position] for position in positions]
