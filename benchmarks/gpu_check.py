@@ -30,6 +30,7 @@ from bench_training import _MemoryStore, synchronize
 
 from stpp_hf import build_model
 from stpp_hf.training.pseudo_labeling import label_images
+from stpp_hf.training.results import RunResults
 from stpp_hf.training.trainer import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,11 +148,11 @@ def short_stpp_run(tiny: bool, output_dir: Path) -> dict:
                "--mixed_precision", "bf16", "--report_to", "none", *size]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO)
-    results = json.loads((output_dir / "results.json").read_text())
+    results = RunResults.read(output_dir)
     return dict(
         wall_time_s=time.perf_counter() - start,
-        stages=[(stage["name"], stage.get("val_miou")) for stage in results["stages"]],
-        final_val_miou=results["final"]["val_miou"],
+        stages=[(stage.name, stage.val_miou) for stage in results.stages],
+        final_val_miou=results.final.val_miou,
     )
 
 

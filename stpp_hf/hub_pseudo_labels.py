@@ -14,18 +14,20 @@ from pathlib import Path
 from huggingface_hub import DatasetCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from .hub import FRAMEWORK_TITLES, HubPushError, load_run_results
+from .hub import HubPushError
+from .model_card import framework_title
 from .training.pseudo_label_export import pseudo_label_dataset
+from .training.results import RunResults
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "pseudo_labels_card.md"
 
 
-def pseudo_label_card_values(results: dict, dataset) -> dict:
+def pseudo_label_card_values(results: RunResults, dataset) -> dict:
     """The template values of the card: one row per subset (rows, teacher, mIoU)."""
     subset_rows = []
     subsets, teachers = list(dataset["subset"]), list(dataset["teacher"])
     for subset in dict.fromkeys(subsets):
-        miou = results.get("pseudo_label_miou", {}).get(subset)
+        miou = results.pseudo_label_miou.get(subset)
         subset_rows.append(
             {
                 "subset": subset,
@@ -34,14 +36,13 @@ def pseudo_label_card_values(results: dict, dataset) -> dict:
                 "miou": "n/a (no true masks)" if miou is None else f"{100 * miou:.2f}",
             }
         )
-    class_names = [results["id2label"][key] for key in sorted(results["id2label"], key=int)]
     return {
-        "framework_title": FRAMEWORK_TITLES.get(results["framework"], results["framework"]),
+        "framework_title": framework_title(results),
         "num_rows": len(dataset),
-        "dataset": results["dataset"],
-        "split": results["split"],
+        "dataset": results.dataset,
+        "split": results.split,
         "subset_rows": subset_rows,
-        "class_names": ", ".join(f"{index} {name}" for index, name in enumerate(class_names)),
+        "class_names": ", ".join(f"{index} {name}" for index, name in enumerate(results.class_names())),
     }
 
 
@@ -62,7 +63,7 @@ def push_pseudo_labels(
         HubPushError: the Hub refused or failed a request (the run directory is only read).
     """
     run_dir = Path(run_dir)
-    results = load_run_results(run_dir)
+    results = RunResults.read(run_dir)
     dataset = pseudo_label_dataset(run_dir, unlabeled)
     try:
         commit = dataset.push_to_hub(

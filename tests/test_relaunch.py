@@ -11,6 +11,9 @@ from accelerate import Accelerator
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation, build_model
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
 from stpp_hf.training.pipeline import RunData, RunSettings, lock_run, run_pipeline
+from stpp_hf.training.results import RunResults
+from stpp_hf.training.run_layout import RunLayout
+from stpp_hf.training.stages import build_stages, snapshot_epochs
 from stpp_hf.training.state import RunDirectoryLocked, lock_run_directory
 from stpp_hf.training.trainer import StageHyperParameters
 
@@ -85,6 +88,31 @@ def copy_run(finished_run, tmp_path):
     shutil.copytree(finished_run[0], run_dir)
     (run_dir / "run.lock").unlink()
     return run_dir
+
+
+@pytest.mark.slow
+def test_the_run_directory_holds_what_run_layout_names_and_results_json_its_results(finished_run):
+    run_dir, results = finished_run
+    layout = RunLayout(run_dir)
+    expected = {layout.results, layout.state, layout.lock, layout.final}
+    for index, stage in enumerate(build_stages("stpp")):
+        files = layout.stage(index, stage)
+        if stage.kind == "train":
+            expected |= {files.best, files.val_predictions}
+            expected |= {files.snapshot(epoch) for epoch in snapshot_epochs(3)} if stage.keep_snapshots else set()
+            assert results.stages[index].model_dir == layout.relative(files.best)
+        elif stage.kind == "select":
+            expected |= set(files.selection_files)
+            assert results.stages[index].figure == layout.relative(files.selection_figure)
+        else:
+            expected.add(run_dir / results.stages[index].store_dir)
+            assert (run_dir / results.stages[index].store_dir).parent == layout.pseudo_labels
+    assert sorted(path for path in expected if not path.exists()) == []
+    written = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert [path for path in written if not any(path == e or e in path.parents for e in expected)] == []
+    assert results.final.model_dir == layout.relative(layout.final)
+    assert layout.results.read_text() == json.dumps(results.to_json(), indent=2) + "\n"
+    assert RunResults.read(run_dir).to_json() == results.to_json()
 
 
 @pytest.mark.slow

@@ -34,7 +34,6 @@ from .sources.base import FEATURES, MASK_MODES, check_mask_values, read_id2label
 from .splits import SplitEntry, atomic_write_bytes, generate_split, read_split, write_split
 
 ID2LABEL_FILE = "id2label.json"
-PARTITION_DIR = "partition"
 PARTITION_FILE = "partition.json"
 VALIDATED_FILE = "validated.json"
 LABEL_COLUMN_FALLBACK = "annotation"  # the column name of many Hub segmentation datasets (e.g. scene_parse_150)
@@ -397,13 +396,13 @@ def hub_split_name(metadata: dict) -> str:
 
 
 def load_hub_run_sources(
-    args: HubDataArguments, run_dir: str | os.PathLike, accelerator
+    args: HubDataArguments, partition_dir: str | os.PathLike, accelerator
 ) -> tuple[dict, dict, list, str]:
     """What ``train_stpp.py`` needs from ``args``: ``(sources, id2label, palette, name)``, ``sources`` holding
     ``labeled``, ``unlabeled``, ``val``, ``unlabeled_entries`` and ``metadata`` (for ``results.json``).
 
-    The partition lives in ``run_dir/partition``; the main process draws it (and fills ``datasets``' cache)
-    first, the others then read it.
+    The partition lives in ``partition_dir`` (a run's ``RunLayout.partition``); the main process draws it (and
+    fills ``datasets``' cache) first, the others then read it.
     """
     if args.streaming:
         # the pipeline indexes the unlabeled rows (ids, subsets, resumable stores); see README "Hub datasets"
@@ -414,7 +413,7 @@ def load_hub_run_sources(
     with accelerator.main_process_first():
         hub = load_hub_sources(
             args.dataset_name,
-            Path(run_dir) / PARTITION_DIR,
+            partition_dir,
             dataset_config=args.dataset_config,
             image_column=args.image_column,
             label_column=args.label_column,

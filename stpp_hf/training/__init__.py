@@ -3,20 +3,27 @@
 
 from .config import ConfigError, RunConfig, parse_arguments, resolve_run_config
 from .distributed import check_shared_run_dir, create_accelerator
-from .pipeline import RunData, RunSettings, results_table, run_pipeline
+from .pipeline import RunData, RunSettings, run_pipeline
 from .pseudo_label_export import pseudo_label_dataset
 from .pseudo_labeling import label_images
+from .results import FinalSummary, RunResults, StageSummary, results_table
+from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
 from .trainer import StageHyperParameters, evaluate, train_stage
 
 __all__ = [
     "ConfigError",
+    "FinalSummary",
     "RunConfig",
     "RunData",
+    "RunLayout",
+    "RunResults",
     "RunSettings",
     "Stage",
+    "StageLayout",
     "StageHyperParameters",
+    "StageSummary",
     "build_stages",
     "check_shared_run_dir",
     "compute_reliability",

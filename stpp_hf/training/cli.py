@@ -32,8 +32,10 @@ from .config import (
     resolve_run_config,
 )
 from .distributed import check_shared_run_dir, create_accelerator
-from .pipeline import PSEUDO_LABEL_DIR, RunData, RunSettings, data_record, lock_run, results_table, run_pipeline
+from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .pseudo_label_export import record_unlabeled_source
+from .results import results_table
+from .run_layout import RunLayout
 from .selection import split_by_reliability
 from .stages import build_stages, snapshot_epochs
 from .trainer import StageHyperParameters, steps_per_epoch
@@ -170,9 +172,10 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
     Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
     directory's file system cannot hold, before any training.
     """
+    layout = RunLayout(output_dir)
     if config.hub_dataset is not None:
         hub_args = HubDataArguments(**config.hub_dataset)
-        sources, id2label, palette, name = load_hub_run_sources(hub_args, output_dir, accelerator)
+        sources, id2label, palette, name = load_hub_run_sources(hub_args, layout.partition, accelerator)
         if accelerator.is_main_process:
             record_unlabeled_source(output_dir, {"kind": "hub", **config.hub_dataset})
         data_metadata = {
@@ -186,7 +189,7 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
         data_metadata = {}
     check_split_overlap(sources["labeled"], sources["unlabeled"], sources["val"])
     if accelerator.is_main_process:
-        check_label_file_names(output_dir / PSEUDO_LABEL_DIR, sources["unlabeled"]["id"])
+        check_label_file_names(layout.pseudo_labels, sources["unlabeled"]["id"])
     data = RunData(
         labeled=sources["labeled"],
         unlabeled=sources["unlabeled"],
@@ -202,9 +205,10 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
 
 def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[dict, dict[int, str], list[int], list]:
     """``(sources, id2label, palette, unlabeled split entries)`` of the synthetic data or a local layout."""
+    run_layout = RunLayout(output_dir)
     if config.is_synthetic:
         with accelerator.main_process_first():
-            synthetic = make_synthetic_dataset(output_dir / "synthetic_data", **config.synthetic)
+            synthetic = make_synthetic_dataset(run_layout.synthetic_data, **config.synthetic)
         files, root, layout = synthetic.split_files, synthetic.root, "pascal"
         id2label, palette = synthetic.id2label, synthetic.palette
     else:
@@ -215,7 +219,7 @@ def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[di
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
             sources[part] = load_source(
-                layout, root, files[part], require_masks=part != "unlabeled", cache_dir=output_dir / "datasets_cache"
+                layout, root, files[part], require_masks=part != "unlabeled", cache_dir=run_layout.datasets_cache
             )
     if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
         unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())
@@ -263,11 +267,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(run_args.output_dir)
+    layout = RunLayout(output_dir)
     accelerator = create_accelerator(
         mixed_precision=run_args.mixed_precision,
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(layout.logs)),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
@@ -334,7 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     accelerator.end_training()
     if accelerator.is_main_process:
         print(results_table(results))
-        print(f"run directory: {output_dir} (final model in {output_dir / 'final'})")
+        print(f"run directory: {output_dir} (final model in {layout.final})")
         if config.push_to_hub:
             from stpp_hf.hub import push_run_to_hub
 

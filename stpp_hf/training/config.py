@@ -27,12 +27,12 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
+from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
 
 DATASETS = ("pascal", "cityscapes", "folder")
 SYNTHETIC = "synthetic"
 HUB = "hub"  # a `datasets` dataset named by --dataset_name
-RUN_CONFIG_FILE = "run_config.json"
 # what a recipe file may hold besides options: where its published number comes from
 RECIPE_INFO_KEY = "paper"
 RECIPE_INFO_KEYS = ("published_miou", "table", "note")
@@ -671,10 +671,10 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
     the sources are built (with their ``data`` section). A run directory from an older version, with
     ``state.json`` but no ``run_config.json``, cannot be checked and is refused.
     """
-    from .state import STATE_FILE, atomic_write_json
+    from .state import atomic_write_json
 
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_CONFIG_FILE
+    layout = RunLayout(run_dir)
+    run_dir, path = layout.run_dir, layout.run_config
     if path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -682,9 +682,9 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
             raise ConfigError(f"{path} is not valid JSON ({error}); restore it or use another --output_dir") from None
         check_same_config(run_dir, saved, record)
         merged = {**saved, **record}  # keep the data section of the first check until the second one
-    elif (run_dir / STATE_FILE).is_file():
+    elif layout.state.is_file():
         raise ConfigError(
-            f"{run_dir} holds a run without {RUN_CONFIG_FILE} (an older version): use another --output_dir"
+            f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir"
         )
     else:
         merged = dict(record)

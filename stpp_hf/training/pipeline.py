@@ -4,12 +4,12 @@ Each stage of :func:`~stpp_hf.training.stages.build_stages` is skipped when ``st
 finished, its artefacts still match their checksums and its inputs (teacher weights, the pseudo labels
 it trains on, its id lists) are those it finished with; otherwise it runs (a training stage continues
 from its last epoch checkpoint, a label stage completes its pseudo-label store). At the end the last
-stage's best model is copied to ``final/`` and ``results.json`` is written (format in ARCHITECTURE.md).
+stage's best model is copied to ``final/`` and ``results.json`` is written
+(:class:`~stpp_hf.training.results.RunResults`); every path comes from :class:`~stpp_hf.training.run_layout.RunLayout`.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate.utils import broadcast_object_list
+from torch.utils.data import Subset
 
 from ..data import (
     EvalDataset,
@@ -32,8 +33,10 @@ from ..data.splits import read_split, write_split
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
 from .pseudo_labeling import label_images, pseudo_label_miou
+from .results import FinalSummary, RunResults, StageSummary
+from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
-from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
+from .stages import Stage, build_stages, snapshot_epochs
 from .state import (
     RunDirectoryLocked,
     RunState,
@@ -43,16 +46,8 @@ from .state import (
     sha256_json,
     temporary_directory_for,
 )
-from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
+from .trainer import StageHyperParameters, evaluate, train_stage
 from .visualization import save_prediction_grid, save_selection_figure
-
-RELIABLE_IDS = "reliable_ids.txt"
-UNRELIABLE_IDS = "unreliable_ids.txt"
-RELIABILITY_SCORES = "reliability.json"
-SELECTION_FIGURE = "selection.png"
-PSEUDO_LABEL_DIR = "pseudo_labels"
-FINAL_DIR = "final"
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -107,6 +102,7 @@ class _Run:
         self.accelerator, self.data, self.settings = accelerator, data, settings
         # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
         self.run_dir = Path(settings.run_dir).resolve()
+        self.layout = RunLayout(self.run_dir)
         check_shared_run_dir(accelerator, self.run_dir)  # before anything is read from or written to it
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
@@ -129,9 +125,8 @@ class _Run:
         return names[names.index(redo_stage) :]
 
     # ---- paths -------------------------------------------------------------------------------
-    def stage_dir(self, name: str) -> Path:
-        index = next(i for i, stage in enumerate(self.stages) if stage.name == name)
-        return self.run_dir / "stages" / stage_dir_name(index, self.stages[index])
+    def stage_layout(self, name: str) -> StageLayout:
+        return self.layout.stage_named(self.stages, name)
 
     def finished_store(self, stage_name: str) -> PseudoLabelStore:
         """The pseudo-label store that finished label stage ``stage_name`` wrote."""
@@ -140,7 +135,7 @@ class _Run:
     def subset_ids(self, subset: str) -> list[str]:
         if subset == "all":
             return self.unlabeled_ids
-        path = self.stage_dir("select") / (RELIABLE_IDS if subset == "reliable" else UNRELIABLE_IDS)
+        path = self.stage_layout("select").subset_ids(subset)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the selection stage must run first")
         id_of_image = {
@@ -154,12 +149,12 @@ class _Run:
 
     def teacher_dir(self, source: str) -> Path:
         """The model of training stage ``source`` that labels images: its best or its last epoch."""
-        return self.stage_dir(source) / (BEST_DIR if self.settings.teacher == "best" else LAST_DIR)
+        return self.stage_layout(source).model(self.settings.teacher)
 
-    def unlabeled_subset(self, ids: list[str]) -> "_Subset":
+    def unlabeled_subset(self, ids: list[str]) -> Subset:
         """The unlabeled evaluation set restricted to ``ids``, in that order."""
         positions = {image_id: position for position, image_id in enumerate(self.unlabeled_ids)}
-        return _Subset(self.unlabeled_set, [positions[image_id] for image_id in ids])
+        return Subset(self.unlabeled_set, [positions[image_id] for image_id in ids])
 
     def write_ids(self, path: Path, ids: list[str]) -> None:
         """``ids`` as a split file (``<image> <mask>`` lines of the unlabeled split)."""
@@ -173,9 +168,9 @@ class _Run:
         """Fingerprints of what ``stage`` reads from earlier stages (all of which are finished when it
         starts): the teacher's weights, the id lists, the pseudo labels a re-training uses."""
         if stage.kind == "select":
-            source_dir = self.stage_dir(stage.source)
+            source_files = self.stage_layout(stage.source)
             inputs = {
-                f"snapshot_epoch_{epoch}": teacher_fingerprint(source_dir / SNAPSHOT_DIR / f"epoch_{epoch}")
+                f"snapshot_epoch_{epoch}": teacher_fingerprint(source_files.snapshot(epoch))
                 for epoch in snapshot_epochs(self.settings.hparams.epochs)
             }
             return {**inputs, "teacher": teacher_fingerprint(self.teacher_dir(stage.source))}
@@ -218,14 +213,14 @@ class _Run:
             )
         else:
             train_set = SupOnlyDataset(data.labeled, TrainTransform(data.base_size, data.crop_size))
-        stage_dir = self.stage_dir(stage.name)
+        stage_files = self.stage_layout(stage.name)
         snapshots = snapshot_epochs(hparams.epochs) if stage.keep_snapshots else ()
         summary = train_stage(
             self.settings.model_factory,
             train_set,
             self.val_set,
             self.accelerator,
-            stage_dir,
+            stage_files.directory,
             hparams,
             stage_seed=hparams.seed * 100 + index,
             num_classes=self.num_classes,
@@ -238,22 +233,22 @@ class _Run:
         )
         summary["num_train_images"] = len(train_set)
         if self.is_main():
-            best = self.settings.model_class.from_pretrained(stage_dir / BEST_DIR)
-            save_prediction_grid(best, self.val_set, stage_dir / "val_predictions.png", self.data.palette)
-        artefacts = [stage_dir / BEST_DIR]
-        artefacts += [stage_dir / SNAPSHOT_DIR / f"epoch_{epoch}" for epoch in snapshots]
+            best = self.settings.model_class.from_pretrained(stage_files.best)
+            save_prediction_grid(best, self.val_set, stage_files.val_predictions, self.data.palette)
+        artefacts = [stage_files.best]
+        artefacts += [stage_files.snapshot(epoch) for epoch in snapshots]
         if self.settings.teacher == "last":
-            artefacts.append(stage_dir / LAST_DIR)
+            artefacts.append(stage_files.last)
         self.finish_stage(stage, artefacts, summary, inputs)
         if self.is_main():  # the epoch checkpoint (weights + optimizer) only serves a resume of this stage
-            shutil.rmtree(stage_dir / CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(stage_files.checkpoint, ignore_errors=True)
         return summary
 
     def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
-        source_dir = self.stage_dir(stage.source)
+        source_files = self.stage_layout(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
         snapshots = [
-            self.settings.model_class.from_pretrained(source_dir / SNAPSHOT_DIR / f"epoch_{e}") for e in epochs
+            self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs
         ]
         progress = progress_bar(
             total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process
@@ -269,11 +264,11 @@ class _Run:
         )
         progress.close()
         reliable, unreliable = split_by_reliability(scores, self.unlabeled_ids)
-        stage_dir = self.stage_dir(stage.name)
+        stage_files = self.stage_layout(stage.name)
         if self.is_main():
-            self.write_ids(stage_dir / RELIABLE_IDS, reliable)
-            self.write_ids(stage_dir / UNRELIABLE_IDS, unreliable)
-            atomic_write_json(stage_dir / RELIABILITY_SCORES, {i: scores[i] for i in self.unlabeled_ids})
+            self.write_ids(stage_files.reliable_ids, reliable)
+            self.write_ids(stage_files.unreliable_ids, unreliable)
+            atomic_write_json(stage_files.reliability_scores, {i: scores[i] for i in self.unlabeled_ids})
             self.draw_selection(stage, scores, reliable)
         summary = {
             "num_reliable": len(reliable),
@@ -281,10 +276,9 @@ class _Run:
             "teacher_miou": self.teacher_miou_by_subset(
                 stage.source, {"reliable": reliable, "unreliable": unreliable}
             ),
-            "figure": (stage_dir / SELECTION_FIGURE).relative_to(self.run_dir).as_posix(),
+            "figure": self.layout.relative(stage_files.selection_figure),
         }
-        artefacts = [stage_dir / n for n in (RELIABLE_IDS, UNRELIABLE_IDS, RELIABILITY_SCORES, SELECTION_FIGURE)]
-        self.finish_stage(stage, artefacts, summary, inputs)
+        self.finish_stage(stage, list(stage_files.selection_files), summary, inputs)
         return summary
 
     def draw_selection(self, stage: Stage, scores: dict[str, float], reliable: list[str]) -> None:
@@ -293,7 +287,7 @@ class _Run:
         teacher = self.settings.model_class.from_pretrained(self.teacher_dir(stage.source))
         save_selection_figure(
             teacher, self.unlabeled_set, self.unlabeled_ids, scores, reliable,
-            self.stage_dir(stage.name) / SELECTION_FIGURE, self.data.palette,
+            self.stage_layout(stage.name).selection_figure, self.data.palette,
         )  # fmt: skip
 
     def teacher_miou_by_subset(self, source: str, subsets: dict[str, list[str]]) -> dict[str, float] | None:
@@ -323,7 +317,7 @@ class _Run:
         subset = self.unlabeled_subset(ids)
         # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
         store = PseudoLabelStore.for_teacher(
-            self.run_dir / PSEUDO_LABEL_DIR, inputs["teacher"], stage.name, palette=self.data.palette
+            self.layout.pseudo_labels, inputs["teacher"], stage.name, palette=self.data.palette
         )
         progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
         label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
@@ -341,14 +335,14 @@ class _Run:
             "subset": stage.subset,
             "num_images": len(ids),
             "pseudo_label_miou": miou,
-            "teacher": teacher_dir.relative_to(self.run_dir).as_posix(),
-            "store_dir": store.directory.relative_to(self.run_dir).as_posix(),
+            "teacher": self.layout.relative(teacher_dir),
+            "store_dir": self.layout.relative(store.directory),
         }
         self.finish_stage(stage, [store.directory], summary, inputs)
         return summary
 
     # ---- whole run ---------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> RunResults:
         started = time.perf_counter()
         for index, stage in enumerate(self.stages):
             inputs = self.stage_inputs(stage)
@@ -363,12 +357,12 @@ class _Run:
                 self.run_label(stage, inputs)
         return self.finalize(time.perf_counter() - started)
 
-    def finalize(self, wall_time_s: float) -> dict:
+    def finalize(self, wall_time_s: float) -> RunResults:
         last_train = [stage for stage in self.stages if stage.kind == "train"][-1]
-        final_dir = self.run_dir / FINAL_DIR
+        final_dir = self.layout.final
         if self.is_main():
             temporary = temporary_directory_for(final_dir)
-            shutil.copytree(self.stage_dir(last_train.name) / BEST_DIR, temporary, dirs_exist_ok=True)
+            shutil.copytree(self.stage_layout(last_train.name).best, temporary, dirs_exist_ok=True)
             replace_directory(temporary, final_dir)
         self.accelerator.wait_for_everyone()
         final_model = self.settings.model_class.from_pretrained(final_dir)
@@ -383,26 +377,29 @@ class _Run:
         )
         results = self.results(final_metrics, wall_time_s)
         if self.is_main():
-            atomic_write_json(self.run_dir / RESULTS_FILE, results)
+            results.write(self.run_dir)
         self.accelerator.wait_for_everyone()
         return results
 
-    def results(self, final_metrics: dict, wall_time_s: float) -> dict:
+    def results(self, final_metrics: dict, wall_time_s: float) -> RunResults:
         stages = []
-        for index, stage in enumerate(self.stages):
+        for stage in self.stages:
             summary = self.state.summary(stage.name)
-            entry = {"name": stage.name, "kind": stage.kind}
             if stage.kind == "train":
-                entry.update(
-                    val_miou=summary["val_miou"],
-                    per_class_iou=summary["per_class_iou"],
-                    best_epoch=summary["best_epoch"],
-                    model_dir=f"stages/{stage_dir_name(index, stage)}/{BEST_DIR}",
-                    history=summary["history"],
+                stages.append(
+                    StageSummary(
+                        name=stage.name,
+                        kind=stage.kind,
+                        val_miou=summary["val_miou"],
+                        per_class_iou=summary["per_class_iou"],
+                        best_epoch=summary["best_epoch"],
+                        model_dir=self.layout.relative(self.stage_layout(stage.name).best),
+                        history=summary["history"],
+                    )
                 )
             else:
-                entry.update({key: value for key, value in summary.items()})
-            stages.append(entry)
+                entry = {"name": stage.name, "kind": stage.kind, **summary}
+                stages.append(StageSummary.from_json(entry, f"the summary of stage {stage.name!r}", self.state.path))
         pseudo = {
             stage.subset: self.state.summary(stage.name)["pseudo_label_miou"]
             for stage in self.stages
@@ -410,36 +407,23 @@ class _Run:
         }
         accelerator = self.accelerator
         device = "GPU" if accelerator.device.type == "cuda" else accelerator.device.type.upper()
-        return {
-            "framework": self.settings.framework,
-            **self.settings.metadata,
-            "num_labeled": len(self.data.labeled),
-            "num_unlabeled": len(self.unlabeled_ids),
-            "hardware": f"{accelerator.num_processes}x {device}",
-            "wall_time_s": round(wall_time_s, 1),
-            "id2label": {str(k): v for k, v in self.data.id2label.items()},
-            "stages": stages,
-            "final": {
-                "val_miou": final_metrics["miou"],
-                "per_class_iou": final_metrics["per_class_iou"],
-                "model_dir": FINAL_DIR,
-            },
-            "pseudo_label_miou": pseudo,
-            "config": self.settings.run_config,
-        }
-
-
-class _Subset:
-    """``dataset`` restricted to ``positions`` (in that order)."""
-
-    def __init__(self, dataset, positions: list[int]):
-        self.dataset, self.positions = dataset, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.positions[index]]
+        return RunResults(
+            framework=self.settings.framework,
+            num_labeled=len(self.data.labeled),
+            num_unlabeled=len(self.unlabeled_ids),
+            hardware=f"{accelerator.num_processes}x {device}",
+            wall_time_s=round(wall_time_s, 1),
+            id2label={str(k): v for k, v in self.data.id2label.items()},
+            stages=tuple(stages),
+            final=FinalSummary(
+                val_miou=final_metrics["miou"],
+                per_class_iou=final_metrics["per_class_iou"],
+                model_dir=self.layout.relative(self.layout.final),
+            ),
+            pseudo_label_miou=pseudo,
+            config=self.settings.run_config,
+            **RunResults.split_metadata(self.settings.metadata),
+        )
 
 
 def lock_run(accelerator, run_dir: str | Path) -> None:
@@ -457,36 +441,6 @@ def lock_run(accelerator, run_dir: str | Path) -> None:
         raise RunDirectoryLocked(verdict[0])
 
 
-def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> dict:
-    """Run (or resume) the whole sequence of ``settings.framework`` and return ``results.json``'s content."""
+def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> RunResults:
+    """Run (or resume) the whole sequence of ``settings.framework``; returns what ``results.json`` holds."""
     return _Run(accelerator, data, settings).run()
-
-
-def results_table(results: dict) -> str:
-    """The closing table: val mIoU of SupOnly, each re-training stage and the final model, plus
-    pseudo-label mIoU of each labeled subset."""
-    rows = []
-    names = {
-        "suponly": "SupOnly",
-        "retrain": "ST (re-training)",
-        "retrain_reliable": "ST++ stage-1 re-training (reliable)",
-        "retrain_all": "ST++ stage-2 re-training (all)",
-    }
-    for stage in results["stages"]:
-        if stage["kind"] == "train":
-            rows.append((names.get(stage["name"], stage["name"]), stage["val_miou"]))
-    rows.append((f"final ({results['framework']})", results["final"]["val_miou"]))
-    for stage in results["stages"]:
-        # stage 5's teacher is the stage-4 model, so compare subsets on the same-teacher rows below
-        if stage["kind"] == "label" and stage["pseudo_label_miou"] is not None:
-            teacher = stage["teacher"].removeprefix("stages/")
-            rows.append(
-                (f"pseudo labels: {stage['subset']} images (teacher {teacher}, TTA)", stage["pseudo_label_miou"])
-            )
-    for stage in results["stages"]:
-        for subset, miou in (stage.get("teacher_miou") or {}).items():
-            rows.append((f"SupOnly teacher, no TTA: {subset} images", miou))
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'':<{width}}  mIoU", "-" * (width + 8)]
-    lines += [f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{100 * value:5.2f}'}" for name, value in rows]
-    return "\n".join(lines)

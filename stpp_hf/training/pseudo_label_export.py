@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 
 from ..data import PseudoLabelStore, load_source
-from .pipeline import RELIABILITY_SCORES
-from .stages import build_stages, stage_dir_name
+from .results import RunResults, StageSummary
+from .run_layout import RunLayout, StageLayout
+from .stages import build_stages
 from .state import atomic_write_json
 
-UNLABELED_SOURCE_FILE = "unlabeled_source.json"
 PSEUDO_LABEL_FEATURES = Features(
     {
         "id": Value("string"),
@@ -38,21 +37,21 @@ PSEUDO_LABEL_FEATURES = Features(
 def record_unlabeled_source(run_dir: str | os.PathLike, description: dict) -> None:
     """Write how to load the run's unlabeled images again: ``{"kind": "local", "source", "root", "split_file"}``
     or ``{"kind": "hub", "dataset_name", ...}`` (the :class:`~stpp_hf.data.hub_dataset.HubDataArguments`)."""
-    atomic_write_json(Path(run_dir) / UNLABELED_SOURCE_FILE, description)
+    atomic_write_json(RunLayout(run_dir).unlabeled_source, description)
 
 
 def load_unlabeled_source(run_dir: str | os.PathLike) -> Dataset:
     """The unlabeled ``datasets.Dataset`` (``id``, ``image``, ``label``) of the run in ``run_dir``."""
-    run_dir = Path(run_dir)
-    path = run_dir / UNLABELED_SOURCE_FILE
+    layout = RunLayout(run_dir)
+    path = layout.unlabeled_source
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: it names the run's unlabeled images (train_stpp.py writes it)")
     description = json.loads(path.read_text(encoding="utf-8"))
     if description["kind"] == "local":
         return load_source(
-            description["source"], description["root"], description["split_file"], cache_dir=run_dir / "datasets_cache"
+            description["source"], description["root"], description["split_file"], cache_dir=layout.datasets_cache
         )
-    from ..data.hub_dataset import PARTITION_DIR, load_hub_sources
+    from ..data.hub_dataset import load_hub_sources
 
     options = {
         key: value
@@ -60,17 +59,17 @@ def load_unlabeled_source(run_dir: str | os.PathLike) -> Dataset:
         if key not in ("kind", "dataset_name", "id2label", "streaming")
     }
     return load_hub_sources(
-        description["dataset_name"], run_dir / PARTITION_DIR, id2label_file=description.get("id2label"), **options
+        description["dataset_name"], layout.partition, id2label_file=description.get("id2label"), **options
     ).unlabeled
 
 
-def label_stages(results: dict) -> list[dict]:
-    """The label stages of ``results.json`` with their stage directories (``dir``)."""
-    stages = build_stages(results["framework"])
+def label_stages(results: RunResults, layout: RunLayout) -> list[tuple[StageSummary, StageLayout]]:
+    """The select and label stages of a run's results with their stage directories."""
+    stages = build_stages(results.framework)
     return [
-        {**entry, "dir": f"stages/{stage_dir_name(index, stage)}"}
-        for index, (stage, entry) in enumerate(zip(stages, results["stages"]))
-        if entry["kind"] in ("label", "select")
+        (entry, layout.stage(index, stage))
+        for index, (stage, entry) in enumerate(zip(stages, results.stages))
+        if entry.kind in ("label", "select")
     ]
 
 
@@ -84,30 +83,32 @@ def pseudo_label_dataset(run_dir: str | os.PathLike, unlabeled: Dataset | None =
     Rows follow the unlabeled set's order. A store that lacks a label or holds a corrupt one is an error
     naming the ids.
     """
-    run_dir = Path(run_dir)
-    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    layout = RunLayout(run_dir)
+    results = RunResults.read(run_dir)
     unlabeled = load_unlabeled_source(run_dir) if unlabeled is None else unlabeled
     reliability: dict[str, float] = {}
     label_of: dict[str, tuple[PseudoLabelStore, str, str]] = {}
-    for stage in label_stages(results):
-        if stage["kind"] == "select":
-            reliability = json.loads((run_dir / stage["dir"] / RELIABILITY_SCORES).read_text(encoding="utf-8"))
+    for stage, stage_files in label_stages(results, layout):
+        if stage.kind == "select":
+            reliability = json.loads(stage_files.reliability_scores.read_text(encoding="utf-8"))
             continue
-        store = PseudoLabelStore(run_dir / stage["store_dir"])
+        store = PseudoLabelStore(layout.run_dir / stage.store_dir)
         ids = list(store.entries())
         broken = store.pending(ids)
-        if broken or len(ids) != stage["num_images"]:
+        if broken or len(ids) != stage.num_images:
             raise ValueError(
                 f"pseudo-label store {store.directory} holds {len(ids) - len(broken)} intact labels, stage "
-                f"{stage['name']!r} wrote {stage['num_images']} (unusable: {broken[:5]})"
+                f"{stage.name!r} wrote {stage.num_images} (unusable: {broken[:5]})"
             )
-        teacher = f"{stage['teacher']} (sha256 {store.fingerprint[:16]})"
+        teacher = f"{stage.teacher} (sha256 {store.fingerprint[:16]})"
         for image_id in ids:
-            label_of[image_id] = (store, stage["subset"], teacher)
+            label_of[image_id] = (store, stage.subset, teacher)
     ids = list(unlabeled["id"])
     missing = sorted(set(label_of) - set(ids))
     if missing:
-        raise ValueError(f"{run_dir}: pseudo labels of ids that are not in the unlabeled set, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{layout.run_dir}: pseudo labels of ids that are not in the unlabeled set, e.g. {missing[:3]}"
+        )
     positions = [position for position, image_id in enumerate(ids) if image_id in label_of]
     rows = unlabeled.select(positions).select_columns(["id", "image"])
     kept = [ids[position] for position in positions]

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import check_same_config
+from .run_layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 STATE_VERSION = 1
-LOCK_FILE = "run.lock"
 _held_locks: dict[Path, int] = {}  # run directory -> open locked descriptor, held for the process lifetime
 
 
@@ -78,7 +77,7 @@ def lock_run_directory(run_dir: str | os.PathLike) -> None:
     if run_dir in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = RunLayout(run_dir).lock
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,7 +166,7 @@ class RunState:
 
     def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], redo: Iterable[str] = ()):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / STATE_FILE
+        self.path = RunLayout(self.run_dir).state
         self.run_config = json.loads(json.dumps(dict(run_config)))  # normalise tuples etc. like on disk
         self.redo = set(redo)
         self.reload()

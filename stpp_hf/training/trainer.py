@@ -30,6 +30,7 @@ from ..progress import progress_bar
 from .config import per_device_batch_size
 from .distributed import rank_and_world_size
 from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
+from .run_layout import StageLayout
 from .sampling import training_loader
 from .state import (
     atomic_write_json,
@@ -41,11 +42,7 @@ from .state import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
-BEST_DIR = "best"
-LAST_DIR = "last"
-SNAPSHOT_DIR = "snapshots"
 POLY_POWER = 0.9
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -195,10 +192,11 @@ def train_stage(
     the same ``inputs`` (fingerprints of what the stage reads; a checkpoint of other inputs is discarded).
     """
     stage_dir = Path(stage_dir)
-    checkpoint_dir = stage_dir / CHECKPOINT_DIR
+    layout = StageLayout(stage_dir)
+    checkpoint_dir = layout.checkpoint
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        for directory in (checkpoint_dir, stage_dir / BEST_DIR, stage_dir / LAST_DIR):
+        for directory in (checkpoint_dir, layout.best, layout.last):
             recover_directory(directory)
     accelerator.wait_for_everyone()
 
@@ -309,11 +307,11 @@ def train_stage(
             best_miou, best_epoch, best_metrics = metrics["miou"], epoch + 1, metrics
         if accelerator.is_main_process:
             if improved:
-                _save_model_dir(unwrapped, stage_dir / BEST_DIR, image_processor)
+                _save_model_dir(unwrapped, layout.best, image_processor)
             if epoch + 1 in snapshot_epochs:
-                _save_model_dir(unwrapped, stage_dir / SNAPSHOT_DIR / f"epoch_{epoch + 1}")
+                _save_model_dir(unwrapped, layout.snapshot(epoch + 1))
             if keep_last and epoch + 1 == hparams.epochs:
-                _save_model_dir(unwrapped, stage_dir / LAST_DIR, image_processor)
+                _save_model_dir(unwrapped, layout.last, image_processor)
         _save_checkpoint(
             accelerator,
             checkpoint_dir,
