@@ -128,7 +128,7 @@ def one_process_final_miou(run_dir) -> float:
 
     import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
-    from stpp_hf.training.trainer import evaluate
+    from stpp_hf.training.evaluation import evaluate
 
     model = AutoModelForSemanticSegmentation.from_pretrained(Path(run_dir) / "final")
     root = Path(run_dir) / "synthetic_data"
@@ -245,7 +245,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
 
     import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
-    from stpp_hf.training.trainer import evaluate
+    from stpp_hf.training.evaluation import evaluate
 
     teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
     reliable_set = EvalDataset(

@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 
 from stpp_hf import build_model
 from stpp_hf.data.transforms import normalize
+from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
-from stpp_hf.training.trainer import StageHyperParameters, evaluate, scaled_lr, train_stage
+from stpp_hf.training.evaluation import evaluate
+from stpp_hf.training.trainer import StageHyperParameters, scaled_lr, train_stage
 
 NUM_CLASSES = 2
 
@@ -202,7 +204,7 @@ def test_sliding_window_evaluation_equals_window_by_window_prediction():
         model.classifier.weight.mul_(50)
     val = toy_val_set(3, 4)
     metrics = evaluate(model, val, NUM_CLASSES, batch_size=2, sliding_window=(16, 12))
-    manual = trainer_module.SegmentationMetric(NUM_CLASSES)
+    manual = SegmentationMetric(NUM_CLASSES)
     with torch.no_grad():
         for image, mask in val:
             manual.update(model.predict_sliding_window(image[None], window=16, stride=12).argmax(1), mask[None])

@@ -3,12 +3,13 @@
 
 from .config import ConfigError, RunConfig, parse_arguments, resolve_run_config
 from .distributed import check_shared_run_dir, create_accelerator
+from .evaluation import evaluate
 from .pipeline import RunData, RunSettings, results_table, run_pipeline
 from .pseudo_label_export import pseudo_label_dataset
 from .pseudo_labeling import label_images
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
-from .trainer import StageHyperParameters, evaluate, train_stage
+from .trainer import StageHyperParameters, train_stage
 
 __all__ = [
     "ConfigError",

@@ -31,6 +31,7 @@ from ..data import (
 from ..data.splits import read_split, write_split
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
+from .evaluation import evaluate
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
@@ -43,7 +44,7 @@ from .state import (
     sha256_json,
     temporary_directory_for,
 )
-from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
+from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, train_stage
 from .visualization import save_prediction_grid, save_selection_figure
 
 RELIABLE_IDS = "reliable_ids.txt"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import shutil
 import socket
@@ -22,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..log import get_logger
 from .config import check_same_config
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
