@@ -102,6 +102,46 @@ def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
         assert torch.equal(pixel_values[row], normalize(pixels))
 
 
+def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(tmp_path, monkeypatch):
+    """4 steps per epoch, logging_steps=3: the tracker gets the mean loss of steps 1-3 and of step 4 (the epoch's
+    end), from 2 reductions instead of 4; the per-step run trains the same (same val mIoU) and logs each step."""
+
+    def run(name, logging_steps):
+        accelerator = fresh_accelerator()
+        logged, reductions = [], []
+        monkeypatch.setattr(accelerator, "log", lambda values, step=None: logged.append((step, values)))
+        reduce = accelerator.reduce
+
+        def counted_reduce(tensor, *args, **kwargs):
+            reductions.append(tensor.shape)
+            return reduce(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(accelerator, "reduce", counted_reduce)
+        hparams = StageHyperParameters(
+            epochs=1,
+            global_batch_size=2,
+            base_lr=0.01,
+            val_batch_size=2,
+            channels_last=False,
+            logging_steps=logging_steps,
+        )
+        summary = train_stage(
+            make_model, toy_set(8, 0), toy_val_set(2, 1), accelerator, tmp_path / name, hparams, 1, NUM_CLASSES
+        )
+        losses = {step: values["train/loss"] for step, values in logged if "train/loss" in values}
+        return losses, len(reductions), summary
+
+    every_step, every_step_reductions, reference = run("every_step", 1)
+    interval, interval_reductions, summary = run("interval", 3)
+    assert sorted(every_step) == [1, 2, 3, 4] and every_step_reductions == 4
+    assert sorted(interval) == [3, 4] and interval_reductions == 2
+    assert summary["history"][0]["val_miou"] == reference["history"][0]["val_miou"]
+    assert interval[3] == pytest.approx(sum(every_step[step] for step in (1, 2, 3)) / 3, abs=1e-6)
+    assert interval[4] == pytest.approx(every_step[4], abs=1e-6)
+    assert summary["history"][0]["loss"] == pytest.approx(sum(every_step.values()) / 4, abs=1e-6)
+    assert reference["history"][0]["loss"] == pytest.approx(sum(every_step.values()) / 4, abs=1e-6)
+
+
 def test_too_small_training_set_is_a_clear_error(tmp_path):
     accelerator = fresh_accelerator()
     hparams = StageHyperParameters(epochs=1, global_batch_size=8, base_lr=0.01)

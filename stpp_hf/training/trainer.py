@@ -86,6 +86,10 @@ class StageHyperParameters:
     sync_batchnorm: bool = False
     logging_steps: int = 10
 
+    def __post_init__(self):
+        if self.logging_steps < 1:
+            raise ValueError(f"logging_steps must be >= 1, got {self.logging_steps}")
+
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """``base_lr / 16 * global_batch_size``: the peak lr of the backbone group."""
@@ -270,8 +274,6 @@ def _setup_stage(
     stage_seed: int,
 ) -> _StageRun:
     """Recover the stage's directories from a kill mid-swap, then build and prepare model, optimizer and loader."""
-    if hparams.logging_steps < 1:
-        raise ValueError(f"logging_steps must be >= 1, got {hparams.logging_steps}")
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
         for directory in (stage_dir / CHECKPOINT_DIR, stage_dir / BEST_DIR, stage_dir / LAST_DIR):
