@@ -56,7 +56,7 @@ def test_batches_do_not_depend_on_the_number_of_workers():
 
 # One training stage of a DeepLabV3+ without BatchNorm and dropout (they are the only parts of the
 # forward pass that depend on which images share a process), recording the lr and the global-batch
-# loss of every optimizer step.
+# loss of every optimizer step (read back after every step: logging_steps=1).
 STAGE_SCRIPT = """
 import json, sys
 import torch
@@ -85,7 +85,9 @@ def factory():
     strip(model)
     return model
 
-hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=1, channels_last=False)
+hparams = StageHyperParameters(
+    epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=1, channels_last=False, logging_steps=1
+)
 summary = train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
 if accelerator.is_main_process:
     steps = [r for r in records if "train/lr" in r]

@@ -128,7 +128,7 @@ def one_process_final_miou(run_dir) -> float:
 
     import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
-    from stpp_hf.training.trainer import evaluate
+    from stpp_hf.training.evaluation import evaluate
 
     model = AutoModelForSemanticSegmentation.from_pretrained(Path(run_dir) / "final")
     root = Path(run_dir) / "synthetic_data"
@@ -141,12 +141,14 @@ def assert_ok(completed):
 
 
 # One training stage on two processes; afterwards both must hold the BatchNorm statistics of the main
-# process, which is what it saves and what the per-epoch val must have scored.
+# process, which is what it saves and what the per-epoch val must have scored. Both processes then check
+# overlapping split lists: the warning must be printed once, not once per process.
 BN_SYNC_SCRIPT = """
 import sys
 import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
+from stpp_hf.data.splits import check_split_overlap
 from stpp_hf.training.trainer import StageHyperParameters, train_stage
 
 accelerator = Accelerator()
@@ -166,6 +168,7 @@ hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, chan
 train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
 statistics = torch.cat([buffer.float().flatten() for buffer in models[0].buffers()])
 gathered = accelerator.gather(statistics[None])
+check_split_overlap(["a", "b"], ["b", "c"], ["d"])
 accelerator.end_training()  # ends the process group: gloo's threads stop before the interpreter exits
 if accelerator.is_main_process and not torch.equal(gathered[0], gathered[1]):
     sys.exit("BatchNorm running statistics differ between the processes")
@@ -199,6 +202,7 @@ def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
         [*command, str(tmp_path / "stage")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert_ok(completed)
+    assert completed.stderr.count("1 of 2 labeled images are also in the unlabeled set") == 1, completed.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -245,7 +249,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
 
     import stpp_hf  # noqa: F401  (registers the models with the Auto classes)
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
-    from stpp_hf.training.trainer import evaluate
+    from stpp_hf.training.evaluation import evaluate
 
     teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
     reliable_set = EvalDataset(

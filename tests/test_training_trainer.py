@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 
 from stpp_hf import build_model
 from stpp_hf.data.transforms import normalize
+from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
-from stpp_hf.training.trainer import StageHyperParameters, evaluate, scaled_lr, train_stage
+from stpp_hf.training.evaluation import evaluate
+from stpp_hf.training.trainer import StageHyperParameters, scaled_lr, train_stage
 
 NUM_CLASSES = 2
 
@@ -98,6 +100,46 @@ def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
     for pixels, label in train:
         row = next(i for i in range(4) if torch.equal(labels[i], label.long()))
         assert torch.equal(pixel_values[row], normalize(pixels))
+
+
+def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(tmp_path, monkeypatch):
+    """4 steps per epoch, logging_steps=3: the tracker gets the mean loss of steps 1-3 and of step 4 (the epoch's
+    end), from 2 reductions instead of 4; the per-step run trains the same (same val mIoU) and logs each step."""
+
+    def run(name, logging_steps):
+        accelerator = fresh_accelerator()
+        logged, reductions = [], []
+        monkeypatch.setattr(accelerator, "log", lambda values, step=None: logged.append((step, values)))
+        reduce = accelerator.reduce
+
+        def counted_reduce(tensor, *args, **kwargs):
+            reductions.append(tensor.shape)
+            return reduce(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(accelerator, "reduce", counted_reduce)
+        hparams = StageHyperParameters(
+            epochs=1,
+            global_batch_size=2,
+            base_lr=0.01,
+            val_batch_size=2,
+            channels_last=False,
+            logging_steps=logging_steps,
+        )
+        summary = train_stage(
+            make_model, toy_set(8, 0), toy_val_set(2, 1), accelerator, tmp_path / name, hparams, 1, NUM_CLASSES
+        )
+        losses = {step: values["train/loss"] for step, values in logged if "train/loss" in values}
+        return losses, len(reductions), summary
+
+    every_step, every_step_reductions, reference = run("every_step", 1)
+    interval, interval_reductions, summary = run("interval", 3)
+    assert sorted(every_step) == [1, 2, 3, 4] and every_step_reductions == 4
+    assert sorted(interval) == [3, 4] and interval_reductions == 2
+    assert summary["history"][0]["val_miou"] == reference["history"][0]["val_miou"]
+    assert interval[3] == pytest.approx(sum(every_step[step] for step in (1, 2, 3)) / 3, abs=1e-6)
+    assert interval[4] == pytest.approx(every_step[4], abs=1e-6)
+    assert summary["history"][0]["loss"] == pytest.approx(sum(every_step.values()) / 4, abs=1e-6)
+    assert reference["history"][0]["loss"] == pytest.approx(sum(every_step.values()) / 4, abs=1e-6)
 
 
 def test_too_small_training_set_is_a_clear_error(tmp_path):
@@ -202,7 +244,7 @@ def test_sliding_window_evaluation_equals_window_by_window_prediction():
         model.classifier.weight.mul_(50)
     val = toy_val_set(3, 4)
     metrics = evaluate(model, val, NUM_CLASSES, batch_size=2, sliding_window=(16, 12))
-    manual = trainer_module.SegmentationMetric(NUM_CLASSES)
+    manual = SegmentationMetric(NUM_CLASSES)
     with torch.no_grad():
         for image, mask in val:
             manual.update(model.predict_sliding_window(image[None], window=16, stride=12).argmax(1), mask[None])

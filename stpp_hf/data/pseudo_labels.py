@@ -28,7 +28,6 @@ import hashlib
 import io
 import itertools
 import json
-import logging
 import os
 import socket
 import tempfile
@@ -39,9 +38,10 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from ..log import get_logger
 from .splits import atomic_write_bytes
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STORE_VERSION = 1
 LABELS_DIR, MANIFEST_FILE, META_FILE = "labels", "manifest.json", "store.json"

@@ -15,7 +15,6 @@ The partitions of the paper ship as package data and are addressed by name::
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
@@ -25,13 +24,14 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..log import get_logger
 from .images import resolved_path, undecoded
 
 SHIPPED_SPLITS_DIR = Path(__file__).parent / "splits"
 SPLIT_PARTS = ("labeled", "unlabeled", "val")
 OVERLAP_EXAMPLES = 5
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)

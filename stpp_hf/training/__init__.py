@@ -3,6 +3,7 @@
 
 from .config import ConfigError, RunConfig, parse_arguments, resolve_run_config
 from .distributed import check_shared_run_dir, create_accelerator
+from .evaluation import evaluate
 from .pipeline import RunData, RunSettings, run_pipeline
 from .pseudo_label_export import pseudo_label_dataset
 from .pseudo_labeling import label_images
@@ -10,7 +11,7 @@ from .results import FinalSummary, RunResults, StageSummary, results_table
 from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
-from .trainer import StageHyperParameters, evaluate, train_stage
+from .trainer import StageHyperParameters, train_stage
 
 __all__ = [
     "ConfigError",

@@ -40,9 +40,6 @@ from .selection import split_by_reliability
 from .stages import build_stages, snapshot_epochs
 from .trainer import StageHyperParameters, steps_per_epoch
 
-logger = logging.getLogger("stpp_train")
-
-
 # ---- the recipe, without data ----------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from ..data import (
 from ..data.splits import read_split, write_split
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
+from .evaluation import evaluate
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
 from .run_layout import RunLayout, StageLayout
@@ -46,7 +47,7 @@ from .state import (
     sha256_json,
     temporary_directory_for,
 )
-from .trainer import StageHyperParameters, evaluate, train_stage
+from .trainer import StageHyperParameters, train_stage
 from .visualization import save_prediction_grid, save_selection_figure
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import shutil
 import socket
@@ -22,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..log import get_logger
 from .config import check_same_config
 from .run_layout import RunLayout
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATE_VERSION = 1
 _held_locks: dict[Path, int] = {}  # run directory -> open locked descriptor, held for the process lifetime

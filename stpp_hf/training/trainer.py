@@ -10,26 +10,30 @@ The recipe is stated as a global batch: the per-device batch is ``global / (proc
 the lr ``base_lr / 16 * global`` and the steps per epoch ``len(train set) // global``, so one process
 with global batch B and N processes with global batch B take the same steps with the same lr on the
 same images (:mod:`~stpp_hf.training.sampling`). BatchNorm sees the per-device batch unless SyncBatchNorm is on.
+
+:func:`train_stage` reads top to bottom: set up (fresh model, optimizer and loader, prepared), resume from the
+epoch checkpoint, then per epoch train, validate (:mod:`~stpp_hf.training.evaluation`), save the models and the
+checkpoint. What the steps share and update is one ``_StageRun``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
 
 from ..data.transforms import normalize_batch
-from ..metrics import SegmentationMetric, format_per_class_iou
+from ..log import get_logger
+from ..metrics import format_per_class_iou
 from ..progress import progress_bar
 from .config import per_device_batch_size
-from .distributed import rank_and_world_size
-from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
+from .evaluation import evaluate
 from .run_layout import StageLayout
 from .sampling import training_loader
 from .state import (
@@ -40,7 +44,7 @@ from .state import (
     temporary_path_for,
 )
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 POLY_POWER = 0.9
@@ -64,6 +68,8 @@ class StageHyperParameters:
         channels_last: run the convolutions in channels_last memory format (same math, faster kernels).
         sync_batchnorm: convert BatchNorm to SyncBatchNorm when running on several CUDA GPUs
             (ignored elsewhere: SyncBatchNorm needs CUDA).
+        logging_steps: optimizer steps between two read-backs of the training loss (each a host sync); the
+            last interval of an epoch ends with the epoch.
     """
 
     epochs: int
@@ -75,6 +81,11 @@ class StageHyperParameters:
     sliding_window: tuple[int, int] | None = None
     channels_last: bool = True
     sync_batchnorm: bool = False
+    logging_steps: int = 10
+
+    def __post_init__(self):
+        if self.logging_steps < 1:
+            raise ValueError(f"logging_steps must be >= 1, got {self.logging_steps}")
 
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
@@ -103,8 +114,7 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -
 def build_optimizer(model: torch.nn.Module, lr: float, fused: bool = True) -> torch.optim.SGD:
     """SGD (momentum 0.9, wd 1e-4) over ``model.optimizer_param_groups(lr)`` (backbone lr, head x10).
 
-    ``fused`` uses the single-kernel SGD update (same update rule; about 3x faster than the
-    per-parameter loop on CPU for a ResNet-18 DeepLabV3+).
+    ``fused`` uses the single-kernel SGD update (the same update rule as the per-parameter loop, fewer kernels).
     """
     groups = model.optimizer_param_groups(lr)
     for group in groups:
@@ -118,44 +128,6 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module, images: torch.Tensor, sliding_window: tuple[int, int] | None
-) -> torch.Tensor:
-    """Logits ``[B, C, H, W]`` for ``images`` ``[B, 3, H, W]``, whole image or sliding window."""
-    if sliding_window is not None:
-        window, stride = sliding_window
-        return model.predict_sliding_window(images, window=window, stride=stride)
-    return model(pixel_values=images).logits
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    dataset: Sequence,
-    num_classes: int,
-    class_names: Sequence[str] | None = None,
-    accelerator=None,
-    batch_size: int = 1,
-    sliding_window: tuple[int, int] | None = None,
-) -> dict:
-    """Val mIoU over ``dataset[i] = (image [3,H,W], mask [H,W])``, each process on its own shard.
-
-    Returns :meth:`SegmentationMetric.compute`'s dictionary (identical on every process).
-    """
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank, world = rank_and_world_size(accelerator)
-    metric = SegmentationMetric(num_classes, class_names)
-    folded = None  # an inference copy: the model under training keeps its mode and memory layout
-    for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
-        if folded is None:
-            folded = inference_model(model, device, images[:1])
-        with autocast(accelerator):
-            logits = predict_logits(folded, to_device_images(images, device), sliding_window)
-        metric.update(logits.argmax(dim=1).cpu(), masks)
-    return metric.compute(accelerator)
-
-
 def _save_model_dir(model: torch.nn.Module, path: Path, image_processor=None) -> None:
     """``save_pretrained`` (safetensors) into a temporary sibling, then swap it in."""
     temporary = temporary_directory_for(path)
@@ -165,11 +137,79 @@ def _save_model_dir(model: torch.nn.Module, path: Path, image_processor=None) ->
     replace_directory(temporary, path)
 
 
+@dataclass
+class _StageRun:
+    """One stage in progress: the prepared training objects, where it writes, and what it has done so far.
+
+    ``epoch`` counts finished epochs and ``step`` optimizer steps; ``history``, ``best_*`` and ``epoch`` are
+    what ``trainer_state.json`` saves, so a resumed stage continues with the state the killed one had.
+    """
+
+    accelerator: Accelerator
+    hparams: StageHyperParameters
+    stage_dir: Path
+    stage_seed: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    lr: float
+    epoch_steps: int
+    epoch: int = 0
+    step: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+    @property
+    def layout(self) -> StageLayout:
+        return StageLayout(self.stage_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.layout.checkpoint
+
+    @property
+    def total_steps(self) -> int:
+        return self.epoch_steps * self.hparams.epochs
+
+    def trainer_state(self, inputs: dict[str, str]) -> dict:
+        """The ``trainer_state.json`` of the finished epochs (:data:`TRAINER_STATE_FIELDS` + ``inputs``)."""
+        return {
+            "epoch": self.epoch,
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "best_metrics": self.best_metrics,
+            "inputs": inputs,
+        }
+
+    def record_epoch(self, loss: float, metrics: dict) -> bool:
+        """Count the epoch just trained and validated; returns whether its val mIoU is the best so far."""
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, "loss": loss, "val_miou": metrics["miou"]})
+        improved = metrics["miou"] > self.best_miou
+        if improved:
+            self.best_miou, self.best_epoch, self.best_metrics = metrics["miou"], self.epoch, metrics
+        return improved
+
+    def summary(self) -> dict:
+        return {
+            "val_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "per_class_iou": self.best_metrics.get("per_class_iou", {}),
+            "pixel_accuracy": self.best_metrics.get("pixel_accuracy"),
+            "history": self.history,
+            "lr": self.lr,
+            "steps": self.total_steps,
+        }
+
+
 def train_stage(
     model_factory: Callable[[], torch.nn.Module],
     train_dataset,
     val_dataset: Sequence,
-    accelerator,
+    accelerator: Accelerator,
     stage_dir: str | os.PathLike,
     hparams: StageHyperParameters,
     stage_seed: int,
@@ -181,22 +221,64 @@ def train_stage(
     log_prefix: str = "train",
     inputs: dict[str, str] | None = None,
 ) -> dict:
-    """Train one stage and return its summary (best epoch and val metrics, mIoU history).
-
-    ``train_dataset`` items are :class:`~stpp_hf.data.TrainTransform`'s ``(pixels [3, H, W] uint8,
-    labels [H, W] uint8 or int64)``; ``val_dataset`` items are ``EvalTransform``'s (float32, int64).
+    """Train one stage, or continue it from its last epoch checkpoint, and return its summary.
 
     Writes into ``stage_dir``: ``best/`` (best-val ``save_pretrained``), ``snapshots/epoch_<e>/`` for
-    ``snapshot_epochs`` (1-based), ``last/`` if ``keep_last``, and ``checkpoint/`` (``save_state`` +
-    ``trainer_state.json``) after every epoch, from which a relaunch continues if it was written for
-    the same ``inputs`` (fingerprints of what the stage reads; a checkpoint of other inputs is discarded).
+    ``snapshot_epochs``, ``last/`` if ``keep_last``, and ``checkpoint/`` (``save_state`` + ``trainer_state.json``)
+    after every epoch, from which a relaunch continues if it was written for the same ``inputs``.
+
+    Args:
+        model_factory: builds the stage's fresh model (called once, after seeding with ``stage_seed``).
+        train_dataset: items ``(pixels [3, H, W] uint8, labels [H, W] uint8 or int64)`` as ``TrainTransform``
+            makes them.
+        val_dataset: items ``(pixel_values [3, H, W] float32, labels [H, W] int64)`` as ``EvalTransform`` makes them.
+        accelerator: the run's ``Accelerator`` (processes, gradient accumulation, mixed precision, trackers).
+        stage_dir: the stage's directory.
+        hparams: the stage's recipe.
+        stage_seed: seed of the model's initialisation; the epochs' seeds derive from it.
+        num_classes: classes of the val metric.
+        class_names: names of the classes in the printed and returned per-class IoU.
+        snapshot_epochs: 1-based epochs whose weights are kept (ST++ selection).
+        keep_last: keep the last epoch's weights in ``last/``.
+        image_processor: saved next to ``best/`` and ``last/``.
+        log_prefix: prefix of the tracker's metric names (``<prefix>/loss``, ``<prefix>/lr``, ``<prefix>/val_miou``).
+        inputs: fingerprints of what the stage reads; a checkpoint written for other inputs is discarded.
+
+    Returns:
+        ``{"val_miou", "best_epoch", "per_class_iou", "pixel_accuracy", "history", "lr", "steps"}``: the best
+        epoch's val metrics, ``[{"epoch", "loss", "val_miou"}]`` per epoch, the peak lr and the optimizer steps.
     """
-    stage_dir = Path(stage_dir)
-    layout = StageLayout(stage_dir)
-    checkpoint_dir = layout.checkpoint
+    inputs = inputs or {}
+    run = _setup_stage(model_factory, train_dataset, accelerator, Path(stage_dir), hparams, stage_seed)
+    _resume_stage(run, inputs)
+    progress = _progress(accelerator, total=run.total_steps, initial=run.step, desc=run.stage_dir.name)
+    while run.epoch < hparams.epochs:
+        loss = _train_epoch(run, progress, log_prefix)
+        unwrapped = accelerator.unwrap_model(run.model)
+        metrics = _validate(run, unwrapped, val_dataset, num_classes, class_names)
+        improved = run.record_epoch(loss, metrics)
+        _report_epoch(run, metrics, log_prefix)
+        if accelerator.is_main_process:
+            _save_models(run, unwrapped, improved, snapshot_epochs, keep_last, image_processor)
+        _save_checkpoint(accelerator, run.checkpoint_dir, run.trainer_state(inputs))
+    progress.close()
+    accelerator.free_memory()
+    return run.summary()
+
+
+def _setup_stage(
+    model_factory: Callable[[], torch.nn.Module],
+    train_dataset,
+    accelerator: Accelerator,
+    stage_dir: Path,
+    hparams: StageHyperParameters,
+    stage_seed: int,
+) -> _StageRun:
+    """Recover the stage's directories from a kill mid-swap, then build and prepare model, optimizer and loader."""
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        for directory in (checkpoint_dir, layout.best, layout.last):
+        layout = StageLayout(stage_dir)
+        for directory in (layout.checkpoint, layout.best, layout.last):
             recover_directory(directory)
     accelerator.wait_for_everyone()
 
@@ -223,118 +305,125 @@ def train_stage(
     loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
-    total_steps = epoch_steps * hparams.epochs
+    return _StageRun(accelerator, hparams, stage_dir, stage_seed, model, optimizer, loader, lr, epoch_steps)
 
-    start_epoch, best_miou, best_epoch, history = 0, -1.0, -1, []
-    best_metrics: dict = {}
-    saved = _read_trainer_state(checkpoint_dir)
-    if saved is not None and saved.get("inputs", {}) != (inputs or {}):
+
+def _resume_stage(run: _StageRun, inputs: dict[str, str]) -> None:
+    """Load the stage's epoch checkpoint into ``run`` if there is one written for ``inputs``."""
+    saved = _read_trainer_state(run.checkpoint_dir)
+    if saved is None:
+        return
+    if saved.get("inputs", {}) != inputs:
         logger.warning(
-            "%s: the epoch checkpoint was written for other inputs: training from the start", stage_dir.name
+            "%s: the epoch checkpoint was written for other inputs: training from the start", run.stage_dir.name
         )
-        saved = None
-    if saved is not None:
-        try:
-            accelerator.load_state(str(checkpoint_dir))
-        except Exception as error:  # safetensors / torch raise many types for a torn file
-            raise ValueError(
-                f"cannot load the epoch checkpoint {checkpoint_dir} ({type(error).__name__}: {error}); "
-                f"{_restart_stage_advice(checkpoint_dir)}"
-            ) from error
-        start_epoch, best_miou, best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
-        history, best_metrics = saved["history"], saved["best_metrics"]
-        logger.info("%s: resuming after epoch %d (best mIoU %.4f)", stage_dir.name, start_epoch, best_miou)
+        return
+    try:
+        run.accelerator.load_state(str(run.checkpoint_dir))
+    except Exception as error:  # safetensors / torch raise many types for a torn file
+        raise ValueError(
+            f"cannot load the epoch checkpoint {run.checkpoint_dir} ({type(error).__name__}: {error}); "
+            f"{_restart_stage_advice(run.checkpoint_dir)}"
+        ) from error
+    run.epoch, run.best_miou, run.best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
+    run.history, run.best_metrics = saved["history"], saved["best_metrics"]
+    run.step = run.epoch * run.epoch_steps
+    logger.info("%s: resuming after epoch %d (best mIoU %.4f)", run.stage_dir.name, run.epoch, run.best_miou)
 
-    step = start_epoch * epoch_steps
-    progress = _progress(accelerator, total=total_steps, initial=step, desc=stage_dir.name)
-    for epoch in range(start_epoch, hparams.epochs):
-        # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
-        epoch_seed = (stage_seed * 1000 + epoch) % 2**31
-        set_seed(epoch_seed, device_specific=True)
-        loader.set_epoch(epoch_seed)
-        model.train()
-        running_loss, step_loss = (
-            torch.zeros((), device=accelerator.device),
-            torch.zeros((), device=accelerator.device),
-        )
-        for batch in loader:
-            pixels, labels = _batch_tensors(batch)
-            # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
-            images, labels = normalize_batch(pixels), labels.long()
-            if hparams.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                current_lr = set_poly_lr(optimizer, step, total_steps)
-                loss = model(pixel_values=images, labels=labels).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach()
-            if accelerator.sync_gradients:
-                # the loss of the global batch: mean over its micro-batches and processes
-                global_loss = accelerator.reduce(step_loss / accumulation, reduction="mean").item()
-                running_loss += global_loss
-                step_loss.zero_()
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{current_lr:.2e}", refresh=False)
-                accelerator.log({f"{log_prefix}/loss": global_loss, f"{log_prefix}/lr": current_lr}, step=step)
 
-        unwrapped = accelerator.unwrap_model(model)
-        # DDP copies BatchNorm running stats from the main process only at the start of a forward, so
-        # after the last step each process holds its own; evaluate the ones the main process saves.
-        broadcast(list(unwrapped.buffers()), from_process=0)
-        metrics = evaluate(
-            unwrapped,
-            val_dataset,
-            num_classes,
-            class_names,
-            accelerator,
-            hparams.val_batch_size,
-            hparams.sliding_window,
-        )
-        history.append({"epoch": epoch + 1, "loss": running_loss.item() / epoch_steps, "val_miou": metrics["miou"]})
-        accelerator.log(
-            {f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": history[-1]["loss"]}, step=step
-        )
-        accelerator.print(
-            f"[{stage_dir.name}] epoch {epoch + 1}/{hparams.epochs} loss {history[-1]['loss']:.4f} "
-            f"val mIoU {100 * metrics['miou']:.2f} (best {100 * max(best_miou, metrics['miou']):.2f})\n"
-            f"    {format_per_class_iou(metrics['per_class_iou'])}"
-        )
-        improved = metrics["miou"] > best_miou
-        if improved:
-            best_miou, best_epoch, best_metrics = metrics["miou"], epoch + 1, metrics
-        if accelerator.is_main_process:
-            if improved:
-                _save_model_dir(unwrapped, layout.best, image_processor)
-            if epoch + 1 in snapshot_epochs:
-                _save_model_dir(unwrapped, layout.snapshot(epoch + 1))
-            if keep_last and epoch + 1 == hparams.epochs:
-                _save_model_dir(unwrapped, layout.last, image_processor)
-        _save_checkpoint(
-            accelerator,
-            checkpoint_dir,
-            {
-                "epoch": epoch + 1,
-                "best_miou": best_miou,
-                "best_epoch": best_epoch,
-                "history": history,
-                "best_metrics": best_metrics,
-                "inputs": inputs or {},
-            },
-        )
-    progress.close()
-    accelerator.free_memory()
-    return {
-        "val_miou": best_miou,
-        "best_epoch": best_epoch,
-        "per_class_iou": best_metrics.get("per_class_iou", {}),
-        "pixel_accuracy": best_metrics.get("pixel_accuracy"),
-        "history": history,
-        "lr": lr,
-        "steps": total_steps,
-    }
+def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
+    """Train epoch ``run.epoch`` (0-based); returns its mean global-batch loss.
+
+    The loss stays on the device and is read back once per ``logging_steps`` optimizer steps and at the end of
+    the epoch: the tracker gets ``<prefix>/loss``, the mean global-batch loss of the steps since the last read.
+    """
+    accelerator, hparams = run.accelerator, run.hparams
+    accumulation = accelerator.gradient_accumulation_steps
+    # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
+    epoch_seed = (run.stage_seed * 1000 + run.epoch) % 2**31
+    set_seed(epoch_seed, device_specific=True)
+    run.loader.set_epoch(epoch_seed)
+    run.model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)  # this process's micro-batch losses since the last read
+    interval_steps, epoch_loss_sum = 0, 0.0
+    for batch in run.loader:
+        pixels, labels = _batch_tensors(batch)
+        # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
+        images, labels = normalize_batch(pixels), labels.long()
+        if hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(run.model):
+            current_lr = set_poly_lr(run.optimizer, run.step, run.total_steps)
+            loss = run.model(pixel_values=images, labels=labels).loss
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        if not accelerator.sync_gradients:
+            continue
+        run.step += 1
+        interval_steps += 1
+        progress.update(1)
+        if interval_steps == hparams.logging_steps or run.step % run.epoch_steps == 0:
+            # the mean over the interval's global batches, each the mean of its micro-batches and processes
+            interval_loss = accelerator.reduce(loss_sum / (accumulation * interval_steps), reduction="mean").item()
+            epoch_loss_sum += interval_loss * interval_steps
+            progress.set_postfix(loss=f"{interval_loss:.3f}", lr=f"{current_lr:.2e}", refresh=False)
+            accelerator.log({f"{log_prefix}/loss": interval_loss, f"{log_prefix}/lr": current_lr}, step=run.step)
+            loss_sum.zero_()
+            interval_steps = 0
+    return epoch_loss_sum / run.epoch_steps
+
+
+def _validate(
+    run: _StageRun,
+    unwrapped: torch.nn.Module,
+    val_dataset: Sequence,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+) -> dict:
+    """The val metrics of the weights the main process saves (:func:`~stpp_hf.training.evaluation.evaluate`)."""
+    # DDP copies BatchNorm running stats from the main process only at the start of a forward, so
+    # after the last step each process holds its own; evaluate the ones the main process saves.
+    broadcast(list(unwrapped.buffers()), from_process=0)
+    hparams = run.hparams
+    return evaluate(
+        unwrapped,
+        val_dataset,
+        num_classes,
+        class_names,
+        run.accelerator,
+        hparams.val_batch_size,
+        hparams.sliding_window,
+    )
+
+
+def _report_epoch(run: _StageRun, metrics: dict, log_prefix: str) -> None:
+    """The epoch's val mIoU and loss to the trackers and, with the per-class IoU, to the console."""
+    loss = run.history[-1]["loss"]
+    run.accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": loss}, step=run.step)
+    run.accelerator.print(
+        f"[{run.stage_dir.name}] epoch {run.epoch}/{run.hparams.epochs} loss {loss:.4f} "
+        f"val mIoU {100 * metrics['miou']:.2f} (best {100 * run.best_miou:.2f})\n"
+        f"    {format_per_class_iou(metrics['per_class_iou'])}"
+    )
+
+
+def _save_models(
+    run: _StageRun,
+    unwrapped: torch.nn.Module,
+    improved: bool,
+    snapshot_epochs: Sequence[int],
+    keep_last: bool,
+    image_processor,
+) -> None:
+    """The ``save_pretrained`` directories of the epoch just finished: ``best/``, its snapshot, ``last/``."""
+    if improved:
+        _save_model_dir(unwrapped, run.layout.best, image_processor)
+    if run.epoch in snapshot_epochs:
+        _save_model_dir(unwrapped, run.layout.snapshot(run.epoch))
+    if keep_last and run.epoch == run.hparams.epochs:
+        _save_model_dir(unwrapped, run.layout.last, image_processor)
 
 
 def _restart_stage_advice(checkpoint_dir: Path) -> str:

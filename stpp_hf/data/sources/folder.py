@@ -13,10 +13,10 @@ as usual. The id is the image's path under ``images/`` without extension (``a/00
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
+from ...log import get_logger
 from ...models.deeplab.label_presets import flat_palette
 from ..images import check_lossless_mask
 from ..splits import SplitEntry
@@ -26,7 +26,7 @@ IMAGES_DIR, MASKS_DIR, ID2LABEL_FILE = "images", "masks", "id2label.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 UNMATCHED_LISTED = 5
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def read_id2label(root: str | os.PathLike) -> dict[int, str]:
