@@ -683,9 +683,7 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
         check_same_config(run_dir, saved, record)
         merged = {**saved, **record}  # keep the data section of the first check until the second one
     elif layout.state.is_file():
-        raise ConfigError(
-            f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir"
-        )
+        raise ConfigError(f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir")
     else:
         merged = dict(record)
     if write:

@@ -248,9 +248,7 @@ class _Run:
     def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
         source_files = self.stage_layout(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
-        snapshots = [
-            self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs
-        ]
+        snapshots = [self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs]
         progress = progress_bar(
             total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process
         )
