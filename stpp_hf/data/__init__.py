@@ -15,7 +15,9 @@ from .splits import (
     write_split,
 )
 from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
-from .transforms import EvalTransform, TrainTransform, normalize_batch
+from .fast_transforms import FastTrainTransform
+from .normalization import normalize_batch
+from .transforms import EvalTransform, TrainTransform
 
 
 def __getattr__(name: str):
@@ -32,6 +34,7 @@ __all__ = [
     "DatasetSource",
     "EvalDataset",
     "EvalTransform",
+    "FastTrainTransform",
     "HubDataArguments",
     "HubSources",
     "PseudoLabelStore",

@@ -671,7 +671,8 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
     the sources are built (with their ``data`` section). A run directory from an older version, with
     ``state.json`` but no ``run_config.json``, cannot be checked and is refused.
     """
-    from .state import STATE_FILE, atomic_write_json
+    from ..file_io import atomic_write_json
+    from .state import STATE_FILE
 
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG_FILE

@@ -22,13 +22,14 @@ from accelerate.utils import broadcast_object_list
 from ..data import (
     EvalDataset,
     EvalTransform,
+    FastTrainTransform,
     PseudoLabelStore,
     RetrainDataset,
     SupOnlyDataset,
-    TrainTransform,
     teacher_fingerprint,
 )
 from ..data.splits import read_split, write_split
+from ..file_io import atomic_write_json, sha256_json
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
 from .pseudo_labeling import label_images, pseudo_label_miou
@@ -37,10 +38,8 @@ from .stages import Stage, build_stages, snapshot_epochs, stage_dir_name
 from .state import (
     RunDirectoryLocked,
     RunState,
-    atomic_write_json,
     lock_run_directory,
     replace_directory,
-    sha256_json,
     temporary_directory_for,
 )
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, SNAPSHOT_DIR, StageHyperParameters, evaluate, train_stage
@@ -213,11 +212,11 @@ class _Run:
                 data.labeled,
                 data.unlabeled,
                 [(ids, store) for ids, store in pseudo.values()],
-                TrainTransform(data.base_size, data.crop_size, strong=False),
-                TrainTransform(data.base_size, data.crop_size, strong=True),
+                FastTrainTransform(data.base_size, data.crop_size, strong=False),
+                FastTrainTransform(data.base_size, data.crop_size, strong=True),
             )
         else:
-            train_set = SupOnlyDataset(data.labeled, TrainTransform(data.base_size, data.crop_size))
+            train_set = SupOnlyDataset(data.labeled, FastTrainTransform(data.base_size, data.crop_size))
         stage_dir = self.stage_dir(stage.name)
         snapshots = snapshot_epochs(hparams.epochs) if stage.keep_snapshots else ()
         summary = train_stage(

@@ -18,9 +18,9 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 
 from ..data import PseudoLabelStore, load_source
+from ..file_io import atomic_write_json
 from .pipeline import RELIABILITY_SCORES
 from .stages import build_stages, stage_dir_name
-from .state import atomic_write_json
 
 UNLABELED_SOURCE_FILE = "unlabeled_source.json"
 PSEUDO_LABEL_FEATURES = Features(

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType, broadcast, set_seed
 
-from ..data.transforms import normalize_batch
+from ..data.normalization import normalize_batch
 from ..metrics import SegmentationMetric, format_per_class_iou
 from ..progress import progress_bar
 from .config import per_device_batch_size
