@@ -7,6 +7,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as v1
 
+from stpp_hf.data import fast_transforms
 from stpp_hf.data.fast_transforms import (
     ColorJitter,
     FastTrainTransform,
@@ -364,3 +365,52 @@ def test_color_jitter_draws_and_returns_what_torchvision_does():
         torch.manual_seed(seed)
         expected, expected_next_draw = np.asarray(reference(image)), torch.rand(())
         assert np.array_equal(jittered, expected) and next_draw == expected_next_draw, seed
+
+
+@pytest.mark.parametrize("width,height,base_size,crop_size", [(77, 53, 60, 40), (53, 77, 60, 64), (120, 90, 50, 48)])
+def test_plain_scale_and_crop_is_the_reference_byte_for_byte(width, height, base_size, crop_size):
+    """The package's plain steps (the definition the fast path is held to) draw and compute what the spec says."""
+    image = _noise_image(width, height, seed=5)
+    mask = _mask(np.random.default_rng(5).choice([0, 7, 200], size=(height, width)))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        scaled_image, scaled_mask = random_scale(image, mask, base_size)
+        cropped_image, cropped_mask = pad_and_crop(scaled_image, scaled_mask, crop_size)
+        torch.manual_seed(seed)
+        expected_image, expected_mask, _ = _reference_scale_and_crop(image, mask, base_size, crop_size)
+        assert np.array_equal(np.asarray(cropped_image), np.asarray(expected_image))
+        assert np.array_equal(np.asarray(cropped_mask), np.asarray(expected_mask))
+
+
+def _plain_steps_as_fused(image, mask, base_size, crop_size):
+    """``random_scale_and_crop``'s signature over the plain steps."""
+    image, mask = pad_and_crop(*random_scale(image, Image.fromarray(mask), base_size), crop_size)
+    return image, np.array(mask)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_fast_train_transform_gives_the_plain_bytes(strong, monkeypatch):
+    """FastTrainTransform against TrainTransform under the same seeds: the same labels and the same number of
+    draws; the same pixels within the fused resize's rounding (weak); and, with the fused step's image swapped
+    for the plain steps' one, the same pixels byte for byte (LUT hue, planar pixels, flips on tensors)."""
+    image = _noise_image(70, 52, seed=6)
+    mask = _mask(np.random.default_rng(6).choice([0, 5, 19], size=(52, 70)))
+    plain, fast = TrainTransform(60, 40, strong=strong), FastTrainTransform(60, 40, strong=strong)
+
+    def outputs(transform, seed):
+        torch.manual_seed(seed)
+        pixels, labels = transform(image, mask)
+        return pixels, labels, torch.rand(())
+
+    for seed in range(30):
+        pixels, labels, next_draw = outputs(plain, seed)
+        fast_pixels, fast_labels, fast_next_draw = outputs(fast, seed)
+        assert fast_pixels.dtype == pixels.dtype == torch.uint8 and fast_labels.dtype == labels.dtype == torch.uint8
+        assert torch.equal(fast_labels, labels) and next_draw == fast_next_draw
+        if not strong:
+            assert (fast_pixels.int() - pixels.int()).abs().max() <= 2
+    monkeypatch.setattr(fast_transforms, "random_scale_and_crop", _plain_steps_as_fused)
+    for seed in range(30):
+        pixels, labels, next_draw = outputs(plain, seed)
+        fast_pixels, fast_labels, fast_next_draw = outputs(fast, seed)
+        assert torch.equal(fast_pixels, pixels) and torch.equal(fast_labels, labels) and next_draw == fast_next_draw

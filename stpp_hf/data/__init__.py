@@ -1,7 +1,9 @@
 """Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
+from .fast_transforms import FastTrainTransform
 from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
+from .normalization import normalize_batch
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
@@ -15,8 +17,6 @@ from .splits import (
     write_split,
 )
 from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
-from .fast_transforms import FastTrainTransform
-from .normalization import normalize_batch
 from .transforms import EvalTransform, TrainTransform
 
 

@@ -87,7 +87,9 @@ def _colors(palette: Sequence[Sequence[int]] | Sequence[int] | str) -> np.ndarra
         raise error from None
     if colors.ndim == 1 and colors.size % 3 == 0:
         colors = colors.reshape(-1, 3)
-    if colors.ndim != 2 or colors.shape[1] != 3 or not 1 <= len(colors) <= 256 or not np.isin(colors, range(256)).all():
+    if colors.ndim != 2 or colors.shape[1] != 3 or not 1 <= len(colors) <= 256:
+        raise error
+    if not np.isin(colors, range(256)).all():
         raise error
     return colors
 
