@@ -22,7 +22,6 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..file_io import atomic_write_text
 
-
 # The pipeline already relies on a file closed before a barrier being visible to every process right after
 # it; the wait only absorbs a slow attribute cache, so a few seconds are generous.
 SHARED_DIR_TIMEOUT_S = 10.0
