@@ -27,6 +27,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
+from ..models.deeplab.deeplab_common import default_window_stride
 from .stages import build_stages, snapshot_epochs
 
 DATASETS = ("pascal", "cityscapes", "folder")
@@ -269,7 +270,7 @@ class RunConfig:
     def sliding_window_stride(self) -> Optional[tuple[int, int]]:
         """``(window, stride)`` of sliding-window evaluation (stride 2/3 of the window), or ``None``."""
         window = self.sliding_window
-        return None if window is None else (window, max(1, 2 * window // 3))
+        return None if window is None else (window, default_window_stride(window))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

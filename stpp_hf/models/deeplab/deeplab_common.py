@@ -17,12 +17,17 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import logging
 
-from .label_presets import get_label_preset
+from .label_presets import IGNORE_INDEX, get_label_preset
 
 logger = logging.get_logger(__name__)
 
 ALLOWED_OUTPUT_STRIDES = (8, 16)
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def default_window_stride(window: int) -> int:
+    """The sliding-window stride used with a `window`-pixel window: two thirds of it (at least 1)."""
+    return max(1, 2 * window // 3)
 
 
 def resnet_family_backbones() -> list[str]:
@@ -82,7 +87,7 @@ class DeepLabConfigMixin:
             kwargs["num_labels"] = num_labels
         require_choice("backbone", backbone, resnet_family_backbones())
         require_choice("output_stride", output_stride, ALLOWED_OUTPUT_STRIDES)
-        ignore_index = kwargs.setdefault("semantic_loss_ignore_index", 255)
+        ignore_index = kwargs.setdefault("semantic_loss_ignore_index", IGNORE_INDEX)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"semantic_loss_ignore_index={ignore_index!r} is invalid; allowed values: an integer")
         self.backbone = backbone
