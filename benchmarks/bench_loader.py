@@ -2,7 +2,7 @@
 """Re-training loader throughput: stpp_hf's data path against a reference-style baseline, same run.
 
 Ours: ``load_source`` (``datasets``) + ``RetrainDataset`` (dict membership, pseudo labels from a
-``PseudoLabelStore``) + ``TrainTransform`` (torchvision v2 on tensors/PIL), whose items are uint8
+``PseudoLabelStore``) + ``FastTrainTransform`` (what training runs), whose items are uint8
 pixels and labels; the consuming process then makes model inputs of every timed batch on CPU
 (``normalize_batch``, ``labels.long()``) on one intra-op thread (the workers hold the other cores),
 as the trainer does on its device, so our side pays for the normalisation it moved out of the workers.
@@ -41,14 +41,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
 
 from stpp_hf.data import (
+    FastTrainTransform,
     PseudoLabelStore,
     RetrainDataset,
-    TrainTransform,
     load_source,
     make_synthetic_dataset,
     normalize_batch,
     read_split,
 )
+from stpp_hf.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from stpp_hf.models import IGNORE_INDEX
 
 PASCAL_1_16 = (662, 9919)  # labeled / unlabeled ids of pascal/1_16/split_0
 
@@ -63,7 +65,7 @@ class ReferenceStyleDataset(Dataset):
         self.labeled_ids = padding_ids[0] + labeled_lines
         self.unlabeled_ids = padding_ids[1] + unlabeled_lines
         self.ids = labeled_lines * math.ceil(len(unlabeled_lines) / len(labeled_lines)) + unlabeled_lines
-        self.normalize = v1.Compose([v1.ToTensor(), v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        self.normalize = v1.Compose([v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.color = v1.Compose(
             [v1.RandomApply([v1.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8), v1.RandomGrayscale(p=0.2)]
         )
@@ -88,7 +90,7 @@ class ReferenceStyleDataset(Dataset):
         image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
         pad_w, pad_h = max(self.crop_size - size[0], 0), max(self.crop_size - size[1], 0)
         image = ImageOps.expand(image, border=(0, 0, pad_w, pad_h), fill=0)
-        mask = ImageOps.expand(mask, border=(0, 0, pad_w, pad_h), fill=255)
+        mask = ImageOps.expand(mask, border=(0, 0, pad_w, pad_h), fill=IGNORE_INDEX)
         left = random.randint(0, image.size[0] - self.crop_size)
         top = random.randint(0, image.size[1] - self.crop_size)
         box = (left, top, left + self.crop_size, top + self.crop_size)
@@ -116,7 +118,7 @@ class ReferenceStyleDataset(Dataset):
             if x + box_w <= width and y + box_h <= height:
                 break
         pixels[y : y + box_h, x : x + box_w] = np.random.uniform(0, 255, (box_h, box_w, channels))
-        labels[y : y + box_h, x : x + box_w] = 255
+        labels[y : y + box_h, x : x + box_w] = IGNORE_INDEX
         return Image.fromarray(pixels.astype(np.uint8)), Image.fromarray(labels.astype(np.uint8))
 
 
@@ -228,12 +230,14 @@ def build(workdir: Path, image_size: int, num_unlabeled: int, base_size: int, cr
     unlabeled_ids = list(unlabeled["id"])
     store.verify(unlabeled_ids)
     started = time.perf_counter()
-    strong = TrainTransform(base_size, crop_size, strong=True)
+    strong = FastTrainTransform(base_size, crop_size, strong=True)
     print(
         f"ours, once per process and outside the timed rounds: the hue look-up tables (128 MB, shared with forked "
         f"workers) took {time.perf_counter() - started:.2f} s to build"
     )
-    ours = RetrainDataset(labeled, unlabeled, [(unlabeled_ids, store)], TrainTransform(base_size, crop_size), strong)
+    ours = RetrainDataset(
+        labeled, unlabeled, [(unlabeled_ids, store)], FastTrainTransform(base_size, crop_size), strong
+    )
     lines = {part: synthetic.split_files[part].read_text().split("\n")[:-1] for part in ("labeled", "unlabeled")}
     padding = ([f"JPEGImages/pad{i}.jpg SegmentationClass/pad{i}.png" for i in range(n)] for n in PASCAL_1_16)
     baseline = ReferenceStyleDataset(

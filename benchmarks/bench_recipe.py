@@ -35,7 +35,9 @@ from torch import nn
 
 from stpp_hf import build_model
 from stpp_hf.convert_original import load_original_state_dict
-from stpp_hf.training.pseudo_labeling import TTA_SCALES, label_images
+from stpp_hf.models import IGNORE_INDEX
+from stpp_hf.models.deeplab.deeplab_common import TTA_SCALES
+from stpp_hf.training.pseudo_labeling import label_images
 from stpp_hf.training.trainer import build_optimizer
 
 
@@ -146,11 +148,11 @@ def benchmark_training(args, backbone, device):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, generator=generator).to(device)
     labels = torch.randint(0, args.num_labels, (args.batch_size, args.crop_size, args.crop_size), generator=generator)
-    labels[:, : args.crop_size // 8] = 255  # some ignored pixels, like padding
+    labels[:, : args.crop_size // 8] = IGNORE_INDEX  # some ignored pixels, like padding
     labels = labels.to(device)
     reference, model = networks(backbone, args.num_labels, images)
     reference, model = reference.to(device).train(), model.to(device).train()
-    flops = count_flops(lambda: F.cross_entropy(reference(images), labels, ignore_index=255).backward())
+    flops = count_flops(lambda: F.cross_entropy(reference(images), labels, ignore_index=IGNORE_INDEX).backward())
 
     def step_function(network, optimizer, dtype, loss_of):
         def step():
@@ -162,7 +164,7 @@ def benchmark_training(args, backbone, device):
 
         return step
 
-    reference_loss = lambda network: F.cross_entropy(network(images), labels, ignore_index=255)  # noqa: E731
+    reference_loss = lambda network: F.cross_entropy(network(images), labels, ignore_index=IGNORE_INDEX)  # noqa: E731
     package_loss = lambda network: network(pixel_values=images, labels=labels).loss  # noqa: E731
     plain_sgd = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=False)
     steps = {

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from stpp_hf import build_model
+from stpp_hf.models.deeplab.deeplab_common import TTA_SCALES
 from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-from stpp_hf.training.pseudo_labeling import TTA_SCALES, label_images
+from stpp_hf.training.pseudo_labeling import label_images
 from stpp_hf.training.selection import compute_reliability
 from stpp_hf.training.trainer import build_optimizer
 

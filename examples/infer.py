@@ -26,11 +26,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import stpp_hf  # noqa: F401  (registers the models with the Auto classes, so no remote code is needed)
-from stpp_hf.data.images import exif_orientation, open_image, rgb_image, with_orientation
+from stpp_hf.data.images import IMAGE_EXTENSIONS, exif_orientation, open_image, rgb_image, with_orientation
 from stpp_hf.models import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_VOC_PALETTE, colorize
+from stpp_hf.models.deeplab.deeplab_common import default_window_stride
 from stpp_hf.progress import progress_bar
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "namespace/name"
 
@@ -154,7 +154,7 @@ def predict(model, pixel_values: torch.Tensor, args: argparse.Namespace) -> torc
         scores = model.predict_tta(pixel_values)
     elif args.sliding_window:
         scores = model.predict_sliding_window(
-            pixel_values, args.window_size, args.stride or max(1, args.window_size * 2 // 3)
+            pixel_values, args.window_size, args.stride or default_window_stride(args.window_size)
         )
     else:
         scores = model(pixel_values=pixel_values).logits

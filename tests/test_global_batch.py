@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_train_e2e import REPO, assert_ok, launch_command
 
-from stpp_hf.data.transforms import TrainTransform
+from stpp_hf.data.fast_transforms import FastTrainTransform
 from stpp_hf.training.sampling import training_loader
 
 
@@ -26,7 +26,7 @@ class StrongItems(torch.utils.data.Dataset):
             )
             for _ in range(count)
         ]
-        self.transform = TrainTransform(base_size=48, crop_size=32, strong=True)
+        self.transform = FastTrainTransform(base_size=48, crop_size=32, strong=True)
 
     def __len__(self):
         return len(self.samples)

@@ -58,8 +58,8 @@ def test_reliability_formula_and_split():
 def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
     from PIL import Image
 
-    from stpp_hf.models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
-    from stpp_hf.training.visualization import _denormalize, _palette_image, save_selection_figure
+    from stpp_hf.models.deeplab.label_presets import PASCAL_VOC_PALETTE, colorize, flat_palette
+    from stpp_hf.training.visualization import _denormalize, save_selection_figure
 
     model = tiny_model(3).eval()
     dataset = images_of_mixed_sizes(1)
@@ -85,7 +85,7 @@ def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
             expected_image = _denormalize(image).resize((48, 48), Image.BILINEAR)
             with torch.no_grad():
                 prediction = model(pixel_values=image[None]).logits.argmax(1)[0]
-            expected_label = _palette_image(prediction, palette).resize((48, 48), Image.NEAREST)
+            expected_label = colorize(prediction, palette).convert("RGB").resize((48, 48), Image.NEAREST)
             assert np.array_equal(np.asarray(figure.crop((x, y, x + 48, y + 48))), np.asarray(expected_image))
             assert np.array_equal(np.asarray(figure.crop((x + 48, y, x + 96, y + 48))), np.asarray(expected_label))
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
+from stpp_hf.file_io import atomic_write_json
 from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
 from stpp_hf.training.state import (
     RunState,
     _old_name,
-    atomic_write_json,
     recover_directory,
     replace_directory,
     temporary_directory_for,

@@ -8,7 +8,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 
 from stpp_hf import build_model
-from stpp_hf.data.transforms import normalize
+from stpp_hf.data.normalization import normalize
 from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
 from stpp_hf.training.evaluation import evaluate

@@ -7,20 +7,23 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as v1
 
-from stpp_hf.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from stpp_hf.data import fast_transforms
+from stpp_hf.data.fast_transforms import (
     ColorJitter,
+    FastTrainTransform,
+    adjust_hue,
+    planar_pixels,
+    random_scale_and_crop,
+)
+from stpp_hf.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize, normalize_batch
+from stpp_hf.data.transforms import (
     EvalTransform,
     TrainTransform,
-    adjust_hue,
     cutout,
     mask_array,
-    normalize,
-    normalize_batch,
-    planar_pixels,
+    pad_and_crop,
     random_hflip,
-    random_scale_and_crop,
+    random_scale,
 )
 
 
@@ -104,7 +107,7 @@ def test_weak_train_transform_equals_the_plain_reference(width, height):
     bit-identical, pixels within one grey level."""
     image = _noise_image(width, height, seed=3)
     labels = np.random.default_rng(2).choice([0, 5, 19], size=(height, width)).astype(np.uint8)
-    transform = TrainTransform(base_size=60, crop_size=48)
+    transform = FastTrainTransform(base_size=60, crop_size=48)
     flips, differences = 0, []
     for seed in range(40):
         torch.manual_seed(seed)
@@ -157,7 +160,7 @@ def test_batch_normalisation_is_bit_identical_to_the_per_sample_path(strong):
     """Real crops: normalising the collated uint8 batch gives exactly what normalising each item's
     PIL crop (the weak path before the move) or uint8 tensor (the strong path) gave."""
     torch.manual_seed(0)
-    transform = TrainTransform(base_size=64, crop_size=40, strong=strong)
+    transform = FastTrainTransform(base_size=64, crop_size=40, strong=strong)
     items = [transform(_noise_image(70, 50, seed), _mask(np.zeros((50, 70)))) for seed in range(8)]
     batch = normalize_batch(default_collate(items)[0])
     for pixels, normalized in zip((pixels for pixels, _ in items), batch):
@@ -170,7 +173,7 @@ def test_masks_are_never_interpolated():
     labels = np.random.default_rng(0).choice([0, 7, 200], size=(40, 60)).astype(np.uint8)
     image, mask = _noise_image(60, 40), _mask(labels)
     for strong in (False, True):
-        transform = TrainTransform(base_size=50, crop_size=48, strong=strong)
+        transform = FastTrainTransform(base_size=50, crop_size=48, strong=strong)
         seen = set()
         for _ in range(60):
             _, out = transform(image, mask)
@@ -201,12 +204,12 @@ def test_flip_is_joint_with_probability_half():
     torch.manual_seed(0)
     columns = np.tile(np.arange(30, dtype=np.uint8), (20, 1))
     image = Image.fromarray(np.stack([columns] * 3, axis=-1))
-    mask = mask_array(_mask(columns), image.size)
+    mask = torch.from_numpy(mask_array(_mask(columns), image.size))
     flips = 0
     for _ in range(400):
         flipped, flipped_mask = random_hflip(image, mask)
         pixels = np.asarray(flipped)[..., 0]
-        assert (flipped_mask == pixels).all()
+        assert (flipped_mask.numpy() == pixels).all()
         flips += int(pixels[0, 0] == 29)
     assert 160 <= flips <= 240  # Binomial(400, 0.5): > 4 sigma margin
 
@@ -219,7 +222,7 @@ def test_train_transform_keeps_image_and_mask_aligned():
     pixels[:, 40:] = (0, 0, 255)
     labels = np.ones((60, 80), dtype=np.uint8)
     labels[:, 40:] = 2
-    transform = TrainTransform(base_size=80, crop_size=48)
+    transform = FastTrainTransform(base_size=80, crop_size=48)
     for _ in range(50):
         rgb, mask = transform(Image.fromarray(pixels), _mask(labels))
         interior = torch.nn.functional.max_pool2d((mask != 1).float()[None], 3, 1, 1)[0] == 0  # away from edges
@@ -266,7 +269,7 @@ def test_strong_augmentation_only_when_asked():
     mask = _mask(np.zeros((96, 96)))
     results = {}
     for strong in (False, True):
-        transform = TrainTransform(base_size=96, crop_size=40, strong=strong)
+        transform = FastTrainTransform(base_size=96, crop_size=40, strong=strong)
         cutouts = grays = 0
         for _ in range(200):
             pixels, labels = transform(image, mask)
@@ -305,7 +308,7 @@ def test_bad_masks_are_rejected():
 class _SameImage(Dataset):
     def __init__(self):
         self.image, self.mask = _noise_image(64, 64), _mask(np.zeros((64, 64)))
-        self.transform = TrainTransform(base_size=64, crop_size=32, strong=True)
+        self.transform = FastTrainTransform(base_size=64, crop_size=32, strong=True)
 
     def __len__(self):
         return 8
@@ -362,3 +365,52 @@ def test_color_jitter_draws_and_returns_what_torchvision_does():
         torch.manual_seed(seed)
         expected, expected_next_draw = np.asarray(reference(image)), torch.rand(())
         assert np.array_equal(jittered, expected) and next_draw == expected_next_draw, seed
+
+
+@pytest.mark.parametrize("width,height,base_size,crop_size", [(77, 53, 60, 40), (53, 77, 60, 64), (120, 90, 50, 48)])
+def test_plain_scale_and_crop_is_the_reference_byte_for_byte(width, height, base_size, crop_size):
+    """The package's plain steps (the definition the fast path is held to) draw and compute what the spec says."""
+    image = _noise_image(width, height, seed=5)
+    mask = _mask(np.random.default_rng(5).choice([0, 7, 200], size=(height, width)))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        scaled_image, scaled_mask = random_scale(image, mask, base_size)
+        cropped_image, cropped_mask = pad_and_crop(scaled_image, scaled_mask, crop_size)
+        torch.manual_seed(seed)
+        expected_image, expected_mask, _ = _reference_scale_and_crop(image, mask, base_size, crop_size)
+        assert np.array_equal(np.asarray(cropped_image), np.asarray(expected_image))
+        assert np.array_equal(np.asarray(cropped_mask), np.asarray(expected_mask))
+
+
+def _plain_steps_as_fused(image, mask, base_size, crop_size):
+    """``random_scale_and_crop``'s signature over the plain steps."""
+    image, mask = pad_and_crop(*random_scale(image, Image.fromarray(mask), base_size), crop_size)
+    return image, np.array(mask)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_fast_train_transform_gives_the_plain_bytes(strong, monkeypatch):
+    """FastTrainTransform against TrainTransform under the same seeds: the same labels and the same number of
+    draws; the same pixels within the fused resize's rounding (weak); and, with the fused step's image swapped
+    for the plain steps' one, the same pixels byte for byte (LUT hue, planar pixels, flips on tensors)."""
+    image = _noise_image(70, 52, seed=6)
+    mask = _mask(np.random.default_rng(6).choice([0, 5, 19], size=(52, 70)))
+    plain, fast = TrainTransform(60, 40, strong=strong), FastTrainTransform(60, 40, strong=strong)
+
+    def outputs(transform, seed):
+        torch.manual_seed(seed)
+        pixels, labels = transform(image, mask)
+        return pixels, labels, torch.rand(())
+
+    for seed in range(30):
+        pixels, labels, next_draw = outputs(plain, seed)
+        fast_pixels, fast_labels, fast_next_draw = outputs(fast, seed)
+        assert fast_pixels.dtype == pixels.dtype == torch.uint8 and fast_labels.dtype == labels.dtype == torch.uint8
+        assert torch.equal(fast_labels, labels) and next_draw == fast_next_draw
+        if not strong:
+            assert (fast_pixels.int() - pixels.int()).abs().max() <= 2
+    monkeypatch.setattr(fast_transforms, "random_scale_and_crop", _plain_steps_as_fused)
+    for seed in range(30):
+        pixels, labels, next_draw = outputs(plain, seed)
+        fast_pixels, fast_labels, fast_next_draw = outputs(fast, seed)
+        assert torch.equal(fast_pixels, pixels) and torch.equal(fast_labels, labels) and next_draw == fast_next_draw

@@ -1,7 +1,9 @@
 """Data: split files, dataset sources as ``datasets`` objects, the method's augmentations, the torch
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
+from .fast_transforms import FastTrainTransform
 from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
+from .normalization import normalize_batch
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
@@ -15,7 +17,7 @@ from .splits import (
     write_split,
 )
 from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
-from .transforms import EvalTransform, TrainTransform, normalize_batch
+from .transforms import EvalTransform, TrainTransform
 
 
 def __getattr__(name: str):
@@ -32,6 +34,7 @@ __all__ = [
     "DatasetSource",
     "EvalDataset",
     "EvalTransform",
+    "FastTrainTransform",
     "HubDataArguments",
     "HubSources",
     "PseudoLabelStore",

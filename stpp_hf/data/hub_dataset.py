@@ -29,9 +29,11 @@ import numpy as np
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
 
+from ..file_io import atomic_write_bytes
 from ..models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
-from .sources.base import FEATURES, MASK_MODES, check_mask_values, read_id2label_file
-from .splits import SplitEntry, atomic_write_bytes, generate_split, read_split, write_split
+from .images import MASK_MODES
+from .sources.base import FEATURES, check_mask_values, read_id2label_file
+from .splits import SplitEntry, generate_split, read_split, write_split
 
 ID2LABEL_FILE = "id2label.json"
 PARTITION_FILE = "partition.json"
@@ -189,9 +191,7 @@ def _palette_of(dataset: Dataset, index: int, columns: _Columns) -> list[int]:
     """The palette of the label PNGs when they are palette images, else the VOC colour map."""
     label = dataset[index][columns.label]
     palette = label.getpalette() if label is not None and label.mode == "P" else None
-    if palette:
-        return (palette + [0] * 768)[:768]
-    return flat_palette(PASCAL_VOC_PALETTE)
+    return flat_palette(palette or PASCAL_VOC_PALETTE)
 
 
 def partition_settings(

@@ -30,6 +30,9 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 MAX_PIXELS_VARIABLE = "STPP_MAX_IMAGE_PIXELS"
 HIGH_DEPTH_MODES = ("I", "F")  # and every "I;16..." mode
 ORIENTATION_TAG = ExifTags.Base.Orientation
+MASK_MODES = ("L", "P")  # a mask holds class indices in one 8-bit channel
+# suffixes (any case) of the files the folder source and examples/infer.py take as images
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 if os.environ.get(MAX_PIXELS_VARIABLE):
     Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_VARIABLE]) or None

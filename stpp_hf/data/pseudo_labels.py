@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import quote
@@ -38,8 +37,9 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from ..file_io import atomic_write_bytes, sha256_bytes, sha256_file, temporary_sibling
 from ..log import get_logger
-from .splits import atomic_write_bytes
+from ..models.deeplab.label_presets import colorize
 
 logger = get_logger(__name__)
 
@@ -59,15 +59,7 @@ def teacher_fingerprint(model_dir: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(model_dir).as_posix().encode("utf-8") + b"\0")
-        digest.update(_file_sha256(path).encode("ascii"))
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
+        digest.update(sha256_file(path).encode("ascii"))
     return digest.hexdigest()
 
 
@@ -140,7 +132,7 @@ class PseudoLabelStore:
         if len(stem) > MAX_READABLE_NAME:
             prefix = stem[:HASHED_NAME_PREFIX]
             cut = prefix.rfind("%", len(prefix) - 2)
-            digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).hexdigest()
+            digest = sha256_bytes(image_id.encode("utf-8", "surrogateescape"))
             stem = f"{prefix if cut < 0 else prefix[:cut]}+{digest[:HASHED_NAME_DIGEST]}"
         return f"{LABELS_DIR}/{stem}.png"
 
@@ -200,11 +192,8 @@ class PseudoLabelStore:
             raise ValueError(f"pseudo label of {image_id!r} must be [H, W], got shape {array.shape}")
         if array.dtype.kind not in "ui" or (array.size and (array.min() < 0 or array.max() > 255)):
             raise ValueError(f"pseudo label of {image_id!r} must hold integers in [0, 255], got dtype {array.dtype}")
-        image = Image.fromarray(array.astype(np.uint8))
-        if self.palette is not None:
-            image.putpalette(self.palette)  # L -> P keeping the indices
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        colorize(array, self.palette).save(buffer, format="PNG")
         payload = buffer.getvalue()
         relative = self.file_name(image_id)
         atomic_write_bytes(self.directory / relative, payload)
@@ -214,7 +203,7 @@ class PseudoLabelStore:
             "size": len(payload),
             "height": int(array.shape[0]),
             "width": int(array.shape[1]),
-            "sha256": hashlib.sha256(payload).hexdigest(),
+            "sha256": sha256_bytes(payload),
         }
         self._append_journal(entry)
         if self._entries is not None:
@@ -243,7 +232,7 @@ class PseudoLabelStore:
             return f"file {path} is missing"
         if path.stat().st_size != entry["size"]:
             return f"file {path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-        if _file_sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             return f"file {path} does not match its checksum"
         return None
 
@@ -321,7 +310,7 @@ def check_label_file_names(directory: str | os.PathLike, ids: Iterable[str]) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        handle, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # as atomic_write_bytes
+        handle, probe = temporary_sibling(directory / name)  # the name atomic_write_bytes writes first
     except OSError as error:
         raise ValueError(
             f"cannot create a pseudo-label file for id {longest!r} in {directory} ({len(name)}-character name "

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from ..file_io import atomic_write_bytes
 from ..log import get_logger
 from .images import resolved_path, undecoded
 
@@ -100,20 +100,6 @@ def write_split(path: str | os.PathLike, entries: Iterable[SplitEntry]) -> Path:
     text = "".join(entry.to_line() + "\n" for entry in entries)
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def generate_split(

@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..file_io import atomic_write_bytes
 from ..models.deeplab.label_presets import PASCAL_VOC_PALETTE, colorize, flat_palette
-from .splits import SplitEntry, atomic_write_bytes, write_split
+from .splits import SplitEntry, write_split
 
 SYNTHETIC_ID2LABEL = {0: "background", 1: "disc", 2: "box", 3: "triangle", 4: "ring", 5: "cross"}
 INFO_FILE = "synthetic.json"

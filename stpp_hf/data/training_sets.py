@@ -5,7 +5,7 @@ Item format: a tuple ``(pixels, labels)``, class indices with 255 = ignore.
 * :class:`SupOnlyDataset`, :class:`RetrainDataset` (through :class:`TrainTransform`): ``pixels``
   ``[3, crop, crop]`` uint8 RGB, ``labels`` ``[crop, crop]`` uint8. They batch with the default
   collate; the trainer makes model inputs of a batch on its device with
-  :func:`~stpp_hf.data.transforms.normalize_batch` (float32, ImageNet-normalised) and ``labels.long()``.
+  :func:`~stpp_hf.data.normalization.normalize_batch` (float32, ImageNet-normalised) and ``labels.long()``.
 * :class:`EvalDataset` (through :class:`EvalTransform`): ``pixel_values`` ``[3, H, W]`` float32
   ImageNet-normalised, ``labels`` ``[H, W]`` int64 (``None`` for an image without a mask); full
   images of varying size, batched by size (``stpp_hf.training.inference.same_size_batches``).
@@ -106,8 +106,8 @@ class RetrainDataset(Dataset):
         unlabeled: ``datasets.Dataset`` of unlabeled images (its ``label`` column is not read).
         pseudo_labels: ``[(ids, store), ...]``; each id must be an unlabeled id and appear in exactly
             one entry. Pseudo-labeled items follow this order.
-        weak_transform: for labeled items, e.g. ``TrainTransform(base, crop)``.
-        strong_transform: for pseudo-labeled items, e.g. ``TrainTransform(base, crop, strong=True)``.
+        weak_transform: for labeled items, e.g. ``FastTrainTransform(base, crop)``.
+        strong_transform: for pseudo-labeled items, e.g. ``FastTrainTransform(base, crop, strong=True)``.
     """
 
     def __init__(

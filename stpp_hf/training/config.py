@@ -27,6 +27,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
+from ..file_io import atomic_write_json
+from ..models.deeplab.deeplab_common import default_window_stride
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
 
@@ -269,7 +271,7 @@ class RunConfig:
     def sliding_window_stride(self) -> Optional[tuple[int, int]]:
         """``(window, stride)`` of sliding-window evaluation (stride 2/3 of the window), or ``None``."""
         window = self.sliding_window
-        return None if window is None else (window, max(1, 2 * window // 3))
+        return None if window is None else (window, default_window_stride(window))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -671,8 +673,6 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
     the sources are built (with their ``data`` section). A run directory from an older version, with
     ``state.json`` but no ``run_config.json``, cannot be checked and is refused.
     """
-    from .state import atomic_write_json
-
     layout = RunLayout(run_dir)
     run_dir, path = layout.run_dir, layout.run_config
     if path.is_file():

@@ -20,7 +20,7 @@ import torch.distributed
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from .state import atomic_write_text
+from ..file_io import atomic_write_text
 
 # The pipeline already relies on a file closed before a barrier being visible to every process right after
 # it; the wait only absorbs a slow attribute cache, so a few seconds are generous.

@@ -23,13 +23,14 @@ from torch.utils.data import Subset
 from ..data import (
     EvalDataset,
     EvalTransform,
+    FastTrainTransform,
     PseudoLabelStore,
     RetrainDataset,
     SupOnlyDataset,
-    TrainTransform,
     teacher_fingerprint,
 )
 from ..data.splits import read_split, write_split
+from ..file_io import atomic_write_json, sha256_json
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir
 from .evaluation import evaluate
@@ -41,10 +42,8 @@ from .stages import Stage, build_stages, snapshot_epochs
 from .state import (
     RunDirectoryLocked,
     RunState,
-    atomic_write_json,
     lock_run_directory,
     replace_directory,
-    sha256_json,
     temporary_directory_for,
 )
 from .trainer import StageHyperParameters, train_stage
@@ -209,11 +208,11 @@ class _Run:
                 data.labeled,
                 data.unlabeled,
                 [(ids, store) for ids, store in pseudo.values()],
-                TrainTransform(data.base_size, data.crop_size, strong=False),
-                TrainTransform(data.base_size, data.crop_size, strong=True),
+                FastTrainTransform(data.base_size, data.crop_size, strong=False),
+                FastTrainTransform(data.base_size, data.crop_size, strong=True),
             )
         else:
-            train_set = SupOnlyDataset(data.labeled, TrainTransform(data.base_size, data.crop_size))
+            train_set = SupOnlyDataset(data.labeled, FastTrainTransform(data.base_size, data.crop_size))
         stage_files = self.stage_layout(stage.name)
         snapshots = snapshot_epochs(hparams.epochs) if stage.keep_snapshots else ()
         summary = train_stage(

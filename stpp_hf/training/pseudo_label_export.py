@@ -17,10 +17,10 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 
 from ..data import PseudoLabelStore, load_source
+from ..file_io import atomic_write_json
 from .results import RunResults, StageSummary
 from .run_layout import RunLayout, StageLayout
 from .stages import build_stages
-from .state import atomic_write_json
 
 PSEUDO_LABEL_FEATURES = Features(
     {

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from ..metrics import SegmentationMetric
+from ..models.deeplab.deeplab_common import TTA_SCALES
 from .distributed import rank_and_world_size
 from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
-
-TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 @torch.no_grad()

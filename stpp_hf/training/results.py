@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..file_io import atomic_write_json
 from .run_layout import RunLayout
 
 _NUMBER = (int, float)
@@ -242,8 +243,6 @@ class RunResults:
 
     def write(self, run_dir: str | os.PathLike) -> None:
         """Write ``results.json`` into ``run_dir`` atomically."""
-        from .state import atomic_write_json
-
         atomic_write_json(RunLayout(run_dir).results, self.to_json())
 
     def require(self, *names: str) -> None:

@@ -12,7 +12,6 @@ below are safe because only one launch at a time writes there).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..file_io import atomic_write_json, sha256_file
 from ..log import get_logger
 from .config import check_same_config
 from .run_layout import RunLayout
@@ -29,35 +29,6 @@ logger = get_logger(__name__)
 
 STATE_VERSION = 1
 _held_locks: dict[Path, int] = {}  # run directory -> open locked descriptor, held for the process lifetime
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (fsynced)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_json(payload: Any) -> str:
-    """SHA-256 of ``payload``'s canonical JSON (sorted keys): a fingerprint of ids, checksums, settings."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 class RunDirectoryLocked(RuntimeError):

@@ -28,7 +28,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
 
-from ..data.transforms import normalize_batch
+from ..data.normalization import normalize_batch
+from ..file_io import atomic_write_json
 from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
@@ -37,7 +38,6 @@ from .evaluation import evaluate
 from .run_layout import StageLayout
 from .sampling import training_loader
 from .state import (
-    atomic_write_json,
     recover_directory,
     replace_directory,
     temporary_directory_for,

@@ -4,26 +4,23 @@ reliable unlabeled images with the teacher's predictions). Drawn with PIL only."
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+from ..data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from ..file_io import atomic_write_bytes
+from ..models.deeplab.label_presets import colorize
 
-
-def _palette_image(label_map: torch.Tensor, palette: list[int] | None) -> Image.Image:
-    """``[H, W]`` class indices (255 = ignore) as a palette image, rendered to RGB."""
-    image = Image.fromarray(label_map.to(torch.uint8).numpy(), mode="P")
-    if palette is not None:
-        image.putpalette(palette)
-    return image.convert("RGB")
+_MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def _denormalize(image: torch.Tensor) -> Image.Image:
-    pixels = ((image * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
+    """``[3, H, W]`` ImageNet-normalised pixels back to an 8-bit RGB image."""
+    pixels = ((image * _STD + _MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
@@ -39,8 +36,8 @@ def save_prediction_grid(
         prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
         tiles = [
             _denormalize(image),
-            _palette_image(mask, palette) if mask is not None else None,
-            _palette_image(prediction, palette),
+            colorize(mask, palette) if mask is not None else None,
+            colorize(prediction, palette),
         ]
         rows.append([tile for tile in tiles if tile is not None])
     if not rows:
@@ -55,10 +52,9 @@ def save_prediction_grid(
 
 
 def _save_atomically(image: Image.Image, path: str | Path) -> None:
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    image.save(temporary)
-    temporary.replace(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _histogram(scores: Sequence[float], cut: float, width: int, height: int = 150, bins: int = 20) -> Image.Image:
@@ -123,7 +119,7 @@ def save_selection_figure(
             prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
             x = column * 2 * tile
             canvas.paste(_denormalize(image).resize((tile, tile), Image.BILINEAR), (x, y + 14))
-            canvas.paste(_palette_image(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
+            canvas.paste(colorize(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
             draw.text(
                 (x + 2, y + 1),
                 f"{title}: {scores[image_id]:.3f}" if column == 0 else f"{scores[image_id]:.3f}",

@@ -21,13 +21,11 @@ from datasets import Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from ...models.deeplab.label_presets import PASCAL_VOC_PALETTE, flat_palette
-from ..images import check_lossless_mask, exif_orientation, open_image, swaps_sides
+from ...models.deeplab.label_presets import IGNORE_INDEX, PASCAL_VOC_PALETTE, flat_palette
+from ..images import MASK_MODES, check_lossless_mask, exif_orientation, open_image, swaps_sides
 from ..splits import SplitEntry, read_split
 
-IGNORE_INDEX = 255
 FEATURES = Features({"id": Value("string"), "image": ImageFeature(), "label": ImageFeature()})
-MASK_MODES = ("L", "P")
 # bump when rows change meaning for the same files or validation tightens, so old caches are not reused
 ROW_FORMAT_VERSION = 2
 

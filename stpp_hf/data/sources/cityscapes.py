@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...models.deeplab.label_presets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from ..images import open_image
+from ...models.deeplab.label_presets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX
+from ..images import MASK_MODES, open_image
 from ..splits import SplitEntry
-from .base import IGNORE_INDEX, DatasetSource, Record
+from .base import DatasetSource, Record
 
 TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
 LABEL_IDS_SUFFIX = "_labelIds.png"
@@ -66,6 +66,6 @@ class CityscapesSource(DatasetSource):
         mask = open_image(mask_path, "mask")
         if not self.needs_conversion(mask_path):
             return mask
-        if mask.mode not in ("L", "P"):
+        if mask.mode not in MASK_MODES:
             raise ValueError(f"mask {mask_path} has mode {mask.mode!r}; Cityscapes labelIds are 8-bit grey PNGs")
         return Image.fromarray(label_ids_to_train_ids()[np.asarray(mask)])

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from ...log import get_logger
 from ...models.deeplab.label_presets import flat_palette
-from ..images import check_lossless_mask
+from ..images import IMAGE_EXTENSIONS, check_lossless_mask
 from ..splits import SplitEntry
 from .base import DatasetSource, Record, check_unique_ids, read_id2label_file
 
 IMAGES_DIR, MASKS_DIR, ID2LABEL_FILE = "images", "masks", "id2label.json"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 UNMATCHED_LISTED = 5
 
 logger = get_logger(__name__)

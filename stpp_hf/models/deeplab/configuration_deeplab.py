@@ -7,7 +7,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-from .label_presets import get_label_preset
+from .label_presets import IGNORE_INDEX, get_label_preset
 
 logger = logging.get_logger(__name__)
 
@@ -67,7 +67,7 @@ class DeepLabConfig(PreTrainedConfig):
     backbone: str = "resnet50"
     output_stride: int = 8
     head_lr_multiplier: float | int = 10.0
-    semantic_loss_ignore_index: int = 255
+    semantic_loss_ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self, **kwargs):
         # `num_labels` is not a field: transformers derives it from `id2label`.

@@ -22,6 +22,11 @@ from .small_map_conv import with_atrous_convs
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
+def default_window_stride(window: int) -> int:
+    """The sliding-window stride used with a `window`-pixel window: two thirds of it (at least 1)."""
+    return max(1, 2 * window // 3)
+
+
 def build_resnet_backbone(name: str, output_stride: int) -> nn.Module:
     """A timm ResNet returning the features [c1 (layer1), c4 (layer4)], dilated to `output_stride` (8 or 16).
 

@@ -76,32 +76,43 @@ def get_label_preset(name: str) -> LabelPreset:
     return LABEL_PRESETS[name]
 
 
-def flat_palette(palette: Sequence[Sequence[int]] | str) -> list[int]:
-    """A palette (RGB triplets or a preset name) as PIL's flat 768-value list; unused entries are black."""
+def _colors(palette: Sequence[Sequence[int]] | Sequence[int] | str) -> np.ndarray:
+    """`[N, 3]` RGB rows of a palette given as RGB triplets, PIL's flat `[r, g, b, ...]` list or a preset name."""
     if isinstance(palette, str):
         palette = get_label_preset(palette).palette
-    colors = [tuple(int(channel) for channel in color) for color in palette]
-    if (
-        not colors
-        or len(colors) > 256
-        or any(len(color) != 3 or not all(0 <= c <= 255 for c in color) for color in colors)
-    ):
-        raise ValueError("palette must hold 1 to 256 RGB triplets with values in 0..255")
-    flat = [channel for color in colors for channel in color]
+    error = ValueError("palette must hold 1 to 256 RGB triplets with values in 0..255")
+    try:
+        colors = np.asarray(palette)
+    except ValueError:  # rows of different lengths
+        raise error from None
+    if colors.ndim == 1 and colors.size % 3 == 0:
+        colors = colors.reshape(-1, 3)
+    if colors.ndim != 2 or colors.shape[1] != 3 or not 1 <= len(colors) <= 256:
+        raise error
+    if not np.isin(colors, range(256)).all():
+        raise error
+    return colors
+
+
+def flat_palette(palette: Sequence[Sequence[int]] | Sequence[int] | str) -> list[int]:
+    """A palette (RGB triplets, a flat list or a preset name) as PIL's flat 768-value list; unused entries are
+    black."""
+    flat = _colors(palette).ravel().tolist()
     return flat + [0] * (768 - len(flat))
 
 
-def colorize(label_map, palette: Sequence[Sequence[int]] | str) -> Image.Image:
+def colorize(label_map, palette: Sequence[Sequence[int]] | Sequence[int] | str | None) -> Image.Image:
     """Turn a class-index map into a palette ("P" mode) PIL image.
 
     Args:
         label_map (integer array-like of shape `(height, width)`): a numpy array, torch tensor or PIL "L" / "P" image
             holding class ids in `[0, len(palette))` or the ignore index 255.
-        palette (`Sequence[Sequence[int]]` or `str`): RGB triplets (index = class id) or a preset name
-            ("pascal_voc", "cityscapes").
+        palette: a sequence of RGB triplets (index = class id), PIL's flat `[r, g, b, ...]` list, a preset name
+            ("pascal_voc", "cityscapes"), or None for a grey ("L" mode) image of the class ids.
 
     Returns:
-        `PIL.Image.Image` in "P" mode: shows the colours, and saved as PNG it keeps the class ids as pixel values.
+        A "P" ("L" without palette) mode image: shows the colours, and saved as PNG it keeps the class ids as
+        pixel values.
     """
     if hasattr(label_map, "detach"):
         label_map = label_map.detach().cpu().numpy()
@@ -110,15 +121,18 @@ def colorize(label_map, palette: Sequence[Sequence[int]] | str) -> Image.Image:
         raise ValueError(f"label_map must be 2-D [H, W], got shape {tuple(label_map.shape)}")
     if label_map.dtype.kind not in "iub":
         raise ValueError(f"label_map must hold integer class ids, got dtype {label_map.dtype}")
-    flat = flat_palette(palette)
-    num_colors = len(palette) if not isinstance(palette, str) else len(get_label_preset(palette).palette)
+    num_colors = 256 if palette is None else len(_colors(palette))
     invalid = (label_map < 0) | ((label_map >= num_colors) & (label_map != IGNORE_INDEX))
     if invalid.any():
         bad_values = np.unique(label_map[invalid])[:10].tolist()
         raise ValueError(
-            f"label_map holds values {bad_values} outside the palette's {num_colors} classes (and ignore index 255)"
+            f"label_map holds values {bad_values} outside the palette's {num_colors} classes "
+            f"(and ignore index {IGNORE_INDEX})"
         )
     height, width = label_map.shape
-    image = Image.frombytes("P", (width, height), np.ascontiguousarray(label_map, dtype=np.uint8).tobytes())
-    image.putpalette(flat)
+    pixels = np.ascontiguousarray(label_map, dtype=np.uint8).tobytes()
+    if palette is None:
+        return Image.frombytes("L", (width, height), pixels)
+    image = Image.frombytes("P", (width, height), pixels)
+    image.putpalette(flat_palette(palette))
     return image

@@ -1,0 +1,75 @@
+"""Atomic file writes and SHA-256 fingerprints, used by every artefact of a run (state, split files, pseudo
+labels, caches, pictures): a ``kill -9`` at any moment leaves either the old file or the new one, never a torn
+one, and a file's checksum is computed one way everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def temporary_sibling(path: str | os.PathLike) -> tuple[int, str]:
+    """Create the hidden temporary file ``.<name>.<random>.tmp`` next to ``path``.
+
+    Args:
+        path: the file the temporary one will replace; its directory must exist.
+
+    Returns:
+        ``(descriptor, temporary path)``, as ``tempfile.mkstemp``.
+    """
+    path = Path(path)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    Args:
+        path: the destination; missing parent directories are created.
+        payload: the file's new content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = temporary_sibling(path)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    """:func:`atomic_write_text` of ``payload`` as indented JSON (keys in their order) and a final newline."""
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_bytes(payload: bytes) -> str:
+    """Hex SHA-256 of ``payload``."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    """SHA-256 of ``payload``'s canonical JSON (sorted keys): a fingerprint of ids, checksums, settings."""
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode("utf-8"))
