@@ -14,7 +14,8 @@ from .splits import (
     shipped_split_path,
     write_split,
 )
-from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
+from .streamed import UnlabeledStream
+from .training_sets import EvalDataset, RetrainDataset, StreamedEvalDataset, SupOnlyDataset
 from .transforms import EvalTransform, TrainTransform, normalize_batch
 
 
@@ -31,6 +32,8 @@ __all__ = [
     "SOURCES",
     "DatasetSource",
     "EvalDataset",
+    "StreamedEvalDataset",
+    "UnlabeledStream",
     "EvalTransform",
     "HubDataArguments",
     "HubSources",
