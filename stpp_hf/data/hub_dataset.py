@@ -356,7 +356,7 @@ def load_hub_sources(
     Errors name the dataset, split, row and column. ``partition_dir`` is written by one process (run it
     under ``accelerator.main_process_first()``).
 
-    With ``streaming`` nothing is downloaded first: the train and val splits are ``IterableDataset``\ s; one pass
+    With ``streaming`` nothing is downloaded first: the train and val splits are ``IterableDataset``\\ s; one pass
     over the train split's label column finds the rows with a label (a second one, when the partition is drawn,
     reads their classes); the labeled rows and val are copied into memory (they are small); the unlabeled part
     is an :class:`~stpp_hf.data.streamed.UnlabeledStream`, whose rows are checked as they are read. Rows, their

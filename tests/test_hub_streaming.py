@@ -1,0 +1,151 @@
+"""``--streaming``: the unlabeled rows of a ``datasets`` split read lazily, sharded, copied for retraining; the
+stratified partition; class names from a per-pixel ``ClassLabel``. Local dataset directories, no network."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Features, Image, Sequence, Value
+from PIL import Image as PILImage
+from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
+
+from stpp_hf.data import StreamedEvalDataset
+from stpp_hf.data.hub_dataset import class_label_names, load_hub_sources, rarest_class_strata, resolve_id2label
+from stpp_hf.data.images import open_image
+from stpp_hf.training.config import ConfigError, parse_arguments, validate_arguments
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write_repo(tmp_path_factory.mktemp("segdata"), segmentation_repo_files())
+
+
+def load(repo, tmp_path, streaming, **kwargs):
+    kwargs.setdefault("labeled_fraction", "1/4")
+    return load_hub_sources(
+        str(repo), tmp_path / f"partition-{streaming}", cache_dir=tmp_path / "cache", streaming=streaming, **kwargs
+    )
+
+
+def undecoded_bytes(value) -> np.ndarray:
+    return np.asarray(open_image(value))
+
+
+def test_streaming_draws_the_same_partition_and_rows(repo, tmp_path):
+    eager, streamed = (load(repo, tmp_path, streaming, partition_seed=5) for streaming in (False, True))
+    for name in ("labeled.txt", "unlabeled.txt", "partition.json"):
+        assert (tmp_path / "partition-True" / name).read_text() == (tmp_path / "partition-False" / name).read_text()
+    assert list(streamed.labeled["id"]) == list(eager.labeled["id"])
+    assert streamed.unlabeled.ids == list(eager.unlabeled["id"]) and len(streamed.unlabeled) == 18
+    assert [e.image for e in streamed.unlabeled_entries] == streamed.unlabeled.ids
+    assert (streamed.id2label, streamed.palette, streamed.metadata) == (eager.id2label, eager.palette, eager.metadata)
+    for part in ("labeled", "val"):
+        for mine, theirs in zip(getattr(streamed, part), getattr(eager, part)):
+            assert mine["id"] == theirs["id"]
+            assert np.array_equal(np.asarray(mine["image"]), np.asarray(theirs["image"]))
+            assert np.array_equal(np.asarray(mine["label"]), np.asarray(theirs["label"]))
+    # the unlabeled rows, read lazily, are the in-memory ones (a row without a label has label None)
+    eager_rows = {row["id"]: row for row in eager.unlabeled}
+    rows = list(streamed.unlabeled.rows(streamed.unlabeled.ids))
+    assert [row["id"] for row in rows] == streamed.unlabeled.ids
+    for row in rows:
+        assert np.array_equal(undecoded_bytes(row["image"]), np.asarray(eager_rows[row["id"]]["image"]))
+        assert (row["label"] is None) == (eager_rows[row["id"]]["label"] is None)
+
+
+def test_processes_read_disjoint_shards_and_fetches_resume(repo, tmp_path):
+    stream = load(repo, tmp_path, True).unlabeled
+    ids = stream.ids[::-1]  # any order: read in row order
+    shards = [[row["id"] for row in stream.rows(ids, rank, 2)] for rank in (0, 1)]
+    assert shards == [stream.ids[0::2], stream.ids[1::2]]
+    # process 1 was killed before copying anything: a relaunch on one process copies only what is missing
+    copies = tmp_path / "copies"
+    assert stream.fetch(ids, copies, rank=0, world_size=2) == 9
+    with pytest.raises(ValueError, match="9 of 18 labels unusable"):
+        stream.verify(ids, copies)
+    victim = stream.ids[0]
+    images, _ = stream.stores(copies)
+    images.file_path(victim).write_bytes(b"torn")  # a damaged copy is copied again
+    assert stream.fetch(ids, copies) == 10 and stream.fetch(ids, copies) == 0
+    stream.verify(ids, copies)
+    journals = [
+        json.loads(line)["id"] for path in (copies / "images").glob("journal-*.jsonl") for line in path.read_text().splitlines()
+    ]
+    assert sorted(journals) == sorted(stream.ids + [victim])  # each image copied once, the damaged one twice
+    local = stream.local_dataset(ids, copies)
+    assert list(local["id"]) == ids
+    streamed = {row["id"]: row for row in stream.rows(ids)}
+    for row in local.cast_column("image", Image(decode=False)).cast_column("label", Image(decode=False)):
+        assert np.array_equal(undecoded_bytes(row["image"]), undecoded_bytes(streamed[row["id"]]["image"]))
+        assert (row["label"] is None) == (streamed[row["id"]]["label"] is None)
+
+
+def test_a_streamed_set_is_read_once_in_order(repo, tmp_path):
+    stream = load(repo, tmp_path, True).unlabeled
+    view = StreamedEvalDataset(stream, stream.ids[:6], rank=1, world_size=2)
+    assert view[1][0].shape == (3, 10, 12) and view[3][0].shape == (3, 10, 12)
+    with pytest.raises(IndexError, match="item 5 comes next, not 1"):
+        view[1]
+
+
+def test_a_bad_streamed_row_is_named_when_read(tmp_path):
+    files = segmentation_repo_files(extra={2: {"annotation": png_field(PILImage.new("L", (12, 10), 9))}})
+    stream = load(write_repo(tmp_path / "bad", files), tmp_path, True, num_labeled=1, labeled_fraction=None).unlabeled
+    assert "train/000002" in stream.ids  # unlabeled, so only checked when the stream reaches it
+    with pytest.raises(ValueError, match="split 'train', row 2, column 'annotation': mask values \\[9\\]"):
+        list(stream.rows(stream.ids))
+
+
+def test_streaming_bad_options_name_the_dataset(repo, tmp_path):
+    with pytest.raises(ValueError, match="24 labeled of the 24 rows of .* leaves no unlabeled image"):
+        load(repo, tmp_path, True, num_labeled=24, labeled_fraction=None)
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        load(repo, tmp_path, True, val_split="test")
+    data, model, run, _ = parse_arguments(["--streaming", "true"])
+    with pytest.raises(ConfigError, match="--streaming .* needs --dataset_name"):
+        validate_arguments(data, model, run)
+
+
+def test_rarest_class_strata():
+    assert rarest_class_strata([[0, 1], [0, 1, 2], [0, 255], [255], [1, 2]]) == ["0", "2", "0", "none", "2"]  # ties: lower id
+
+
+def test_the_draw_is_stratified_by_the_rarest_class(tmp_path):
+    rng = np.random.default_rng(0)
+    rare_rows = (0, 5, 10, 15)  # the only rows that show class 2
+    extra = {}
+    for row in range(24):
+        mask = rng.integers(0, 2, size=(10, 12), dtype=np.uint8)
+        if row in rare_rows:
+            mask[0, 0] = 2
+        extra[row] = {"annotation": png_field(PILImage.fromarray(mask))}
+    repo = write_repo(tmp_path / "rare", segmentation_repo_files(unlabeled_rows=(), extra=extra))
+    rare_ids = {f"train/{row:06d}" for row in rare_rows}
+    for seed in range(8):  # 6 of 24 labeled: 4 * 6 / 24 = 1 rare row each time (a plain draw misses it 29% of draws)
+        sources = load_hub_sources(
+            str(repo), tmp_path / f"p{seed}", cache_dir=tmp_path / "cache", num_labeled=6, partition_seed=seed
+        )
+        assert len(rare_ids & set(sources.labeled["id"])) == 1, seed
+
+
+def test_class_names_from_a_per_pixel_class_label(tmp_path):
+    names = ClassLabel(names=["sky", "road"])
+    per_pixel = Features({"image": Image(), "classes": Sequence(Sequence(names)), "scene": ClassLabel(names=["a"])})
+    assert class_label_names(per_pixel) == ["sky", "road"]
+    assert class_label_names(Features({"image": Image(), "scene": ClassLabel(names=["a", "b"])})) is None
+    disagreeing = Features({"a": Sequence(names), "b": Sequence(ClassLabel(names=["x"])), "c": Value("int32")})
+    bare, shipped = tmp_path / "bare", tmp_path / "shipped"
+    bare.mkdir()
+    write_repo(shipped, {"id2label.json": json.dumps(dict(enumerate(CLASS_NAMES))).encode()})
+    assert resolve_id2label(str(bare), None, per_pixel) == {0: "sky", 1: "road"}
+    with pytest.raises(ValueError, match="2 different per-pixel ClassLabel name lists; pass --id2label FILE"):
+        resolve_id2label(str(bare), None, disagreeing)
+    # precedence: --id2label, then the repo's id2label.json (which must agree in number), then the ClassLabel
+    with pytest.raises(ValueError, match="id2label.json names 3 classes but its ClassLabel feature 2"):
+        resolve_id2label(str(shipped), None, per_pixel)
+    assert resolve_id2label(str(shipped), None, Features({"image": Image()})) == dict(enumerate(CLASS_NAMES))
+    override = tmp_path / "names.json"
+    override.write_text(json.dumps({"0": "void", "1": "thing"}))
+    assert resolve_id2label(str(shipped), override, per_pixel) == {0: "void", 1: "thing"}
+    with pytest.raises(FileNotFoundError, match="nor a per-pixel ClassLabel feature"):
+        resolve_id2label(str(bare), None, Features({"image": Image()}))
