@@ -147,5 +147,5 @@ def test_class_names_from_a_per_pixel_class_label(tmp_path):
     override = tmp_path / "names.json"
     override.write_text(json.dumps({"0": "void", "1": "thing"}))
     assert resolve_id2label(str(shipped), override, per_pixel) == {0: "void", 1: "thing"}
-    with pytest.raises(FileNotFoundError, match="nor a per-pixel ClassLabel feature"):
+    with pytest.raises(FileNotFoundError, match="hold no per-pixel ClassLabel either"):
         resolve_id2label(str(bare), None, Features({"image": Image()}))

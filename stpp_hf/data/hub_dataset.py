@@ -185,8 +185,8 @@ def resolve_id2label(dataset_name: str, id2label_file: str | os.PathLike | None,
     if names is not None:
         return dict(enumerate(names))
     raise FileNotFoundError(
-        f"dataset {dataset_name!r} ships no {ID2LABEL_FILE} (nor a per-pixel ClassLabel feature) to name its "
-        'classes; pass --id2label FILE (a JSON object {"0": "background", "1": "...", ...})'
+        f"dataset {dataset_name!r} ships no {ID2LABEL_FILE} to name its classes; pass --id2label FILE (a JSON "
+        'object {"0": "background", "1": "...", ...}); its features hold no per-pixel ClassLabel either'
     )
 
 
