@@ -12,7 +12,13 @@ from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, w
 from stpp_hf.data import StreamedEvalDataset
 from stpp_hf.data.hub_dataset import class_label_names, load_hub_sources, rarest_class_strata, resolve_id2label
 from stpp_hf.data.images import open_image
-from stpp_hf.training.config import ConfigError, parse_arguments, validate_arguments
+from stpp_hf.training.config import (
+    ConfigError,
+    config_differences,
+    parse_arguments,
+    resolve_run_config,
+    validate_arguments,
+)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +155,78 @@ def test_class_names_from_a_per_pixel_class_label(tmp_path):
     assert resolve_id2label(str(shipped), override, per_pixel) == {0: "void", 1: "thing"}
     with pytest.raises(FileNotFoundError, match="hold no per-pixel ClassLabel either"):
         resolve_id2label(str(bare), None, Features({"image": Image()}))
+
+
+def test_a_relaunch_must_keep_streaming():
+    """The outputs are the same, but the data record is not (a streamed part is fingerprinted by its dataset and
+    row ids, an in-memory one by ``datasets``), and the run directory holds the streamed copies: recorded."""
+    configs = []
+    for extra in ([], ["--streaming", "true"]):
+        data, model, run, _ = parse_arguments(["--dataset_name", "owner/name", "--num_labeled", "2", *extra])
+        configs.append(json.loads(resolve_run_config(data, model, run, 1, "cpu").to_json()))
+    assert config_differences(*configs) == [("hub_dataset.streaming", False, True)]
+
+
+STREAM_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from stpp_hf.data import EvalDataset, StreamedEvalDataset
+from stpp_hf.data.hub_dataset import load_hub_sources
+from stpp_hf.models import build_model
+from stpp_hf.training.selection import compute_reliability
+
+repo, out = sys.argv[1], Path(sys.argv[2])
+accelerator = Accelerator(cpu=True)
+rank, world = accelerator.process_index, accelerator.num_processes
+parts = {}
+for streaming in (False, True):
+    with accelerator.main_process_first():
+        parts[streaming] = load_hub_sources(repo, out / "partition", cache_dir=out / "cache", labeled_fraction="1/4",
+                                            streaming=streaming).unlabeled
+stream = parts[True]
+copied = stream.fetch(stream.ids, out / "copies", rank, world)
+accelerator.wait_for_everyone()
+snapshots = []
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    snapshots.append(build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3,
+                                 aspp_channels=16, low_level_channels=8, decoder_channels=16).eval())
+eager = compute_reliability(snapshots, EvalDataset(parts[False]), list(parts[False]["id"]), 3, accelerator, 4)
+streamed = compute_reliability(snapshots, StreamedEvalDataset(stream, stream.ids, rank, world), stream.ids, 3,
+                               accelerator, 4)
+copies = gather_object([copied])
+if accelerator.is_main_process:
+    stream.verify(stream.ids, out / "copies")
+    print("RESULT" + json.dumps({"copied": copies, "same_scores": eager == streamed, "num_scores": len(streamed)}))
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_stream_each_image_once_and_score_as_in_memory(repo, tmp_path):
+    import subprocess
+
+    from test_train_e2e import REPO, assert_ok, launch_command
+
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_SCRIPT)
+    launch, env = launch_command(script, processes=2)
+    env = dict(env, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    completed = subprocess.run(
+        [*launch, str(repo), str(tmp_path / "out")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert_ok(completed)
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT"))
+    result = json.loads(line.removeprefix("RESULT"))
+    assert result == {"copied": [9, 9], "same_scores": True, "num_scores": 18}
+    journals = [
+        json.loads(line)["id"]
+        for path in (tmp_path / "out" / "copies" / "images").glob("journal-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(journals) == len(set(journals)) == 18  # every image copied exactly once, by one of the processes

@@ -75,7 +75,7 @@ class HubSources:
     """The parts of a run drawn from a ``datasets`` dataset; ``metadata`` goes into ``results.json``."""
 
     labeled: Dataset
-    unlabeled: Dataset | IterableDataset
+    unlabeled: Dataset | UnlabeledStream  # an UnlabeledStream with ``streaming``
     val: Dataset
     unlabeled_entries: list[SplitEntry]  # one per unlabeled row, aligned with ``unlabeled["id"]``
     id2label: dict[int, str]

@@ -8,6 +8,9 @@ exactly the images an in-memory pass batches and gives bit-identical scores and 
 ``datasets.distributed.split_dataset_by_node``: when a split has a multiple of ``world_size`` files it hands
 out whole files, another assignment, hence other batches.)
 
+The images must be stored in the dataset's files (Hub parquet / arrow) or in local files; the copies keep
+their encoded bytes as they are (under a ``.png`` name, which only names the file: PIL reads the content).
+
 Retraining needs random access to the pseudo-labeled images, so the labeling stage first copies the encoded
 bytes of each image it labels (and of its mask, when the row has one, for the pseudo-label mIoU) into the
 run directory, in two :class:`~stpp_hf.data.pseudo_labels.PseudoLabelStore`\\ s (atomic files, journals,
@@ -124,7 +127,6 @@ class UnlabeledStream:
     def local_dataset(self, ids: Sequence[str], directory: str | os.PathLike) -> Dataset:
         """The fetched rows of ``ids`` (in that order) as a ``datasets.Dataset`` with the common features."""
         images, masks = self.stores(directory)
-        masks.entries()
         rows = {
             "id": list(ids),
             "image": [{"path": str(images.file_path(image_id)), "bytes": None} for image_id in ids],

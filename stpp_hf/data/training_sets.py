@@ -100,6 +100,8 @@ class StreamedEvalDataset(Dataset):
         if index != self._next:
             raise IndexError(f"a streamed set is read once, in order: item {self._next} comes next, not {index}")
         row = next(self._rows)
+        if row["id"] != self.ids[index]:
+            raise RuntimeError(f"the stream gave {row['id']!r} for item {index}, {self.ids[index]!r}")
         self._next += self._step
         return self.transform(*_read(row))
 
