@@ -75,7 +75,9 @@ def test_processes_read_disjoint_shards_and_fetches_resume(repo, tmp_path):
     assert stream.fetch(ids, copies) == 10 and stream.fetch(ids, copies) == 0
     stream.verify(ids, copies)
     journals = [
-        json.loads(line)["id"] for path in (copies / "images").glob("journal-*.jsonl") for line in path.read_text().splitlines()
+        json.loads(line)["id"]
+        for path in (copies / "images").glob("journal-*.jsonl")
+        for line in path.read_text().splitlines()
     ]
     assert sorted(journals) == sorted(stream.ids + [victim])  # each image copied once, the damaged one twice
     local = stream.local_dataset(ids, copies)
@@ -113,7 +115,13 @@ def test_streaming_bad_options_name_the_dataset(repo, tmp_path):
 
 
 def test_rarest_class_strata():
-    assert rarest_class_strata([[0, 1], [0, 1, 2], [0, 255], [255], [1, 2]]) == ["0", "2", "0", "none", "2"]  # ties: lower id
+    assert rarest_class_strata([[0, 1], [0, 1, 2], [0, 255], [255], [1, 2]]) == [
+        "0",
+        "2",
+        "0",
+        "none",
+        "2",
+    ]  # ties: lower id
 
 
 def test_the_draw_is_stratified_by_the_rarest_class(tmp_path):

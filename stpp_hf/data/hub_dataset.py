@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -67,7 +67,13 @@ class HubDataArguments:
     id2label: Optional[str] = field(
         default=None, metadata={"help": "JSON file {'0': 'name', ...} (default: the dataset's id2label.json)."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Read the unlabeled part lazily from the Hub."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the dataset lazily, without downloading it first: selection streams the unlabeled rows, "
+            "each label stage copies the images it labels into the run directory (retraining reads them there)."
+        },
+    )
 
 
 @dataclass
@@ -422,10 +428,9 @@ def load_hub_sources(
         _validate_rows(train, indices["unlabeled"], columns, num_labels, train_split, "unlabeled", validated)
     atomic_write_bytes(validated_path, json.dumps(validated, indent=1).encode("utf-8"))
 
-    labeled = columns.to_common(
-        labeled_rows.select(labeled_positions), [entry.image for entry in parts["labeled"]]
-    )
+    labeled = columns.to_common(labeled_rows.select(labeled_positions), [entry.image for entry in parts["labeled"]])
     if streaming:
+
         def check_row(row: dict, image_id: str) -> None:
             if row["label"] is not None:
                 decoded = {columns.image: open_image(row["image"]), columns.label: open_image(row["label"], "mask")}
@@ -459,7 +464,9 @@ def load_hub_sources(
     )
 
 
-def _load_split(dataset_name: str, split: str, load_kwargs: dict, streaming: bool = False) -> Dataset | IterableDataset:
+def _load_split(
+    dataset_name: str, split: str, load_kwargs: dict, streaming: bool = False
+) -> Dataset | IterableDataset:
     try:
         loaded = load_dataset(dataset_name, split=split, streaming=streaming, **load_kwargs)
     except ValueError as error:

@@ -131,7 +131,8 @@ class UnlabeledStream:
             "id": list(ids),
             "image": [{"path": str(images.file_path(image_id)), "bytes": None} for image_id in ids],
             "label": [
-                {"path": str(masks.file_path(image_id)), "bytes": None} if image_id in masks else None for image_id in ids
+                {"path": str(masks.file_path(image_id)), "bytes": None} if image_id in masks else None
+                for image_id in ids
             ],
         }
         return Dataset.from_dict(rows, features=FEATURES)
