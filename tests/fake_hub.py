@@ -236,8 +236,17 @@ class FakeHub:
         if path not in files:
             return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, {"error": f"{path} not found"}
         content = files[path]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"'}
-        return 200, headers, content
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"', "Accept-Ranges": "bytes"}
+        wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", request.get("range") or "")
+        if wanted is None:
+            return 200, headers, content
+        # a byte range, as a streamed parquet file is read (its footer first, then column chunks)
+        first, last = wanted.groups()
+        start = len(content) - int(last) if not first else int(first)
+        stop = len(content) if not first or not last else min(int(last) + 1, len(content))
+        start = max(start, 0)
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(content)}"
+        return 206, headers, content[start:stop]
 
 
 def save_tiny_model(directory, class_names: tuple[str, ...], seed: int = 0):
@@ -304,6 +313,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 "query": urlsplit(self.path).query,
                 "body": body,
                 "json": json.loads(body) if is_json and body else {},
+                "range": self.headers.get("Range"),
             }
             request["repo"] = arguments.pop("repo", None)
             stored_as = repo_key(request["repo"], arguments.pop("kind", None))

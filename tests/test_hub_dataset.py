@@ -148,17 +148,18 @@ HUB_LOADER = textwrap.dedent(
     """
     import json, sys
     from stpp_hf.data.hub_dataset import load_hub_sources
+    from stpp_hf.data.images import open_image, undecoded
 
     repo_id, partition_dir, cache_dir = sys.argv[1:]
     report = {}
     for streaming in (False, True):
         sources = load_hub_sources(repo_id, partition_dir, labeled_fraction="1/6", partition_seed=1,
                                    streaming=streaming, cache_dir=cache_dir)
-        unlabeled = list(sources.unlabeled)
+        unlabeled = list(sources.unlabeled.rows(sources.unlabeled.ids) if streaming else undecoded(sources.unlabeled))
         report[str(streaming)] = {
             "labeled": list(sources.labeled["id"]), "val": len(sources.val), "id2label": sources.id2label,
             "unlabeled": [row["id"] for row in unlabeled],
-            "unlabeled_sizes": [list(row["image"].size) for row in unlabeled],
+            "unlabeled_sizes": [list(open_image(row["image"]).size) for row in unlabeled],
             "unlabeled_has_label": [row["label"] is not None for row in unlabeled],
             "type": type(sources.unlabeled).__name__,
         }
@@ -188,7 +189,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     assert eager["id2label"] == {
         str(index): name for index, name in enumerate(CLASS_NAMES)
     }  # the repo's id2label.json
-    assert streamed["type"] == "IterableDataset" and eager["type"] == "Dataset"
+    assert streamed["type"] == "UnlabeledStream" and eager["type"] == "Dataset"
     for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
         assert streamed[key] == eager[key], key
     assert eager["unlabeled_has_label"].count(False) == 2
@@ -234,6 +235,13 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
             [*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400
         )
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+        # the same run with the unlabeled rows streamed
+        streamed = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(tmp_path / "streamed"),
+             *TRAIN_ARGS, "--streaming", "true"],
+            env=environment, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert streamed.returncode == 0, streamed.stdout[-3000:] + streamed.stderr[-5000:]
         # a relaunch with another partition seed is refused before anything is trained
         refused = subprocess.run(
             [*command, *TRAIN_ARGS, "--partition_seed", "3"],  # the last occurrence wins
@@ -266,3 +274,14 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
     assert pseudo.mode == "P" and pseudo.getpalette()[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]
     assert all(0 <= miou <= 1 for miou in results["pseudo_label_miou"].values())
     assert results["stages"][1]["teacher_miou"] is None  # not every unlabeled row has a mask to compare with
+    # streaming selects the same images and writes the same pseudo labels, byte for byte
+    for name in ("partition/labeled.txt", "stages/2-select/reliable_ids.txt", "stages/2-select/reliability.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (run / name).read_bytes(), name
+    eager_labels = sorted((run / "pseudo_labels").rglob("*.png"))
+    assert len(eager_labels) == 18
+    for path in eager_labels:
+        assert (tmp_path / "streamed" / path.relative_to(run)).read_bytes() == path.read_bytes()
+    streamed_results = json.loads((tmp_path / "streamed" / "results.json").read_text())
+    assert streamed_results["config"]["hub_dataset"]["streaming"] is True
+    assert streamed_results["pseudo_label_miou"] == results["pseudo_label_miou"]
+    assert len(list((tmp_path / "streamed" / "streamed_unlabeled" / "images" / "labels").glob("*.png"))) == 18

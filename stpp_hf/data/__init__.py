@@ -16,7 +16,8 @@ from .splits import (
     shipped_split_path,
     write_split,
 )
-from .training_sets import EvalDataset, RetrainDataset, SupOnlyDataset
+from .streamed import UnlabeledStream
+from .training_sets import EvalDataset, RetrainDataset, StreamedEvalDataset, SupOnlyDataset
 from .transforms import EvalTransform, TrainTransform
 
 
@@ -33,6 +34,8 @@ __all__ = [
     "SOURCES",
     "DatasetSource",
     "EvalDataset",
+    "StreamedEvalDataset",
+    "UnlabeledStream",
     "EvalTransform",
     "FastTrainTransform",
     "HubDataArguments",

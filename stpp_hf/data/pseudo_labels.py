@@ -194,15 +194,19 @@ class PseudoLabelStore:
             raise ValueError(f"pseudo label of {image_id!r} must hold integers in [0, 255], got dtype {array.dtype}")
         buffer = io.BytesIO()
         colorize(array, self.palette).save(buffer, format="PNG")
-        payload = buffer.getvalue()
+        return self.put_encoded(image_id, buffer.getvalue(), width=int(array.shape[1]), height=int(array.shape[0]))
+
+    def put_encoded(self, image_id: str, payload: bytes, width: int, height: int) -> dict:
+        """Store ``payload``, an encoded ``width`` x ``height`` image, as the file of ``image_id`` (atomically,
+        then journaled); returns its manifest entry."""
         relative = self.file_name(image_id)
         atomic_write_bytes(self.directory / relative, payload)
         entry = {
             "id": image_id,
             "file": relative,
             "size": len(payload),
-            "height": int(array.shape[0]),
-            "width": int(array.shape[1]),
+            "height": height,
+            "width": width,
             "sha256": sha256_bytes(payload),
         }
         self._append_journal(entry)
@@ -262,17 +266,26 @@ class PseudoLabelStore:
         atomic_write_bytes(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
 
     # ---- reading --------------------------------------------------------------------------------
-    def open(self, image_id: str) -> Image.Image:
-        """The label of ``image_id`` as a single-channel PIL image (mode ``P`` or ``L``)."""
-        entry = self.entries(refresh=False).get(image_id) or self.entries().get(image_id)
-        if entry is None:
-            raise KeyError(f"pseudo-label store {self.directory} has no label for id {image_id!r}")
+    def file_path(self, image_id: str) -> Path:
+        """The recorded file of ``image_id``; errors name the store and the id."""
+        entry = self._entry(image_id)
         path = self._label_path(entry)
         if path is None:
             raise ValueError(
                 f"pseudo-label store {self.directory}: the entry of {image_id!r} names {entry['file']!r}, outside "
                 f"{self.directory / LABELS_DIR}; the manifest or a journal was edited or damaged: label the id again"
             )
+        return path
+
+    def _entry(self, image_id: str) -> dict:
+        entry = self.entries(refresh=False).get(image_id) or self.entries().get(image_id)
+        if entry is None:
+            raise KeyError(f"pseudo-label store {self.directory} has no label for id {image_id!r}")
+        return entry
+
+    def open(self, image_id: str) -> Image.Image:
+        """The label of ``image_id`` as a single-channel PIL image (mode ``P`` or ``L``)."""
+        entry, path = self._entry(image_id), self.file_path(image_id)
         if not path.is_file():
             raise FileNotFoundError(f"pseudo label of {image_id!r} ({path}) is missing")
         image = Image.open(path)

@@ -81,6 +81,31 @@ class EvalDataset(Dataset):
         return self.transform(*_read(self.source[index]))
 
 
+class StreamedEvalDataset(Dataset):
+    """:class:`EvalDataset` over the rows ``ids`` of an :class:`~stpp_hf.data.streamed.UnlabeledStream`, read
+    once: ``self.ids`` is ``ids`` in row order, and process ``rank`` of ``world_size`` may only ask for its
+    items ``rank, rank + world_size, ...`` in that order (what :func:`~stpp_hf.training.inference.shard_indices`
+    and ``same_size_batches`` do); only those rows are decoded."""
+
+    def __init__(self, stream, ids, rank: int = 0, world_size: int = 1, transform: Transform | None = None):
+        self.ids: list[str] = stream.row_ordered(ids)
+        self.transform = transform or EvalTransform()
+        self._rows = stream.rows(self.ids, rank, world_size)
+        self._next, self._step = rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        if index != self._next:
+            raise IndexError(f"a streamed set is read once, in order: item {self._next} comes next, not {index}")
+        row = next(self._rows)
+        if row["id"] != self.ids[index]:
+            raise RuntimeError(f"the stream gave {row['id']!r} for item {index}, {self.ids[index]!r}")
+        self._next += self._step
+        return self.transform(*_read(row))
+
+
 class SupOnlyDataset(Dataset):
     """The labeled images (twice when fewer than 200) through ``transform``."""
 

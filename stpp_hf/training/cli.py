@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..convert_original import load_coco_init
-from ..data import check_label_file_names, check_split_overlap, load_source, make_synthetic_dataset, read_split
+from ..data import (
+    UnlabeledStream,
+    check_label_file_names,
+    check_split_overlap,
+    load_source,
+    make_synthetic_dataset,
+    read_split,
+)
 from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
 from ..data.sources import get_source
 from ..data.splits import resolve_split_file
@@ -184,9 +191,11 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
     else:
         sources, id2label, palette, unlabeled_entries = _local_sources(config, output_dir, accelerator)
         data_metadata = {}
-    check_split_overlap(sources["labeled"], sources["unlabeled"], sources["val"])
+    unlabeled = sources["unlabeled"]
+    streamed = isinstance(unlabeled, UnlabeledStream)  # known by its ids until the stages read its images
+    check_split_overlap(sources["labeled"], unlabeled.ids if streamed else unlabeled, sources["val"])
     if accelerator.is_main_process:
-        check_label_file_names(layout.pseudo_labels, sources["unlabeled"]["id"])
+        check_label_file_names(layout.pseudo_labels, unlabeled.ids if streamed else unlabeled["id"])
     data = RunData(
         labeled=sources["labeled"],
         unlabeled=sources["unlabeled"],

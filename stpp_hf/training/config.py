@@ -432,6 +432,11 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
             raise ConfigError("--coco_init already initialises the backbone: drop --backbone_weights")
         if not run.dry_run and not Path(model.coco_init).is_file():
             raise ConfigError(f"--coco_init {model.coco_init} does not exist")
+    if data.streaming and data.dataset_name is None:
+        raise ConfigError(
+            "--streaming reads a `datasets` dataset lazily: it needs --dataset_name (--data_root layouts and the "
+            "synthetic data are read from disk)"
+        )
     if data.dataset_name is not None:
         _validate_hub_arguments(data)
         return
@@ -473,12 +478,6 @@ def _validate_hub_arguments(data: DataArguments) -> None:
             parse_fraction(data.labeled_fraction)
         except ValueError as error:
             raise ConfigError(f"--{error}") from None
-    if data.streaming:
-        # the pipeline indexes the unlabeled rows (ids, subsets, resumable stores); see README "Datasets from the Hub"
-        raise ConfigError(
-            "--streaming is not supported by training yet: selection and pseudo-labeling index the unlabeled rows; "
-            "stpp_hf.data.hub_dataset.load_hub_sources(..., streaming=True) gives the lazy stream for your own loop"
-        )
     if data.id2label is not None and not Path(data.id2label).is_file():
         raise ConfigError(f"--id2label {data.id2label} does not exist")
 

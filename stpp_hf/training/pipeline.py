@@ -26,13 +26,15 @@ from ..data import (
     FastTrainTransform,
     PseudoLabelStore,
     RetrainDataset,
+    StreamedEvalDataset,
     SupOnlyDataset,
+    UnlabeledStream,
     teacher_fingerprint,
 )
 from ..data.splits import read_split, write_split
 from ..file_io import atomic_write_json, sha256_json
 from ..progress import progress_bar
-from .distributed import check_shared_run_dir
+from .distributed import check_shared_run_dir, rank_and_world_size
 from .evaluation import evaluate
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
@@ -47,12 +49,13 @@ from .state import (
     temporary_directory_for,
 )
 from .trainer import StageHyperParameters, train_stage
-from .visualization import save_prediction_grid, save_selection_figure
+from .visualization import save_prediction_grid, save_selection_figure, selection_figure_rows
 
 
 @dataclass
 class RunData:
-    """The three ``datasets.Dataset``\\ s of a run (features ``id``, ``image``, ``label``) and their classes."""
+    """The three ``datasets.Dataset``\\ s of a run (features ``id``, ``image``, ``label``) and their classes;
+    ``unlabeled`` may be an :class:`~stpp_hf.data.UnlabeledStream` (``--streaming``)."""
 
     labeled: Any
     unlabeled: Any
@@ -107,9 +110,10 @@ class _Run:
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]
-        self.unlabeled_ids = list(data.unlabeled["id"])
+        self.stream = data.unlabeled if isinstance(data.unlabeled, UnlabeledStream) else None
+        self.unlabeled_ids = list(self.stream.ids if self.stream is not None else data.unlabeled["id"])
         self.val_set = EvalDataset(data.val, EvalTransform())
-        self.unlabeled_set = EvalDataset(data.unlabeled, EvalTransform())
+        self.unlabeled_set = None if self.stream is not None else EvalDataset(data.unlabeled, EvalTransform())
         lock_run(accelerator, self.run_dir)
         self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(settings.redo_stage))
 
@@ -155,6 +159,24 @@ class _Run:
         """The unlabeled evaluation set restricted to ``ids``, in that order."""
         positions = {image_id: position for position, image_id in enumerate(self.unlabeled_ids)}
         return Subset(self.unlabeled_set, [positions[image_id] for image_id in ids])
+
+    def unlabeled_pass(self, ids: list[str]):
+        """The unlabeled images ``ids`` for one sharded pass (:func:`~stpp_hf.training.inference.shard_indices`):
+        in memory in the order of ``ids``; streamed in row order (``dataset.ids``), each process reading its rows."""
+        if self.stream is None:
+            return self.unlabeled_subset(ids)
+        return StreamedEvalDataset(self.stream, ids, *rank_and_world_size(self.accelerator))
+
+    def streamed_images(self, ids: list[str]):
+        """The streamed images ``ids`` as a ``datasets.Dataset`` in that order, read from their copies in the run
+        directory; each process first copies its share of those not there yet (a killed copy resumes)."""
+        directory = self.layout.streamed_unlabeled
+        self.stream.fetch(ids, directory, *rank_and_world_size(self.accelerator))
+        self.accelerator.wait_for_everyone()
+        if self.is_main():
+            self.stream.verify(ids, directory)  # raises naming any missing or corrupt copy
+        self.accelerator.wait_for_everyone()
+        return self.stream.local_dataset(ids, directory)
 
     def write_ids(self, path: Path, ids: list[str]) -> None:
         """``ids`` as a split file (``<image> <mask>`` lines of the unlabeled split)."""
@@ -204,9 +226,12 @@ class _Run:
             for label_stage_name in stage.pseudo_label_stages:
                 label_stage = next(s for s in self.stages if s.name == label_stage_name)
                 pseudo[label_stage_name] = (self.subset_ids(label_stage.subset), self.finished_store(label_stage_name))
+            unlabeled = data.unlabeled
+            if self.stream is not None:
+                unlabeled = self.streamed_images([image_id for ids, _ in pseudo.values() for image_id in ids])
             train_set = RetrainDataset(
                 data.labeled,
-                data.unlabeled,
+                unlabeled,
                 [(ids, store) for ids, store in pseudo.values()],
                 FastTrainTransform(data.base_size, data.crop_size, strong=False),
                 FastTrainTransform(data.base_size, data.crop_size, strong=True),
@@ -253,7 +278,7 @@ class _Run:
         )
         scores = compute_reliability(
             snapshots,
-            self.unlabeled_set,
+            self.unlabeled_pass(self.unlabeled_ids),  # the unlabeled list is in row order: one streamed pass
             self.unlabeled_ids,
             self.num_classes,
             self.accelerator,
@@ -283,8 +308,14 @@ class _Run:
         """``selection.png``: the score histogram with the cut, and the most / least reliable images with the
         SupOnly teacher's no-TTA predictions (the pseudo labels do not exist yet at selection time)."""
         teacher = self.settings.model_class.from_pretrained(self.teacher_dir(stage.source))
+        images = self.unlabeled_set
+        if self.stream is not None:  # read the pictured images only, as {position in the unlabeled list: item}
+            rows = selection_figure_rows(self.unlabeled_ids, scores)
+            pictured = StreamedEvalDataset(self.stream, list(dict.fromkeys(i for _, ids in rows for i in ids)))
+            position = {image_id: index for index, image_id in enumerate(self.unlabeled_ids)}
+            images = {position[image_id]: pictured[index] for index, image_id in enumerate(pictured.ids)}
         save_selection_figure(
-            teacher, self.unlabeled_set, self.unlabeled_ids, scores, reliable,
+            teacher, images, self.unlabeled_ids, scores, reliable,
             self.stage_layout(stage.name).selection_figure, self.data.palette,
         )  # fmt: skip
 
@@ -299,7 +330,7 @@ class _Run:
         return {
             name: evaluate(
                 teacher,
-                self.unlabeled_subset(ids),
+                self.unlabeled_pass(ids),
                 self.num_classes,
                 accelerator=self.accelerator,
                 batch_size=hparams.val_batch_size,
@@ -312,7 +343,10 @@ class _Run:
         teacher_dir = self.teacher_dir(stage.source)
         teacher = self.settings.model_class.from_pretrained(teacher_dir)
         ids = self.subset_ids(stage.subset)
-        subset = self.unlabeled_subset(ids)
+        if self.stream is not None:  # labeled from local copies, which retraining reads too
+            subset = EvalDataset(self.streamed_images(ids), EvalTransform())
+        else:
+            subset = self.unlabeled_subset(ids)
         # the store is tied to the teacher's weights: a retrained teacher never reuses stale labels
         store = PseudoLabelStore.for_teacher(
             self.layout.pseudo_labels, inputs["teacher"], stage.name, palette=self.data.palette

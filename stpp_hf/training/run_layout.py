@@ -10,6 +10,7 @@
         reliable_ids.txt  unreliable_ids.txt  reliability.json  selection.png   (the select stage)
       pseudo_labels/<stage>-<teacher>/     pseudo-label stores (data.pseudo_labels.PseudoLabelStore.for_teacher)
       partition/                           labeled / unlabeled partition of a `datasets` dataset
+      streamed_unlabeled/                  --streaming: copies of the unlabeled images the label stages labeled
       synthetic_data/  datasets_cache/  logs/
 
 ``results.json`` names directories relative to the run directory (:meth:`RunLayout.relative`), so a run
@@ -150,6 +151,11 @@ class RunLayout:
     @property
     def synthetic_data(self) -> Path:
         return self.run_dir / "synthetic_data"
+
+    @property
+    def streamed_unlabeled(self) -> Path:
+        """With ``--streaming``: copies of the streamed images the label stages labeled (retraining reads them)."""
+        return self.run_dir / "streamed_unlabeled"
 
     @property
     def datasets_cache(self) -> Path:

@@ -88,6 +88,12 @@ def _histogram(scores: Sequence[float], cut: float, width: int, height: int = 15
 
 
 @torch.no_grad()
+def selection_figure_rows(ids: Sequence[str], scores: dict[str, float], num_images: int = 4) -> list[tuple[str, list]]:
+    """The image rows of the selection picture: ``[("most reliable", ids), ("least reliable", ids)]``."""
+    ranked = sorted(ids, key=lambda image_id: scores[image_id], reverse=True)
+    return [("most reliable", ranked[:num_images]), ("least reliable", ranked[::-1][:num_images])]
+
+
 def save_selection_figure(
     model: torch.nn.Module,
     dataset: Sequence,
@@ -107,7 +113,7 @@ def save_selection_figure(
     position = {image_id: index for index, image_id in enumerate(ids)}
     cut = (scores[reliable[-1]] + scores[ranked[len(reliable)]]) / 2 if 0 < len(reliable) < len(ranked) else 0.5
     font = ImageFont.load_default()
-    rows = [("most reliable", ranked[:num_images]), ("least reliable", ranked[::-1][:num_images])]
+    rows = selection_figure_rows(ids, scores, num_images)
     width = max(2 * tile * num_images, 360)
     canvas = Image.new("RGB", (width, 150 + len(rows) * (tile + 14)), "white")
     canvas.paste(_histogram([scores[i] for i in ids], cut, width), (0, 0))
