@@ -20,14 +20,13 @@ checksums; a killed fetch resumes with the ids still missing), and labels them f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from datasets import Dataset, IterableDataset
 
+from ..file_io import sha256_json
 from .images import open_image, undecoded
 from .pseudo_labels import PseudoLabelStore
 from .sources.base import FEATURES
@@ -59,8 +58,7 @@ class UnlabeledStream:
         self.image_column, self.label_column, self.identity = image_column, label_column, identity
         self.ids: list[str] = list(row_of)
         # the data record of a run (the in-memory path gives datasets' fingerprint of the rows instead)
-        payload = json.dumps({**identity, "ids": self.ids}, sort_keys=True).encode("utf-8")
-        self._fingerprint = hashlib.sha256(payload).hexdigest()
+        self._fingerprint = sha256_json({**identity, "ids": self.ids})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,7 +92,7 @@ class UnlabeledStream:
 
     def stores(self, directory: str | os.PathLike) -> tuple[PseudoLabelStore, PseudoLabelStore]:
         """The image and mask stores under ``directory`` (tied to the dataset's identity)."""
-        fingerprint = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode("utf-8")).hexdigest()
+        fingerprint = sha256_json(self.identity)
         directory = Path(directory)
         return (
             PseudoLabelStore(directory / IMAGES_DIR, fingerprint=fingerprint),
