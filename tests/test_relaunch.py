@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import tiny_deeplab
 
-from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation, build_model
+from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
 from stpp_hf.training.pipeline import RunData, RunSettings, lock_run, run_pipeline
 from stpp_hf.training.state import RunDirectoryLocked, lock_run_directory
@@ -56,7 +57,7 @@ class Factory:
     def __call__(self):
         if self.init_seed is not None:
             torch.manual_seed(self.init_seed)
-        return build_model("deeplabv3plus", num_labels=self.num_labels, backbone="resnet18", output_stride=16)
+        return tiny_deeplab(num_labels=self.num_labels)
 
 
 def settings_for(run_dir, factory, **overrides):

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO, SCRIPT, assert_ok, script_env
 from PIL import Image
-from test_train_e2e import REPO, SCRIPT, assert_ok, script_env  # noqa: F401
 
 CLASSES = {"0": "sky", "1": "tree", "2": "house"}
 
