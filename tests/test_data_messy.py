@@ -279,6 +279,7 @@ def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
 # ---- decompression-bomb limit ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_images_over_the_pixel_limit_name_the_file_and_the_way_out(tmp_path, monkeypatch):
     args, _ = _layout(tmp_path, "pascal", ["a"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x30 = 1200 pixels > 2 * 500

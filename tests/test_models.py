@@ -236,6 +236,7 @@ def test_return_dict_false_gives_tuple(small_model):
     assert loss.dim() == 0 and logits.shape == (1, 4, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", [True, False])
 def test_tta_equals_a_plain_loop_over_scales_and_flips(small_model, flip):
     torch.manual_seed(2)

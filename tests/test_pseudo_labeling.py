@@ -28,6 +28,7 @@ def reference_pseudo_label(model, image):
     return total[0]
 
 
+@pytest.mark.slow
 def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     model = tiny_model()
     dataset = images_of_mixed_sizes()
@@ -50,6 +51,7 @@ def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     assert len(np.unique(np.concatenate([store.get(i).ravel() for i in ids]))) > 1  # not a constant labeling
 
 
+@pytest.mark.slow
 def test_partial_store_is_completed_and_pseudo_label_miou(tmp_path):
     model = tiny_model(1)
     dataset = images_of_mixed_sizes(1)
@@ -71,6 +73,7 @@ def test_partial_store_is_completed_and_pseudo_label_miou(tmp_path):
         label_images(model, dataset, ids[:3], store)
 
 
+@pytest.mark.slow
 def test_predict_tta_batches_the_flip_and_keeps_the_per_image_result():
     """The flipped copy and same-size images share a batch; the summed softmax maps (float32) still equal
     the image-by-image, flip-by-flip procedure up to float rounding, and so do the labels."""
@@ -99,6 +102,7 @@ def smooth_images(count, height=48, width=64, seed=0):
     return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
 
 
+@pytest.mark.slow
 def test_bf16_labels_match_fp32_labels(tmp_path):
     """Mixed precision (CPU autocast, bf16) pseudo-labeling changes a label only where fp32's summed softmax
     (10 maps, total 10) is within 0.05 of a tie. This untrained model is tie-heavy (a fifth of its pixels are

@@ -198,6 +198,7 @@ def test_a_damaged_epoch_checkpoint_names_the_file_and_how_to_restart_the_stage(
     assert str(checkpoint) in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_locked_run_directory_is_refused_naming_the_holder(tmp_path):
     import subprocess
     import sys

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from helpers import BLOCK_STPP_HF
 from safetensors.torch import load_file, save_file
@@ -40,6 +41,7 @@ FRESH_PROCESS = BLOCK_STPP_HF + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_saved_models_with_trust_remote_code(tmp_path):
     torch.manual_seed(0)
     pixel_values = torch.randn(1, 3, 32, 40)

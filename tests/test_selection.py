@@ -26,6 +26,7 @@ def reference_reliability(snapshots, dataset):
     return scores
 
 
+@pytest.mark.slow
 def test_sharded_batched_reliability_equals_reference():
     snapshots = [tiny_model(3, perturbation_seed=seed) for seed in (4, 5, 6)]
     dataset = images_of_mixed_sizes(2)
@@ -90,6 +91,7 @@ def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
             assert np.array_equal(np.asarray(figure.crop((x + 48, y, x + 96, y + 48))), np.asarray(expected_label))
 
 
+@pytest.mark.slow
 def test_bf16_selection_keeps_the_fp32_split():
     """Selection under bf16 autocast: the reliability scores stay close to fp32's and the reliable / unreliable
     split is the same up to images whose fp32 scores are near-tied at the split."""

@@ -101,6 +101,7 @@ def test_folder_dataset_trains_from_the_command_line_and_other_data_is_refused(t
     assert json.loads((run_dir / "results.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_a_val_set_that_shares_images_with_training_is_refused_before_training(tmp_path):
     root, run_dir = tmp_path / "my_data", tmp_path / "run"
     make_folder_dataset(root)

@@ -45,6 +45,7 @@ def recorded_steps(monkeypatch):
     return steps
 
 
+@pytest.mark.slow
 def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps, fresh_accelerator):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
     hparams = StageHyperParameters(epochs=2, global_batch_size=4, base_lr=0.01, val_batch_size=4, channels_last=False)
@@ -98,6 +99,7 @@ def test_too_small_training_set_is_a_clear_error(tmp_path, fresh_accelerator):
         train_stage(make_model, toy_set(5, 0), toy_val_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last, fresh_accelerator):
     # channels_last=False caught evaluation switching the trained parameters to channels_last behind
@@ -162,6 +164,7 @@ def test_evaluation_leaves_the_trained_model_as_it_was(fresh_accelerator):
         assert torch.equal(tensor, before[name]), name
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_path, fresh_accelerator):
     accelerator = fresh_accelerator(mixed_precision="bf16")
     seen = []
@@ -186,6 +189,7 @@ def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_pa
     assert {tensor.dtype for tensor in saved.values() if tensor.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_sliding_window_evaluation_equals_window_by_window_prediction():
     torch.manual_seed(0)
     model = make_model().eval()
