@@ -76,6 +76,7 @@ def served(tmp_path_factory):
         yield {"hub": hub, "resnet18": load_file(root / "resnet18" / "model.safetensors")}
 
 
+@pytest.mark.slow
 def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_path, monkeypatch):
     hub, reference = served["hub"], served["resnet18"]
     home = tmp_path / "hf_home"

@@ -428,6 +428,7 @@ def test_an_unreachable_hub_is_one_clear_error_naming_the_endpoint(tiny_run, mon
     assert error.value.__cause__ is None and error.value.__suppress_context__
 
 
+@pytest.mark.slow
 def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(tiny_run, tmp_path):
     import socket
 
