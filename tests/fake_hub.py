@@ -21,8 +21,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 import yaml
+from helpers import tiny_deeplab
 
-from stpp_hf import DeepLabImageProcessor, build_model
+from stpp_hf import DeepLabImageProcessor
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 API = r"^/api/(?P<kind>models|datasets)"  # model and dataset repos answer the same routes
@@ -252,10 +253,9 @@ class FakeHub:
 def save_tiny_model(directory, class_names: tuple[str, ...], seed: int = 0):
     """Save a small real DeepLabV3+ (resnet18, narrow head) with its image processor; return the model (eval)."""
     torch.manual_seed(seed)
-    model = build_model(
-        "deeplabv3plus", backbone="resnet18", output_stride=16, id2label=dict(enumerate(class_names)),
-        aspp_channels=16, low_level_channels=8, decoder_channels=16,
-    ).eval()  # fmt: skip
+    model = tiny_deeplab(
+        id2label=dict(enumerate(class_names)), aspp_channels=16, low_level_channels=8, decoder_channels=16
+    ).eval()
     model.save_pretrained(directory)
     DeepLabImageProcessor().save_pretrained(directory)
     return model

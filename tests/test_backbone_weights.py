@@ -11,6 +11,7 @@ import timm
 import torch
 import torchvision
 from fake_hub import FakeHub
+from helpers import REPO, tiny_deeplab
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
@@ -18,7 +19,6 @@ from timm.models import save_for_hf
 from stpp_hf import build_model
 from stpp_hf.models.backbone_weights import describe_backbone_weights, load_backbone_weights
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TAG_REPO = "timm/resnet18.tv_in1k"  # what `--backbone_weights tv_in1k` means for a resnet18 backbone
 
 # Runs with HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE from the environment, as a training run does.
@@ -76,12 +76,13 @@ def served(tmp_path_factory):
         yield {"hub": hub, "resnet18": load_file(root / "resnet18" / "model.safetensors")}
 
 
+@pytest.mark.slow
 def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_path, monkeypatch):
     hub, reference = served["hub"], served["resnet18"]
     home = tmp_path / "hf_home"
     environment = {
         **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": str(REPO),
     }  # fmt: skip
     environment.pop("HF_HUB_OFFLINE", None)
     environment.pop("HF_HUB_CACHE", None)
@@ -117,7 +118,7 @@ def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_
 
 def test_hub_repos_of_another_architecture_or_layout_are_clear_errors(served, tmp_path, monkeypatch):
     use_hub(monkeypatch, served["hub"].url, tmp_path / "cache")
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
+    model = tiny_deeplab(num_labels=3)
     before = {key: value.clone() for key, value in model.backbone.state_dict().items()}
     other_architecture = r"'someone/resnet34-weights' holds resnet34 weights, but the model's backbone is resnet18"
     with pytest.raises(ValueError, match=other_architecture):
@@ -151,7 +152,7 @@ def test_local_files_in_torchvision_and_timm_layout(tmp_path):
     torch.save({"model": timm_weights, "epoch": 3}, tmp_path / "checkpoint.bin")  # a training checkpoint
     files = {"resnet18.pth": torchvision_weights, "resnet18.safetensors": timm_weights, "checkpoint.bin": timm_weights}
     for name, reference in files.items():
-        model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
+        model = tiny_deeplab(num_labels=3)
         description = load_backbone_weights(model, str(tmp_path / name))
         assert description == {
             "spec": str(tmp_path / name),
@@ -164,7 +165,7 @@ def test_local_files_in_torchvision_and_timm_layout(tmp_path):
 
 def test_a_weights_file_of_another_architecture_is_a_clear_error(tmp_path):
     save_file(timm.create_model("resnet34", pretrained=False).state_dict(), tmp_path / "resnet34.safetensors")
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
+    model = tiny_deeplab(num_labels=3)
     other_architecture = r"resnet34\.safetensors, loaded into a resnet18 backbone, does not match .*unexpected keys"
     with pytest.raises(ValueError, match=other_architecture):
         load_backbone_weights(model, str(tmp_path / "resnet34.safetensors"))
@@ -179,7 +180,7 @@ def test_a_weights_file_of_another_architecture_is_a_clear_error(tmp_path):
 
 def test_none_keeps_the_random_initialisation():
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
+    model = tiny_deeplab(num_labels=3)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     assert load_backbone_weights(model, "none") == {"spec": "none", "kind": "none", "hub_id": None, "path": None}
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -11,7 +11,6 @@ import pytest
 import torch
 from fake_hub import save_tiny_model
 from PIL import Image, features
-from test_infer import load_infer_module
 
 from stpp_hf import DeepLabImageProcessor
 from stpp_hf.data import (
@@ -280,6 +279,7 @@ def test_overlapping_sets_are_refused_or_reported(tmp_path, caplog):
 # ---- decompression-bomb limit ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_images_over_the_pixel_limit_name_the_file_and_the_way_out(tmp_path, monkeypatch):
     args, _ = _layout(tmp_path, "pascal", ["a"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40x30 = 1200 pixels > 2 * 500
@@ -347,10 +347,10 @@ def test_store_refuses_manifest_paths_outside_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def infer_setup(tmp_path_factory):
+def infer_setup(infer, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     model = save_tiny_model(model_dir, ("background", "thing"))
-    return load_infer_module(), model_dir, model
+    return infer, model_dir, model
 
 
 def _predicted(model, image):

@@ -3,12 +3,9 @@
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_train_e2e import free_port, script_env
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, free_port, script_env
 
 # what a launcher without an agent (srun, mpirun, a hand-made launch) gives one process of two
 JOIN = """

@@ -7,8 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, assert_ok, launch_command
 from PIL import Image
-from test_train_e2e import REPO, assert_ok, launch_command
 
 from stpp_hf.data.fast_transforms import FastTrainTransform
 from stpp_hf.training.sampling import training_loader

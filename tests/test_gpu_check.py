@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_training_and_labeling_parts_run_tiny():
     settings = gpu_check.recipe(tiny=True)
     rows = gpu_check.training_steps(settings, torch.device("cpu"))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fake_hub import FakeHub, save_tiny_model
+from helpers import BLOCK_STPP_HF, REPO
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -23,26 +24,19 @@ from stpp_hf import DeepLabImageProcessor
 from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir, push_run_to_hub
 from stpp_hf.models.backbone_weights import describe_backbone_weights
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
 TOKEN = "hf_FakeTokenForTestsOnly0123456789"
 CLASS_NAMES = ("background", "disc", "square")
 # framework "st": the stage list of the trainer (stpp_hf.training.stages.build_stages("st"))
 STAGES = (("suponly", "train"), ("label_all", "label"), ("retrain", "train"))
 
-LOADER = textwrap.dedent(
+LOADER = BLOCK_STPP_HF + textwrap.dedent(
     """
     import json, sys
 
     mode, repo_id, revision, input_path, output_path = sys.argv[1:]
     if mode == "remote_code":
-        class BlockStppHf:
-            # Any import of the package fails, so only the code files of the Hub repo can be used.
-            def find_spec(self, name, path=None, target=None):
-                if name == "stpp_hf" or name.startswith("stpp_hf."):
-                    raise ImportError("stpp_hf is blocked in this process")
-
-        sys.meta_path.insert(0, BlockStppHf())
+        block_stpp_hf()  # only the code files of the Hub repo can be used
     else:
         import stpp_hf
     import numpy as np
@@ -128,7 +122,7 @@ def hub_environment(hub: FakeHub, home: Path, token: str | None = TOKEN) -> dict
         "HF_HUB_DISABLE_XET": "1",
         "HF_HOME": str(home),
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": str(REPO),
     }
     environment.pop("HF_HUB_OFFLINE", None)
     environment.pop("HF_TOKEN", None)
@@ -151,7 +145,7 @@ def pushed(tiny_run, tmp_path_factory):
     with FakeHub(token=TOKEN) as hub:
         environment = hub_environment(hub, home)
         push = run_python(
-            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID,
+            [str(REPO / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID,
              "--push-stages"],
             environment, home,
         )  # fmt: skip
@@ -251,7 +245,7 @@ def test_infer_script_runs_on_a_hub_repo_branch(pushed, tmp_path):
     image_path = tmp_path / "photo.png"
     Image.fromarray(pushed["image"]).save(image_path)
     infer = run_python(
-        [str(REPO_ROOT / "examples/infer.py"), "--model", REPO_ID, "--revision", "stage-1-suponly",
+        [str(REPO / "examples/infer.py"), "--model", REPO_ID, "--revision", "stage-1-suponly",
          "--images", str(image_path), "--output-dir", str(tmp_path / "out")],
         pushed["environment"], tmp_path,
     )  # fmt: skip
@@ -269,7 +263,7 @@ def test_failed_upload_raises_clear_error_and_leaves_run_intact(tiny_run, tmp_pa
     before = tree_digest(tiny_run["run_dir"])
     with FakeHub(fail_commits=True) as hub:
         push = run_python(
-            [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
+            [str(REPO / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
             hub_environment(hub, tmp_path), tmp_path,
         )  # fmt: skip
     assert push.returncode != 0
@@ -434,6 +428,7 @@ def test_an_unreachable_hub_is_one_clear_error_naming_the_endpoint(tiny_run, mon
     assert error.value.__cause__ is None and error.value.__suppress_context__
 
 
+@pytest.mark.slow
 def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(tiny_run, tmp_path):
     import socket
 
@@ -441,10 +436,10 @@ def test_push_script_on_an_unreachable_hub_prints_one_line_naming_the_endpoint(t
         probe.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
     environment = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path),
-                   "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+                   "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}  # fmt: skip
     environment.pop("HF_HUB_OFFLINE", None)
     push = run_python(
-        [str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
+        [str(REPO / "examples/push_to_hub.py"), "--run-dir", str(tiny_run["run_dir"]), "--repo-id", REPO_ID],
         environment, tmp_path,
     )  # fmt: skip
     assert push.returncode != 0

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_hub import FakeHub
+from helpers import REPO, SCRIPT
 from PIL import Image
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
 from stpp_hf.data.hub_dataset import load_hub_sources, parse_fraction
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(directory, partition_dir, cache_dir, **kwargs):
@@ -174,7 +173,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
         hub.add_repo("tester/tiny-seg", segmentation_repo_files(), repo_type="dataset")
         environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
                        "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-                       "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+                       "PYTHONPATH": str(REPO)}  # fmt: skip
         environment.pop("HF_HUB_OFFLINE", None)
         completed = subprocess.run(
             [sys.executable, "-c", HUB_LOADER, "tester/tiny-seg", str(tmp_path / "partition"),
@@ -197,7 +196,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
 
 def hub_environment(hub: FakeHub, home: Path) -> dict:
     environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
-                   "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # fmt: skip
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_CPU"):
         environment.pop(name, None)
     return environment
@@ -230,14 +229,14 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
     with FakeHub() as hub:
         hub.add_repo("tester/tiny-seg", segmentation_repo_files(size=(32, 24)), repo_type="dataset")
         environment = hub_environment(hub, tmp_path / "home")
-        command = [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(run)]
+        command = [sys.executable, str(SCRIPT), "--output_dir", str(run)]
         completed = subprocess.run(
             [*command, *TRAIN_ARGS], env=environment, capture_output=True, text=True, timeout=400
         )
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
         # the same run with the unlabeled rows streamed
         streamed = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "examples" / "train_stpp.py"), "--output_dir", str(tmp_path / "streamed"),
+            [*command[:-1], str(tmp_path / "streamed"),
              *TRAIN_ARGS, "--streaming", "true"],
             env=environment, capture_output=True, text=True, timeout=400,
         )  # fmt: skip

@@ -2,10 +2,12 @@
 stratified partition; class names from a per-pixel ``ClassLabel``. Local dataset directories, no network."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
 from datasets import ClassLabel, Features, Image, Sequence, Value
+from helpers import REPO, assert_ok, launch_command
 from PIL import Image as PILImage
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
@@ -217,10 +219,6 @@ accelerator.end_training()
 
 @pytest.mark.slow
 def test_two_processes_stream_each_image_once_and_score_as_in_memory(repo, tmp_path):
-    import subprocess
-
-    from test_train_e2e import REPO, assert_ok, launch_command
-
     script = tmp_path / "stream.py"
     script.write_text(STREAM_SCRIPT)
     launch, env = launch_command(script, processes=2)

@@ -1,6 +1,5 @@
 """examples/infer.py on a few images: masks, overlays and class areas match the model's own predictions."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,20 +11,7 @@ from PIL import Image
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 
-INFER_PATH = Path(__file__).resolve().parent.parent / "examples" / "infer.py"
 CLASS_NAMES = ("background", "disc", "square", "stripe")
-
-
-def load_infer_module():
-    spec = importlib.util.spec_from_file_location("stpp_infer_example", INFER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def infer():
-    return load_infer_module()
 
 
 @pytest.fixture(scope="module")

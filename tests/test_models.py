@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import tiny_deeplab
 
 from stpp_hf import (
     MODEL_REGISTRY,
@@ -19,7 +20,7 @@ from stpp_hf import (
 def small_model():
     """ResNet-18 DeepLabV3+ at output stride 16 with random BN statistics, eval mode."""
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=4)
+    model = tiny_deeplab(num_labels=4)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
@@ -44,7 +45,7 @@ def test_aspp_rates_follow_output_stride():
     assert DeepLabV3PlusConfig(output_stride=16).atrous_rates == (6, 12, 18)
     assert DeepLabV3PlusConfig(output_stride=16, aspp_rates=[2, 4, 6]).atrous_rates == (2, 4, 6)
     with torch.device("meta"):
-        model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16)
+        model = tiny_deeplab()
     assert [branch.conv.dilation[0] for branch in model.aspp.branches] == [1, 6, 12, 18]
 
 
@@ -236,6 +237,7 @@ def test_return_dict_false_gives_tuple(small_model):
     assert loss.dim() == 0 and logits.shape == (1, 4, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", [True, False])
 def test_tta_equals_a_plain_loop_over_scales_and_flips(small_model, flip):
     torch.manual_seed(2)
@@ -304,7 +306,7 @@ def test_load_torchvision_backbone_weights(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)  # with fc.*, as the ImageNet files are
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, num_labels=3)
+    model = tiny_deeplab(num_labels=3)
     head_before = {key: value.clone() for key, value in model.state_dict().items() if not key.startswith("backbone.")}
     model.load_backbone_weights(path)
     loaded = model.backbone.state_dict()
@@ -423,7 +425,7 @@ def test_presets_and_config_round_trip(tmp_path):
 
 def test_fine_tuning_with_another_class_count(tmp_path):
     torch.manual_seed(6)
-    model = build_model("deeplabv3plus", backbone="resnet18", output_stride=16, preset="pascal_voc")
+    model = tiny_deeplab(preset="pascal_voc")
     model.save_pretrained(tmp_path)
     tuned = DeepLabV3PlusForSemanticSegmentation.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
     assert tuned.config.num_labels == 5 and tuned.classifier.weight.shape == (5, 256, 1, 1)

@@ -8,10 +8,7 @@ from transformers import AutoImageProcessor
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from stpp_hf.models import (
-    CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
-    PASCAL_VOC_CLASSES,
-    PASCAL_VOC_PALETTE,
     DeepLabImageProcessor,
     DeepLabV3PlusConfig,
     colorize,
@@ -67,13 +64,15 @@ def test_post_process_semantic_segmentation_returns_scores_like_its_parent():
 
 
 def test_presets_hold_the_dataset_classes():
-    assert len(PASCAL_VOC_CLASSES) == 21 and PASCAL_VOC_CLASSES[15] == "person"
-    assert len(CITYSCAPES_CLASSES) == 19 and CITYSCAPES_CLASSES[13] == "car"
-    assert get_label_preset("cityscapes").id2label[0] == "road"
-    # Known entries of the VOC colour map and of the Cityscapes train-id colours.
-    assert PASCAL_VOC_PALETTE[0] == (0, 0, 0) and PASCAL_VOC_PALETTE[1] == (128, 0, 0)
-    assert PASCAL_VOC_PALETTE[15] == (192, 128, 128) and PASCAL_VOC_PALETTE[255] == (224, 224, 192)
-    assert CITYSCAPES_PALETTE[0] == (128, 64, 128) and len(CITYSCAPES_PALETTE) == 19
+    pascal, cityscapes = get_label_preset("pascal_voc"), get_label_preset("cityscapes")
+    assert pascal.num_labels == 21 and pascal.id2label[15] == "person"
+    assert cityscapes.num_labels == 19 and cityscapes.id2label[13] == "car" and cityscapes.id2label[0] == "road"
+    assert len(cityscapes.palette) == cityscapes.num_labels  # one colour per class
+    # Known entries of the VOC colour map (computed by its bit rule; 255 is the ignore index) and of the
+    # Cityscapes train-id colours, as colorize paints them.
+    voc = np.asarray(colorize(np.array([[0, 1, 15, 255]]), "pascal_voc").convert("RGB"))[0]
+    assert [tuple(colour) for colour in voc] == [(0, 0, 0), (128, 0, 0), (192, 128, 128), (224, 224, 192)]
+    assert tuple(np.asarray(colorize(np.array([[0]]), "cityscapes").convert("RGB"))[0, 0]) == (128, 64, 128)
 
 
 def test_colorize_gives_a_palette_image_keeping_class_ids(tmp_path):

@@ -5,17 +5,16 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fake_hub import FakeHub
+from helpers import REPO
 from huggingface_hub import DatasetCard
 
 from stpp_hf.data import PseudoLabelStore, load_source, make_synthetic_dataset
 from stpp_hf.training.pseudo_label_export import pseudo_label_dataset, record_unlabeled_source
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TEACHERS = {
     "label_reliable": ("stages/1-suponly/best", "a1" * 32),
     "label_unreliable": ("stages/4-retrain_reliable/best", "b2" * 32),
@@ -119,10 +118,10 @@ def test_push_pseudo_labels_and_load_them_back(finished_run, tmp_path):
     with FakeHub() as hub:
         environment = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
                        "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-                       "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+                       "PYTHONPATH": str(REPO)}  # fmt: skip
         environment.pop("HF_HUB_OFFLINE", None)
         push = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "examples/push_to_hub.py"), "--run-dir", str(finished_run["run_dir"]),
+            [sys.executable, str(REPO / "examples/push_to_hub.py"), "--run-dir", str(finished_run["run_dir"]),
              "--pseudo-labels-repo", "tester/stpp-pseudo"],
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -1,51 +1,13 @@
 """Batched / sharded TTA pseudo-labeling equals the per-image spec procedure (docs/method.md §5)."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import NUM_CLASSES, FakeShardAccelerator, images_of_mixed_sizes, tiny_model
 
-from stpp_hf import build_model
 from stpp_hf.data import PseudoLabelStore
 from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou
-
-NUM_CLASSES = 3
-
-
-def tiny_model(seed=0, perturbation_seed=None):
-    """An untrained DeepLabV3+-ResNet-18 whose argmax varies over an image; ``perturbation_seed``
-    adds classifier noise, like snapshots of one run that partly agree."""
-    torch.manual_seed(seed)
-    model = build_model("deeplabv3plus", num_labels=NUM_CLASSES, backbone="resnet18", output_stride=16)
-    # random BN statistics so the untrained model gives varied, non-constant predictions
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-        elif isinstance(module, torch.nn.Conv2d) and module.out_channels == NUM_CLASSES:
-            torch.nn.init.normal_(module.weight, std=1.0)  # the classifier: spread the class scores
-    if perturbation_seed is not None:
-        torch.manual_seed(perturbation_seed)
-        with torch.no_grad():
-            model.classifier.weight.add_(0.5 * torch.randn_like(model.classifier.weight))
-    model.eval()
-    with torch.no_grad():  # centre each class score so the argmax varies over the image
-        probe = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(seed))
-        model.classifier.bias -= model(pixel_values=probe).logits.mean(dim=(0, 2, 3))
-    return model
-
-
-def images_of_mixed_sizes(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [(32, 40), (32, 40), (32, 40), (28, 44), (32, 40), (28, 44)]
-    items = []
-    for height, width in sizes:
-        image = torch.randn(3, height, width, generator=generator)
-        mask = torch.randint(0, NUM_CLASSES, (height, width), generator=generator)
-        items.append((image, mask))
-    return items
 
 
 @torch.no_grad()
@@ -66,15 +28,7 @@ def reference_pseudo_label(model, image):
     return total[0]
 
 
-class _FakeShardAccelerator:
-    def __init__(self, process_index, num_processes, dtype=None):
-        self.process_index, self.num_processes, self.device = process_index, num_processes, torch.device("cpu")
-        self.dtype = dtype
-
-    def autocast(self):  # what Accelerator(mixed_precision=...).autocast() does on CPU
-        return torch.autocast("cpu", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
-
-
+@pytest.mark.slow
 def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     model = tiny_model()
     dataset = images_of_mixed_sizes()
@@ -82,7 +36,7 @@ def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     store = PseudoLabelStore(tmp_path / "store")
     # two "processes" each label their shard into the same store, in batches of 2 same-size images
     written = [
-        label_images(model, dataset, ids, store, _FakeShardAccelerator(rank, 2), batch_size=2) for rank in (0, 1)
+        label_images(model, dataset, ids, store, FakeShardAccelerator(rank, 2), batch_size=2) for rank in (0, 1)
     ]
     assert written == [3, 3]
     store.verify(ids)
@@ -97,6 +51,7 @@ def test_batched_sharded_labels_equal_the_per_image_reference(tmp_path):
     assert len(np.unique(np.concatenate([store.get(i).ravel() for i in ids]))) > 1  # not a constant labeling
 
 
+@pytest.mark.slow
 def test_partial_store_is_completed_and_pseudo_label_miou(tmp_path):
     model = tiny_model(1)
     dataset = images_of_mixed_sizes(1)
@@ -118,6 +73,7 @@ def test_partial_store_is_completed_and_pseudo_label_miou(tmp_path):
         label_images(model, dataset, ids[:3], store)
 
 
+@pytest.mark.slow
 def test_predict_tta_batches_the_flip_and_keeps_the_per_image_result():
     """The flipped copy and same-size images share a batch; the summed softmax maps (float32) still equal
     the image-by-image, flip-by-flip procedure up to float rounding, and so do the labels."""
@@ -146,6 +102,7 @@ def smooth_images(count, height=48, width=64, seed=0):
     return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
 
 
+@pytest.mark.slow
 def test_bf16_labels_match_fp32_labels(tmp_path):
     """Mixed precision (CPU autocast, bf16) pseudo-labeling changes a label only where fp32's summed softmax
     (10 maps, total 10) is within 0.05 of a tie. This untrained model is tie-heavy (a fifth of its pixels are
@@ -156,7 +113,7 @@ def test_bf16_labels_match_fp32_labels(tmp_path):
     stores = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         stores[name] = PseudoLabelStore(tmp_path / name)
-        label_images(model, dataset, ids, stores[name], _FakeShardAccelerator(0, 1, dtype), batch_size=4)
+        label_images(model, dataset, ids, stores[name], FakeShardAccelerator(0, 1, dtype), batch_size=4)
     fp32 = np.stack([stores["fp32"].get(i) for i in ids])
     bf16 = np.stack([stores["bf16"].get(i) for i in ids])
     assert len(np.unique(fp32)) > 1

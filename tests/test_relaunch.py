@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import tiny_deeplab
 
-from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation, build_model
+from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
 from stpp_hf.training.pipeline import RunData, RunSettings, lock_run, run_pipeline
 from stpp_hf.training.results import RunResults
@@ -59,7 +60,7 @@ class Factory:
     def __call__(self):
         if self.init_seed is not None:
             torch.manual_seed(self.init_seed)
-        return build_model("deeplabv3plus", num_labels=self.num_labels, backbone="resnet18", output_stride=16)
+        return tiny_deeplab(num_labels=self.num_labels)
 
 
 def settings_for(run_dir, factory, **overrides):
@@ -225,6 +226,7 @@ def test_a_damaged_epoch_checkpoint_names_the_file_and_how_to_restart_the_stage(
     assert str(checkpoint) in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_locked_run_directory_is_refused_naming_the_holder(tmp_path):
     import subprocess
     import sys

@@ -6,22 +6,18 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+from helpers import BLOCK_STPP_HF
 from safetensors.torch import load_file, save_file
 
 from stpp_hf import DeepLabImageProcessor, build_model
 
-FRESH_PROCESS = textwrap.dedent(
+FRESH_PROCESS = BLOCK_STPP_HF + textwrap.dedent(
     """
     import json, sys
 
-    class BlockStppHf:
-        # Any attempt to import the package fails, so only the files saved with the model can be used.
-        def find_spec(self, name, path=None, target=None):
-            if name == "stpp_hf" or name.startswith("stpp_hf."):
-                raise ImportError("stpp_hf is blocked in this process")
-
-    sys.meta_path.insert(0, BlockStppHf())
+    block_stpp_hf()  # only the files saved with the model can be used
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
@@ -45,6 +41,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_saved_models_with_trust_remote_code(tmp_path):
     torch.manual_seed(0)
     pixel_values = torch.randn(1, 3, 32, 40)

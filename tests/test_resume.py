@@ -4,13 +4,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO, SCRIPT, TINY_ARGS, assert_ok, run_script, script_env
 from safetensors.torch import load_file
-from test_train_e2e import SCRIPT, TINY_ARGS, assert_ok, run_script, script_env
 
-REPO = Path(__file__).resolve().parents[1]
 # more unlabeled images, labeled one at a time, so the labeling stages last long enough to be hit
 ARGS = ["--framework", "stpp", "--synthetic_num_unlabeled", "16", "--inference_batch_size", "1"]
 

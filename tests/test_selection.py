@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_pseudo_labeling import NUM_CLASSES, _FakeShardAccelerator, images_of_mixed_sizes, tiny_model
+from helpers import NUM_CLASSES, FakeShardAccelerator, images_of_mixed_sizes, tiny_model
 
 from stpp_hf.training.selection import compute_reliability, reliability_of_predictions, split_by_reliability
 
@@ -26,13 +26,14 @@ def reference_reliability(snapshots, dataset):
     return scores
 
 
+@pytest.mark.slow
 def test_sharded_batched_reliability_equals_reference():
     snapshots = [tiny_model(3, perturbation_seed=seed) for seed in (4, 5, 6)]
     dataset = images_of_mixed_sizes(2)
     ids = [f"u{index}" for index in range(len(dataset))]
     expected = reference_reliability(snapshots, dataset)
     shards = [
-        compute_reliability(snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(r, 2), batch_size=3)
+        compute_reliability(snapshots, dataset, ids, NUM_CLASSES, FakeShardAccelerator(r, 2), batch_size=3)
         for r in (0, 1)
     ]
     merged = {**shards[0], **shards[1]}
@@ -90,6 +91,7 @@ def test_selection_figure_shows_the_histogram_cut_and_the_extremes(tmp_path):
             assert np.array_equal(np.asarray(figure.crop((x + 48, y, x + 96, y + 48))), np.asarray(expected_label))
 
 
+@pytest.mark.slow
 def test_bf16_selection_keeps_the_fp32_split():
     """Selection under bf16 autocast: the reliability scores stay close to fp32's and the reliable / unreliable
     split is the same up to images whose fp32 scores are near-tied at the split."""
@@ -98,7 +100,7 @@ def test_bf16_selection_keeps_the_fp32_split():
     ids = [f"u{index}" for index in range(len(dataset))]
     scores = {
         name: compute_reliability(
-            snapshots, dataset, ids, NUM_CLASSES, _FakeShardAccelerator(0, 1, dtype), batch_size=3
+            snapshots, dataset, ids, NUM_CLASSES, FakeShardAccelerator(0, 1, dtype), batch_size=3
         )
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
     }

@@ -1,11 +1,10 @@
 import hashlib
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stpp_hf.data import load_source, make_synthetic_dataset, read_split
+from stpp_hf.data import load_source, make_synthetic_dataset, read_split, synthetic
 from stpp_hf.data.synthetic import SYNTHETIC_ID2LABEL, main, save_sample_grid
 
 SMALL = dict(num_labeled=4, num_unlabeled=12, num_val=6, image_size=48)
@@ -80,8 +79,11 @@ def test_reuse_replace_and_refuse(tmp_path):
         make_synthetic_dataset(tmp_path / "x", num_labeled=0)
 
 
-def test_generation_is_fast_and_cli_writes_grid(tmp_path, capsys):
-    started = time.perf_counter()
+def test_generation_renders_each_image_once_and_cli_writes_grid(tmp_path, capsys, monkeypatch):
+    # the work is one rendering per image, and none for a directory that already holds the same settings
+    rendered = []
+    render = synthetic.render_sample
+    monkeypatch.setattr(synthetic, "render_sample", lambda *args: rendered.append(args) or render(*args))
     main(
         [
             "--output-dir",
@@ -94,11 +96,11 @@ def test_generation_is_fast_and_cli_writes_grid(tmp_path, capsys):
             str(tmp_path / "grid.png"),
         ]
     )
-    elapsed = time.perf_counter() - started
-    assert elapsed < 10, f"260 images took {elapsed:.1f}s"
+    assert len(rendered) == 20 + 200 + 40
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (8 * 192 + 7 * 4, 2 * 192 + 4)
     assert "sample grid" in capsys.readouterr().out
     assert save_sample_grid(
         make_synthetic_dataset(tmp_path / "data", num_unlabeled=200, num_val=40), tmp_path / "g2.png", num_samples=3
     )
+    assert len(rendered) == 20 + 200 + 40  # reused, not rendered again

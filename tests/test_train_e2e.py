@@ -5,88 +5,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "train_stpp.py"
-TINY_ARGS = [
-    "--synthetic_num_labeled",
-    "8",
-    "--synthetic_num_unlabeled",
-    "12",
-    "--synthetic_num_val",
-    "6",
-    "--synthetic_image_size",
-    "32",
-    "--epochs",
-    "3",
-    "--global_batch_size",
-    "4",
-    "--crop_size",
-    "32",
-    "--base_size",
-    "32",
-    "--inference_batch_size",
-    "4",
-    "--val_batch_size",
-    "6",
-    "--report_to",
-    "none",
-]
-
-
-def script_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def launch_command(script, processes=1, machines=1, machine_rank=0, main_process_port=None):
-    """``(command, env)`` that runs the Python file ``script``: plain Python for one process, otherwise
-    ``accelerate launch`` of CPU processes (gloo), ``processes`` in all over ``machines`` "machines" (one
-    launch per machine, all on this host, meeting at 127.0.0.1:``main_process_port``)."""
-    if processes == 1:
-        return [sys.executable, str(script)], script_env()
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        str(machines),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    if machines > 1:
-        command += [
-            "--machine_rank",
-            str(machine_rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(main_process_port),
-        ]
-    return [*command, str(script)], dict(script_env(), ACCELERATE_USE_CPU="true")
-
-
-def script_command(output_dir, *extra, processes=1, machines=1, machine_rank=0, main_process_port=None):
-    """``(command, env)`` that runs the example on tiny data (see :func:`launch_command`)."""
-    command, env = launch_command(SCRIPT, processes, machines, machine_rank, main_process_port)
-    return [*command, "--output_dir", str(output_dir), *TINY_ARGS, *extra], env
-
-
-def run_script(output_dir, *extra, processes=1, timeout=300):
-    """Run the example (``accelerate launch`` for several processes); returns the completed process."""
-    command, env = script_command(output_dir, *extra, processes=processes)
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+from helpers import REPO, assert_ok, free_port, launch_command, run_script, script_command
 
 
 def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
@@ -116,12 +39,6 @@ def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
     return [(launch.returncode, out.read_text(), err.read_text()) for launch, (out, err) in zip(launches, logs)]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def one_process_final_miou(run_dir) -> float:
     """Val mIoU of ``run_dir/final`` evaluated by this process alone (batch 1) on the run's synthetic val set."""
     from transformers import AutoModelForSemanticSegmentation
@@ -134,10 +51,6 @@ def one_process_final_miou(run_dir) -> float:
     root = Path(run_dir) / "synthetic_data"
     val = EvalDataset(load_source("pascal", root, root / "splits" / "val.txt"), EvalTransform())
     return evaluate(model, val, model.config.num_labels, batch_size=1)["miou"]
-
-
-def assert_ok(completed):
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
 
 
 # One training stage on two processes; afterwards both must hold the BatchNorm statistics of the main

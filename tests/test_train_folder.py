@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO, SCRIPT, assert_ok, script_env
 from PIL import Image
-from test_train_e2e import REPO, SCRIPT, assert_ok, script_env  # noqa: F401
 
 CLASSES = {"0": "sky", "1": "tree", "2": "house"}
 
@@ -101,6 +101,7 @@ def test_folder_dataset_trains_from_the_command_line_and_other_data_is_refused(t
     assert json.loads((run_dir / "results.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_a_val_set_that_shares_images_with_training_is_refused_before_training(tmp_path):
     root, run_dir = tmp_path / "my_data", tmp_path / "run"
     make_folder_dataset(root)

@@ -5,13 +5,12 @@ import json
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from stpp_hf.training import cli
 from stpp_hf.training.config import (
-    RECIPE_DEFAULTS,
     ConfigError,
     RunConfig,
     check_and_record_run_config,
@@ -20,7 +19,6 @@ from stpp_hf.training.config import (
     resolve_run_config,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
 
 
@@ -120,8 +118,6 @@ def test_bad_settings_are_named(tmp_path):
         cli.main(["--push_to_hub", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--split or --labeled_id_path"):
         cli.main(["--data_root", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
-    assert RECIPE_DEFAULTS["pascal"].crop_size == 321
-    assert RECIPE_DEFAULTS["cityscapes"].base_lr == 0.004
     assert not (tmp_path / "run").exists()  # nothing was made for a refused command
 
 
@@ -139,6 +135,7 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
     real = ["--data_root", str(tmp_path), "--split", "1_16/split_0"]
     pascal = resolve(real, num_processes=4, device_type="cuda")
     assert (pascal.global_batch_size, pascal.per_device_batch_size, pascal.lr, pascal.epochs) == (16, 4, 0.001, 80)
+    assert pascal.crop_size == 321
     assert (pascal.backbone, pascal.backbone_weights, pascal.output_stride, pascal.sync_bn) == (
         "resnet50",
         "resnet50.tv_in1k",
@@ -158,6 +155,9 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
     with pytest.raises(ConfigError, match="--global_batch_size 16 is not divisible by 3 processes"):
         resolve(real, num_processes=3)
     assert RunConfig.from_json(pascal.to_json()) == pascal
+    # the Cityscapes recipe: its own base lr (for a global batch of 16), resolved at batch 16
+    cityscapes = resolve(["--dataset", "cityscapes", "--data_root", str(tmp_path), "--split", "1_30/split_0"])
+    assert (cityscapes.base_lr, cityscapes.lr, cityscapes.crop_size) == (0.004, pytest.approx(0.004), 721)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])

@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration
+from helpers import tiny_deeplab
 from safetensors.torch import load_file
 
-from stpp_hf import build_model
 from stpp_hf.data.normalization import normalize
 from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
@@ -18,7 +15,7 @@ NUM_CLASSES = 2
 
 
 def make_model():
-    return build_model("deeplabv3plus", num_labels=NUM_CLASSES, backbone="resnet18", output_stride=16)
+    return tiny_deeplab(num_labels=NUM_CLASSES)
 
 
 def toy_set(count, seed):
@@ -36,12 +33,6 @@ def toy_val_set(count, seed):
     return [(normalize(pixels), labels.long()) for pixels, labels in toy_set(count, seed)]
 
 
-def fresh_accelerator(**kwargs):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0), **kwargs)
-
-
 @pytest.fixture
 def recorded_steps(monkeypatch):
     """The lr of every group at each real SGD step (the prepared optimizer skips accumulation steps)."""
@@ -56,7 +47,8 @@ def recorded_steps(monkeypatch):
     return steps
 
 
-def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps):
+@pytest.mark.slow
+def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps, fresh_accelerator):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
     hparams = StageHyperParameters(epochs=2, global_batch_size=4, base_lr=0.01, val_batch_size=4, channels_last=False)
     summary = train_stage(
@@ -73,7 +65,7 @@ def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorde
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
+def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last, fresh_accelerator):
     """uint8 items reach the model as the ImageNet-normalised float32 batch and int64 labels."""
     seen = []
 
@@ -102,7 +94,9 @@ def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last):
         assert torch.equal(pixel_values[row], normalize(pixels))
 
 
-def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(tmp_path, monkeypatch):
+def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(
+    tmp_path, monkeypatch, fresh_accelerator
+):
     """4 steps per epoch, logging_steps=3: the tracker gets the mean loss of steps 1-3 and of step 4 (the epoch's
     end), from 2 reductions instead of 4; the per-step run trains the same (same val mIoU) and logs each step."""
 
@@ -142,15 +136,16 @@ def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(tm
     assert reference["history"][0]["loss"] == pytest.approx(sum(every_step.values()) / 4, abs=1e-6)
 
 
-def test_too_small_training_set_is_a_clear_error(tmp_path):
+def test_too_small_training_set_is_a_clear_error(tmp_path, fresh_accelerator):
     accelerator = fresh_accelerator()
     hparams = StageHyperParameters(epochs=1, global_batch_size=8, base_lr=0.01)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         train_stage(make_model, toy_set(5, 0), toy_val_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last):
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last, fresh_accelerator):
     # channels_last=False caught evaluation switching the trained parameters to channels_last behind
     # the optimizer's back (fused SGD then adds momentum in the wrong layout; a resume did not)
     hparams = StageHyperParameters(
@@ -199,7 +194,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_evaluation_leaves_the_trained_model_as_it_was():
+def test_evaluation_leaves_the_trained_model_as_it_was(fresh_accelerator):
     torch.manual_seed(0)
     model = make_model().train()
     layouts = {name: parameter.stride() for name, parameter in model.named_parameters()}
@@ -213,7 +208,8 @@ def test_evaluation_leaves_the_trained_model_as_it_was():
         assert torch.equal(tensor, before[name]), name
 
 
-def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_path):
+@pytest.mark.slow
+def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_path, fresh_accelerator):
     accelerator = fresh_accelerator(mixed_precision="bf16")
     seen = []
 
@@ -237,6 +233,7 @@ def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_pa
     assert {tensor.dtype for tensor in saved.values() if tensor.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_sliding_window_evaluation_equals_window_by_window_prediction():
     torch.manual_seed(0)
     model = make_model().eval()

@@ -262,6 +262,7 @@ def test_cutout_box_area_ratio_values_and_mask_fill():
     assert min(tops) <= 2 and max(tops) >= height // 2 and min(lefts) <= 2 and max(lefts) >= width // 2
 
 
+@pytest.mark.slow
 def test_strong_augmentation_only_when_asked():
     """Weak never writes 255 (no padding needed here) nor grays the image; strong does both at the spec's rates."""
     torch.manual_seed(0)
