@@ -71,8 +71,10 @@ def main():
         num_classes = teacher.config.num_labels
         print(f"teacher {teacher_dir}, {len(dataset)} images of {tuple(dataset[0][0].shape[-2:])} px")
 
-        fp32, bf16 = (tta_scores(teacher, dataset, dtype, args.batch_size) for dtype in (torch.float32, torch.bfloat16))
-        total = sum(scores[0].numel() for scores in fp32)
+        fp32, bf16 = (
+            tta_scores(teacher, dataset, dtype, args.batch_size) for dtype in (torch.float32, torch.bfloat16)
+        )
+        total = sum(scores[0].numel() for scores in fp32)  # H * W of each image
         equal = sum((a.argmax(0) == b.argmax(0)).sum().item() for a, b in zip(fp32, bf16))
         print(f"TTA labels: bf16 equal to fp32 on {100 * equal / total:.3f}% of {total} pixels")
         # the fp32 margin (top-1 minus top-2 of the mean softmax over the 10 TTA passes) where bf16 differs, vs all
