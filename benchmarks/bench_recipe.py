@@ -172,9 +172,21 @@ def benchmark_training(args, backbone, device):
             reference, plain_sgd, torch.float32, reference_loss
         )
     }
-    for name, dtype in (("package fp32 (trainer step)", torch.float32), ("package bf16 autocast", torch.bfloat16)):
+    variants = {
+        "fp32": ("package fp32 (trainer step)", torch.float32),
+        "bf16": ("package bf16 autocast", torch.bfloat16),
+    }
+    for name, dtype in (variants[variant] for variant in args.variants if variant in variants):
         network = copy.deepcopy(model)
         steps[name] = step_function(network, build_optimizer(network, 1e-3), dtype, package_loss)
+    if "channels_last" in args.variants:
+        last_images = images.contiguous(memory_format=torch.channels_last)
+        last_loss = lambda network: network(pixel_values=last_images, labels=labels).loss  # noqa: E731
+        compare_one_step(model, package_loss, last_loss)
+        network = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        steps["package fp32 channels_last"] = step_function(
+            network, build_optimizer(network, 1e-3), torch.float32, last_loss
+        )
     seconds, peaks = alternate(steps, args.rounds, args.repeats, device)
     report(
         f"training step: DeepLabV3+ {backbone}, OS 8, {args.batch_size} x {args.crop_size} px",
@@ -183,6 +195,37 @@ def benchmark_training(args, backbone, device):
         "img",
         flops,
         peaks,
+    )
+
+
+def compare_one_step(model, loss_of, last_loss_of):
+    """One fp32 training step from the same weights, contiguous vs channels_last: print how far the loss and the
+    updated weights differ (0 would mean bit for bit), with dropout and without (dropout draws its mask in memory
+    order, so the two layouts drop different pixels)."""
+    for dropout in (True, False):
+        print(f"dropout {'on ' if dropout else 'off'}: ", end="")
+        _compare_one_step(model, loss_of, last_loss_of, dropout)
+
+
+def _compare_one_step(model, loss_of, last_loss_of, dropout):
+    results = []
+    for memory_format, loss_function in ((torch.contiguous_format, loss_of), (torch.channels_last, last_loss_of)):
+        network = copy.deepcopy(model).to(memory_format=memory_format)
+        for module in network.modules():
+            if isinstance(module, (nn.Dropout, nn.Dropout2d)) and not dropout:
+                module.p = 0.0
+        optimizer = build_optimizer(network, 1e-3)
+        torch.manual_seed(3)  # the same dropout masks
+        loss = loss_function(network)
+        loss.backward()
+        optimizer.step()
+        results.append((loss.detach(), [parameter.detach().clone() for parameter in network.parameters()]))
+    (loss, weights), (last_loss, last_weights) = results
+    largest = max((a - b).abs().max().item() for a, b in zip(weights, last_weights))
+    identical = all(torch.equal(a, b) for a, b in zip(weights, last_weights)) and torch.equal(loss, last_loss)
+    print(
+        f"channels_last vs contiguous, one fp32 step: loss {loss.item():.8f} vs {last_loss.item():.8f}, "
+        f"largest weight difference {largest:.3g}, bit for bit: {identical}"
     )
 
 
@@ -274,6 +317,14 @@ def main():
     parser.add_argument("--image_size", type=int, nargs=2, default=(375, 500), metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--num_images", type=int, default=2)
     parser.add_argument("--inference_batch_size", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("fp32", "bf16", "channels_last"),
+        default=["fp32", "bf16"],
+        help="Package training steps timed against the baseline (channels_last: fp32 with the model and batch in "
+        "channels_last memory format, checked against the contiguous step first).",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="Timed training steps per round.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating training rounds; the median counts.")
     parser.add_argument("--label_rounds", type=int, default=1, help="Alternating labeling rounds.")

@@ -11,7 +11,8 @@ directory; then, for each size N, a fresh process (so its peak RSS is its own) m
   per-image overhead of ``label_images``, which must not depend on N (the network cost per image is fixed).
 
 Per-image times that stay flat as N grows mean linear cost; the script prints the ratio of the largest N's
-per-image time to the smallest N's.
+per-image time to the smallest N's. Each stage's CPU time (``time.process_time``) is printed next to its wall
+time: on a shared machine the wall time also counts waiting for the cores, the CPU time does not.
 
     python benchmarks/bench_scale.py --sizes 250 500 1000 --cache_dir /tmp/stpp_scale
 """
@@ -19,6 +20,7 @@ per-image time to the smallest N's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import resource
@@ -65,41 +67,43 @@ def measure(cache_dir: str, count: int, label_sample: int, queue) -> None:
     from stpp_hf.training.pseudo_labeling import label_images
 
     torch.set_num_threads(2)
-    timings = {}
+    timings, cpu_timings = {}, {}
+
+    @contextlib.contextmanager
+    def stage(name):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        yield
+        timings[name], cpu_timings[name] = time.perf_counter() - start, time.process_time() - cpu_start
+
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         split = write_split(
             work / "split.txt",
             [SplitEntry(f"JPEGImages/2026_{i:06d}.jpg", f"SegmentationClass/2026_{i:06d}.png") for i in range(count)],
         )
-        start = time.perf_counter()
-        source = load_source("pascal", cache_dir, split, require_masks=True, cache_dir=work / "arrow")
-        timings["load_source"] = time.perf_counter() - start
+        with stage("load_source"):
+            source = load_source("pascal", cache_dir, split, require_masks=True, cache_dir=work / "arrow")
         ids = list(source["id"])
         label = np.zeros((375, 500), dtype=np.uint8)
         label[100:200, 100:300] = 7
         store = PseudoLabelStore(work / "store")
-        start = time.perf_counter()
-        for image_id in ids:
-            store.put(image_id, label)
-        timings["store_put"] = time.perf_counter() - start
-        start = time.perf_counter()
-        assert store.pending(ids) == []
-        store.verify(ids)
-        timings["store_pending_verify"] = time.perf_counter() - start
-        start = time.perf_counter()
-        reloaded = PseudoLabelStore(work / "store")
-        for image_id in ids:
-            reloaded.get(image_id)
-        timings["store_reload_get"] = time.perf_counter() - start
+        with stage("store_put"):
+            for image_id in ids:
+                store.put(image_id, label)
+        with stage("store_pending_verify"):
+            assert store.pending(ids) == []
+            store.verify(ids)
+        with stage("store_reload_get"):
+            reloaded = PseudoLabelStore(work / "store")
+            for image_id in ids:
+                reloaded.get(image_id)
         torch.manual_seed(0)
         model = build_model("deeplabv3plus", num_labels=21, backbone="resnet18", output_stride=16).eval()
         sample = [(torch.randn(3, 64, 86), None) for _ in range(label_sample)]
-        start = time.perf_counter()
-        label_images(model, sample, ids[:label_sample], PseudoLabelStore(work / "tta"), batch_size=8)
-        timings["tta_label_sample"] = time.perf_counter() - start
+        with stage("tta_label_sample"):
+            label_images(model, sample, ids[:label_sample], PseudoLabelStore(work / "tta"), batch_size=8)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"count": count, "seconds": timings, "peak_rss_mib": peak_mib})
+    queue.put({"count": count, "seconds": timings, "cpu_seconds": cpu_timings, "peak_rss_mib": peak_mib})
 
 
 def main():
@@ -122,20 +126,21 @@ def main():
         process.join()
         row = results[-1]
         per_image = {
-            name: 1000 * seconds / (args.label_sample if name == "tta_label_sample" else count)
+            name: f"{1000 * seconds / images:.2f} (CPU {1000 * row['cpu_seconds'][name] / images:.2f})"
             for name, seconds in row["seconds"].items()
+            for images in [args.label_sample if name == "tta_label_sample" else count]
         }
         print(
-            f"N={count:6d}  ms per image: {json.dumps({k: round(v, 2) for k, v in per_image.items()})}  "
-            f"peak RSS {row['peak_rss_mib']:.0f} MiB",
+            f"N={count:6d}  ms per image: {json.dumps(per_image)}  peak RSS {row['peak_rss_mib']:.0f} MiB",
             flush=True,
         )
     first, last = results[0], results[-1]
     for name in first["seconds"]:
         scale = 1 if name == "tta_label_sample" else last["count"] / first["count"]
+        ratios = [last[kind][name] / first[kind][name] / scale for kind in ("seconds", "cpu_seconds")]
         print(
             f"{name}: per-image time at N={last['count']} / at N={first['count']}: "
-            f"{last['seconds'][name] / first['seconds'][name] / scale:.2f}"
+            f"{ratios[0]:.2f} wall, {ratios[1]:.2f} CPU"
         )
     if args.clear:
         shutil.rmtree(cache_dir)

@@ -161,3 +161,65 @@ def test_a_torn_store_header_is_rewritten_for_a_known_teacher_and_named_otherwis
     reopened = PseudoLabelStore.for_teacher(tmp_path, "f" * 64, "label_all")
     assert json.loads((store.directory / "store.json").read_text())["fingerprint"] == "f" * 64
     assert np.array_equal(reopened.get("a"), _label(0))
+
+
+def _filesystem_calls(monkeypatch, function) -> dict[str, int]:
+    """How many times ``function()`` calls ``os.stat``, ``os.lstat``, ``os.scandir`` and ``open``."""
+    import builtins
+    import os
+
+    counts = dict.fromkeys(("stat", "lstat", "scandir", "open"), 0)
+    for module, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (builtins, "open")):
+        original = getattr(module, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+    try:
+        function()
+    finally:
+        monkeypatch.undo()
+    return counts
+
+
+@pytest.mark.parametrize("depth", [1, 12])
+def test_checking_does_fixed_filesystem_work_per_id(tmp_path, monkeypatch, depth):
+    """pending + verify of n ids list the store's directory a fixed number of times and touch each label file a
+    fixed number of times, whatever n and however deep the store lies (no per-id resolving of the whole path)."""
+    directory = tmp_path.joinpath(*[f"level{index}" for index in range(depth)], "store")
+    calls = {}
+    for count in (3, 7):
+        store = PseudoLabelStore(directory / str(count))
+        ids = [f"id{index}" for index in range(count)]
+        for index, image_id in enumerate(ids):
+            store.put(image_id, _label(index))
+        store = PseudoLabelStore(directory / str(count))
+
+        def check(store=store, ids=ids):
+            assert store.pending(ids) == []
+            store.verify(ids)
+
+        calls[count] = _filesystem_calls(monkeypatch, check)
+    per_id = {name: (calls[7][name] - calls[3][name]) / 4 for name in calls[3]}
+    # each check: is the file a symlink, is it a file, its size (Python 3.11's pathlib: 3 os.stat, no os.lstat)
+    assert per_id["stat"] + per_id["lstat"] <= 6, (calls, per_id)
+    assert (per_id["open"], per_id["scandir"]) == (2, 0), (calls, per_id)
+
+
+def test_a_symlinked_label_file_must_resolve_into_the_store(tmp_path):
+    store = PseudoLabelStore(tmp_path / "store")
+    store.put("a", _label(0))
+    store.put("b", _label(1))
+    outside = tmp_path / "outside.png"
+    label_file = tmp_path / "store" / store.entries()["b"]["file"]
+    outside.write_bytes(label_file.read_bytes())
+    label_file.unlink()
+    label_file.symlink_to(outside)
+    assert PseudoLabelStore(tmp_path / "store").pending(["a", "b"]) == ["b"]
+    inside = tmp_path / "store" / "labels" / "copy.png"
+    outside.rename(inside)
+    label_file.unlink()
+    label_file.symlink_to(inside)
+    assert PseudoLabelStore(tmp_path / "store").pending(["a", "b"]) == []

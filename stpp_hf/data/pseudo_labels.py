@@ -136,10 +136,23 @@ class PseudoLabelStore:
             stem = f"{prefix if cut < 0 else prefix[:cut]}+{digest[:HASHED_NAME_DIGEST]}"
         return f"{LABELS_DIR}/{stem}.png"
 
-    def _label_path(self, entry: dict) -> Path | None:
-        """The file of manifest ``entry``, or ``None`` when it does not resolve into the store's ``labels/``."""
+    def _labels_root(self) -> Path:
+        """The store's ``labels/`` with every symlink resolved."""
+        return (self.directory / LABELS_DIR).resolve()
+
+    def _label_path(self, entry: dict, labels_root: Path | None = None) -> Path | None:
+        """The file of manifest ``entry``, or ``None`` when it does not resolve into the store's ``labels/``.
+
+        ``labels_root``: :meth:`_labels_root`, resolved once by callers that check many entries.
+        """
+        labels_root = labels_root or self._labels_root()
+        folder, _, name = entry["file"].partition("/")
+        if folder == LABELS_DIR and name not in ("", ".", "..") and "/" not in name:
+            path = labels_root / name
+            if not path.is_symlink():  # the usual entry: the same path as resolving it, for one lstat, not one per
+                return path  # component of the store's absolute path
         path = (self.directory / entry["file"]).resolve()
-        return path if path.is_relative_to((self.directory / LABELS_DIR).resolve()) else None
+        return path if path.is_relative_to(labels_root) else None
 
     def _read_manifest(self) -> dict[str, dict]:
         """The entries of ``manifest.json``; none when it is missing, torn or malformed: the journals hold
@@ -225,25 +238,28 @@ class PseudoLabelStore:
             os.fsync(stream.fileno())
 
     # ---- checking -------------------------------------------------------------------------------
-    def _problem(self, image_id: str, entry: dict | None) -> str | None:
-        """Why the label of ``image_id`` is not usable, or ``None`` when it is."""
+    def _problem(self, image_id: str, entry: dict | None, labels_root: Path) -> str | None:
+        """Why the label of ``image_id`` is not usable, or ``None`` when it is.
+
+        ``labels_root``: :meth:`_labels_root`.
+        """
         if entry is None:
             return "no manifest entry"
-        path = self._label_path(entry)
+        path = self._label_path(entry, labels_root)
         if path is None:
             return f"its entry names {entry['file']!r}, outside {self.directory / LABELS_DIR}"
         if not path.is_file():
             return f"file {path} is missing"
-        if path.stat().st_size != entry["size"]:
-            return f"file {path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if (size := path.stat().st_size) != entry["size"]:
+            return f"file {path} has {size} bytes, the manifest says {entry['size']}"
         if sha256_file(path) != entry["sha256"]:
             return f"file {path} does not match its checksum"
         return None
 
     def pending(self, ids: Iterable[str]) -> list[str]:
         """The ids (in the given order) whose label is missing or corrupt: what is left to do."""
-        entries = self.entries()
-        return [image_id for image_id in ids if self._problem(image_id, entries.get(image_id)) is not None]
+        entries, labels_root = self.entries(), self._labels_root()
+        return [i for i in ids if self._problem(i, entries.get(i), labels_root) is not None]
 
     def verify(self, ids: Iterable[str]) -> None:
         """Check that every id has an intact label, then write the merged ``manifest.json``.
@@ -251,8 +267,8 @@ class PseudoLabelStore:
         Raises ``ValueError`` naming the first bad ids and why.
         """
         ids = list(ids)
-        entries = self.entries()
-        problems = [(i, p) for i in ids if (p := self._problem(i, entries.get(i))) is not None]
+        entries, labels_root = self.entries(), self._labels_root()
+        problems = [(i, p) for i in ids if (p := self._problem(i, entries.get(i), labels_root)) is not None]
         if problems:
             listed = "; ".join(f"{image_id!r}: {problem}" for image_id, problem in problems[:5])
             raise ValueError(
