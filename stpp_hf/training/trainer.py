@@ -65,7 +65,8 @@ class StageHyperParameters:
         num_workers: DataLoader workers for training (the batches do not depend on it).
         seed: run seed; each stage derives its own seeds from it so a resume replays them.
         sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
-        channels_last: run the convolutions in channels_last memory format (same math, faster kernels).
+        channels_last: run the convolutions in channels_last memory format (the same math up to float rounding;
+            other kernels, faster on CUDA).
         sync_batchnorm: convert BatchNorm to SyncBatchNorm when running on several CUDA GPUs
             (ignored elsewhere: SyncBatchNorm needs CUDA).
         logging_steps: optimizer steps between two read-backs of the training loss (each a host sync); the
