@@ -9,7 +9,8 @@ The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login
 
 import argparse
 
-from stpp_hf.hub import DEFAULT_LICENSE, HubPushError, push_model_dir, push_run_to_hub
+from stpp_hf.hub import HubPushError, push_model_dir, push_run_to_hub
+from stpp_hf.model_card import DEFAULT_LICENSE
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,8 +26,6 @@ from .model_card import (
 )
 from .training.results import RunResults
 
-load_run_results = RunResults.read  # a run's checked results.json, the input of the card
-
 
 class HubPushError(RuntimeError):
     """An upload to the Hub failed; the local files were only read, never changed."""
@@ -202,11 +200,4 @@ def push_run_to_hub(
     return repo_url
 
 
-__all__ = [
-    "HubPushError",
-    "build_model_card",
-    "load_run_results",
-    "push_model_dir",
-    "push_run_to_hub",
-    "stage_branch_name",
-]
+__all__ = ["HubPushError", "push_model_dir", "push_run_to_hub"]

@@ -21,8 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from stpp_hf import DeepLabImageProcessor
-from stpp_hf.hub import HubPushError, build_model_card, load_run_results, push_model_dir, push_run_to_hub
+from stpp_hf.hub import HubPushError, push_model_dir, push_run_to_hub
+from stpp_hf.model_card import build_model_card
 from stpp_hf.models.backbone_weights import describe_backbone_weights
+from stpp_hf.training.results import RunResults
 
 REPO_ID = "tester/deeplabv3plus-st-synthetic"
 TOKEN = "hf_FakeTokenForTestsOnly0123456789"
@@ -285,10 +287,10 @@ def test_card_rendering_for_a_stage_and_bad_results(tiny_run, tmp_path):
     bad_run = tmp_path / "bad_run"
     bad_run.mkdir()
     with pytest.raises(FileNotFoundError, match="results.json"):
-        load_run_results(bad_run)
+        RunResults.read(bad_run)
     (bad_run / "results.json").write_text(json.dumps({key: value for key, value in results.items() if key != "final"}))
     with pytest.raises(ValueError, match="final"):
-        load_run_results(bad_run)
+        RunResults.read(bad_run)
 
 
 def test_push_refuses_a_directory_missing_remote_code(tiny_run, tmp_path):

@@ -17,7 +17,6 @@ from typing import Optional
 
 from ..convert_original import load_coco_init
 from ..data import (
-    UnlabeledStream,
     check_label_file_names,
     check_split_overlap,
     load_source,
@@ -191,11 +190,6 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
     else:
         sources, id2label, palette, unlabeled_entries = _local_sources(config, output_dir, accelerator)
         data_metadata = {}
-    unlabeled = sources["unlabeled"]
-    streamed = isinstance(unlabeled, UnlabeledStream)  # known by its ids until the stages read its images
-    check_split_overlap(sources["labeled"], unlabeled.ids if streamed else unlabeled, sources["val"])
-    if accelerator.is_main_process:
-        check_label_file_names(layout.pseudo_labels, unlabeled.ids if streamed else unlabeled["id"])
     data = RunData(
         labeled=sources["labeled"],
         unlabeled=sources["unlabeled"],
@@ -206,6 +200,10 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
         base_size=config.base_size,
         crop_size=config.crop_size,
     )
+    # a streamed unlabeled part is compared by id only: its images are not read before the stages
+    check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
+    if accelerator.is_main_process:
+        check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
     return data, data_metadata
 
 

@@ -66,6 +66,17 @@ class RunData:
     base_size: int = 400
     crop_size: int = 321
 
+    @property
+    def stream(self) -> UnlabeledStream | None:
+        """The unlabeled part when it is streamed (``--streaming``), else ``None``."""
+        return self.unlabeled if isinstance(self.unlabeled, UnlabeledStream) else None
+
+    @property
+    def unlabeled_ids(self) -> list[str]:
+        """The ids of the unlabeled images in row order, streamed or not (a stream is known by its ids until the
+        stages read its images)."""
+        return list(self.stream.ids if self.stream is not None else self.unlabeled["id"])
+
 
 @dataclass
 class RunSettings:
@@ -110,8 +121,8 @@ class _Run:
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]
-        self.stream = data.unlabeled if isinstance(data.unlabeled, UnlabeledStream) else None
-        self.unlabeled_ids = list(self.stream.ids if self.stream is not None else data.unlabeled["id"])
+        self.stream = data.stream
+        self.unlabeled_ids = data.unlabeled_ids
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = None if self.stream is not None else EvalDataset(data.unlabeled, EvalTransform())
         lock_run(accelerator, self.run_dir)
