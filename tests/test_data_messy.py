@@ -1,4 +1,4 @@
-"""Data that looks valid but is not (issue 11) and EXIF orientation (issue 13): each case is used correctly or
+"""Data that looks valid but is not, and EXIF orientation: each case is used correctly or
 refused with an error that names the file and says what to do."""
 
 import json
