@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,49 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_json(payload: Any) -> str:
     """SHA-256 of ``payload``'s canonical JSON (sorted keys): a fingerprint of ids, checksums, settings."""
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode("utf-8"))
+
+
+# ---- directories: built under a temporary name, swapped in with two renames ----
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def temporary_path_for(path: str | os.PathLike) -> Path:
+    """The sibling ``.<name>.tmp`` where ``path``'s new content is built (fixed name, so all
+    processes of a run agree on it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def temporary_directory_for(path: str | os.PathLike) -> Path:
+    """A fresh, empty :func:`temporary_path_for` directory."""
+    temporary = temporary_path_for(path)
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    return temporary
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Finish a :func:`replace_directory` that a kill interrupted between its two renames."""
+    path = Path(path)
+    old = _old_name(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def replace_directory(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Swap the finished directory ``temporary`` into ``path`` (old content moved aside first)."""
+    path = Path(path)
+    recover_directory(path)
+    old = _old_name(path)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary, path)
+    if old.exists():
+        shutil.rmtree(old)

@@ -2,16 +2,16 @@ import json
 
 import pytest
 
-from stpp_hf.file_io import atomic_write_json
-from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
-from stpp_hf.training.state import (
-    RunState,
+from stpp_hf.file_io import (
     _old_name,
+    atomic_write_json,
     recover_directory,
     replace_directory,
     temporary_directory_for,
 )
-from stpp_hf.training.trainer import poly_factor, scaled_lr
+from stpp_hf.training.recipe import poly_factor, scaled_lr
+from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
+from stpp_hf.training.state import RunState
 
 
 def test_stage_sequences_follow_the_spec():

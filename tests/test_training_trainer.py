@@ -9,7 +9,8 @@ from stpp_hf.data.normalization import normalize
 from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
 from stpp_hf.training.evaluation import evaluate
-from stpp_hf.training.trainer import StageHyperParameters, scaled_lr, train_stage
+from stpp_hf.training.recipe import scaled_lr
+from stpp_hf.training.trainer import StageHyperParameters, train_stage
 
 NUM_CLASSES = 2
 

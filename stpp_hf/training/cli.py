@@ -40,11 +40,12 @@ from .config import (
 from .distributed import check_shared_run_dir, create_accelerator
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .pseudo_label_export import record_unlabeled_source
+from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
 from .run_layout import RunLayout
 from .selection import split_by_reliability
 from .stages import build_stages, snapshot_epochs
-from .trainer import StageHyperParameters, steps_per_epoch
+from .trainer import StageHyperParameters
 
 # ---- the recipe, without data ----------------------------------------------------------------------
 
@@ -143,8 +144,8 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
         *(f"  {line}" for line in describe_stages(config)),
         f"global batch: {config.global_batch_size} = {config.per_device_batch_size} per device x "
         f"{config.num_processes} processes x {config.gradient_accumulation_steps} accumulation steps",
-        f"lr: base {config.base_lr:g} for a global batch of 16 -> backbone {summary['lr']['backbone']:g}, "
-        f"head {summary['lr']['head']:g} (poly 0.9, SGD momentum 0.9, wd 1e-4)",
+        f"lr: base {config.base_lr:g} for a global batch of {REFERENCE_BATCH_SIZE} -> backbone "
+        f"{summary['lr']['backbone']:g}, head {summary['lr']['head']:g} ({describe_optimizer()})",
         steps_line,
     ]
     if summary["snapshot_epochs"]:

@@ -29,6 +29,8 @@ from transformers import HfArgumentParser
 from ..data.hub_dataset import HubDataArguments
 from ..file_io import atomic_write_json
 from ..models.deeplab.deeplab_common import default_window_stride
+from .errors import ConfigError
+from .recipe import per_device_batch_size, scaled_lr
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
 
@@ -52,10 +54,6 @@ NON_RESULT_SETTINGS = frozenset(
         "redo_stage",
     }
 )
-
-
-class ConfigError(ValueError):
-    """A bad option; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -502,18 +500,6 @@ def split_files(data: DataArguments) -> dict[str, str]:
 # ---- resolution ---------------------------------------------------------------------------------
 
 
-def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
-    """``global / (processes x accumulation)``; a :class:`ConfigError` naming the option when it does not divide."""
-    share = num_processes * accumulation_steps
-    if global_batch_size % share:
-        raise ConfigError(
-            f"--global_batch_size {global_batch_size} is not divisible by {num_processes} processes x "
-            f"{accumulation_steps} accumulation steps: pick a multiple of {share} "
-            f"or change --gradient_accumulation_steps"
-        )
-    return global_batch_size // share
-
-
 def resolve_run_config(
     data: DataArguments,
     model: ModelArguments,
@@ -526,8 +512,6 @@ def resolve_run_config(
     Warns when the initialisation departs from the method's (a random backbone on real data, DeepLabV2
     without its COCO checkpoint).
     """
-    from ..training.trainer import scaled_lr
-
     validate_arguments(data, model, run)
     hub = data.dataset_name is not None
     synthetic = data.data_root is None and not hub

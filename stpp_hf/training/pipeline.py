@@ -32,7 +32,7 @@ from ..data import (
     teacher_fingerprint,
 )
 from ..data.splits import read_split, write_split
-from ..file_io import atomic_write_json, sha256_json
+from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir, rank_and_world_size
 from .evaluation import evaluate
@@ -41,13 +41,7 @@ from .results import FinalSummary, RunResults, StageSummary
 from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
-from .state import (
-    RunDirectoryLocked,
-    RunState,
-    lock_run_directory,
-    replace_directory,
-    temporary_directory_for,
-)
+from .state import RunDirectoryLocked, RunState, lock_run_directory
 from .trainer import StageHyperParameters, train_stage
 from .visualization import save_prediction_grid, save_selection_figure, selection_figure_rows
 

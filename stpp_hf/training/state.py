@@ -1,12 +1,11 @@
-"""Run state, atomic artefacts and checksums: a ``kill -9`` at any moment corrupts nothing.
+"""Run state and artefact checksums: a ``kill -9`` at any moment corrupts nothing.
 
-Every file is written to a temporary name and renamed into place; directories (a ``save_pretrained``
-model, an ``accelerator.save_state`` checkpoint) are built under a temporary name and swapped in with
-two renames, and :func:`recover_directory` finishes a swap that a kill interrupted. ``state.json``
+Every file and directory of a run is written through :mod:`stpp_hf.file_io` (a temporary name renamed into
+place; directories swapped in with two renames that a relaunch finishes if a kill interrupted them). ``state.json``
 records the finished stages with the SHA-256 of their artefacts and the fingerprints of their inputs, so a
 relaunch skips exactly the stages whose outputs are intact and whose inputs are unchanged.
-:func:`lock_run_directory` keeps a second launch out of a run directory in use (the fixed temporary names
-below are safe because only one launch at a time writes there).
+:func:`lock_run_directory` keeps a second launch out of a run directory in use (so the fixed temporary names of
+:func:`~stpp_hf.file_io.temporary_path_for` are safe: only one launch at a time writes there).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -64,49 +62,6 @@ def lock_run_directory(run_dir: str | os.PathLike) -> None:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, holder, 0)
     _held_locks[run_dir] = descriptor
-
-
-def _old_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
-
-
-def temporary_path_for(path: str | os.PathLike) -> Path:
-    """The sibling ``.<name>.tmp`` where ``path``'s new content is built (fixed name, so all
-    processes of a run agree on it)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
-
-
-def temporary_directory_for(path: str | os.PathLike) -> Path:
-    """A fresh, empty :func:`temporary_path_for` directory."""
-    temporary = temporary_path_for(path)
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    return temporary
-
-
-def recover_directory(path: str | os.PathLike) -> None:
-    """Finish a :func:`replace_directory` that a kill interrupted between its two renames."""
-    path = Path(path)
-    old = _old_name(path)
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, path)
-
-
-def replace_directory(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Swap the finished directory ``temporary`` into ``path`` (old content moved aside first)."""
-    path = Path(path)
-    recover_directory(path)
-    old = _old_name(path)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(temporary, path)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def artefact_checksums(run_dir: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> dict[str, str]:

@@ -29,28 +29,24 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
 
 from ..data.normalization import normalize_batch
-from ..file_io import atomic_write_json
-from ..log import get_logger
-from ..metrics import format_per_class_iou
-from ..progress import progress_bar
-from .config import per_device_batch_size
-from .evaluation import evaluate
-from .run_layout import StageLayout
-from .sampling import training_loader
-from .state import (
+from ..file_io import (
+    atomic_write_json,
     recover_directory,
     replace_directory,
     temporary_directory_for,
     temporary_path_for,
 )
+from ..log import get_logger
+from ..metrics import format_per_class_iou
+from ..progress import progress_bar
+from .evaluation import evaluate
+from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, scaled_lr, steps_per_epoch
+from .run_layout import StageLayout
+from .sampling import training_loader
 
 logger = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-POLY_POWER = 0.9
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-REFERENCE_BATCH_SIZE = 16
 
 
 @dataclass
@@ -87,21 +83,6 @@ class StageHyperParameters:
     def __post_init__(self):
         if self.logging_steps < 1:
             raise ValueError(f"logging_steps must be >= 1, got {self.logging_steps}")
-
-
-def scaled_lr(base_lr: float, global_batch_size: int) -> float:
-    """``base_lr / 16 * global_batch_size``: the peak lr of the backbone group."""
-    return base_lr / REFERENCE_BATCH_SIZE * global_batch_size
-
-
-def steps_per_epoch(num_items: int, global_batch_size: int) -> int:
-    """Optimizer steps of one epoch over ``num_items`` training items (drop_last)."""
-    return num_items // global_batch_size
-
-
-def poly_factor(step: int, total_steps: int) -> float:
-    """``(1 - step / total)^0.9``: the factor of the lr used for optimizer step ``step`` (0-based)."""
-    return (1.0 - step / total_steps) ** POLY_POWER
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> float:
