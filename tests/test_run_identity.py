@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import assert_ok, run_script
 from PIL import Image
 
 from stpp_hf.data.sources import get_source
@@ -197,3 +198,19 @@ def test_a_replaced_backbone_weights_file_is_refused_naming_the_option_and_file(
     earlier.pop("backbone_weights_sha256"), earlier.pop("coco_init_sha256")
     check_and_record_run_config(tmp_path / "earlier", earlier)
     check_and_record_run_config(tmp_path / "earlier", resolve(argv).to_dict())
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(tmp_path):
+    """A job requeued onto fewer devices: the relaunch is accepted (with the BatchNorm warning), the finished stage
+    is kept, and the data check (hashed by the main process, shared with the others) works on 2 processes."""
+    run = tmp_path / "run"
+    assert_ok(run_script(run, "--framework", "suponly", "--epochs", "1", processes=2))
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["num_processes"] == 2 and config["per_device_batch_size"] == 2
+    resumed = run_script(run, "--framework", "suponly", "--epochs", "1", "--gradient_accumulation_steps", "2")
+    assert_ok(resumed)
+    assert "[suponly] already finished: skipped" in resumed.stdout
+    assert "2 per device x 2 processes x 1 accumulation steps, BatchNorm batch 2" in resumed.stderr
+    assert "2 per device x 1 processes x 2 accumulation steps, BatchNorm batch 2" in resumed.stderr
+    assert json.loads((run / "run_config.json").read_text())["num_processes"] == 1

@@ -726,8 +726,8 @@ def batch_layout_change(saved: Mapping[str, Any], new: Mapping[str, Any]) -> Opt
 
     return (
         f"the global batch of {new.get('global_batch_size')} was {layout(saved)} and is now {layout(new)}: the steps "
-        "and lr are the same, but BatchNorm normalises over the BatchNorm batch, so the run continues with other "
-        "BatchNorm statistics than an uninterrupted run on the first hardware would have"
+        "and lr are the same, but BatchNorm normalises over the BatchNorm batch and keeps its running statistics "
+        "per process, so the run continues with BatchNorm statistics that differ from an uninterrupted run's"
     )
 
 
