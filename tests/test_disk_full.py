@@ -6,11 +6,13 @@ import errno
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from helpers import tiny_deeplab
 
+from stpp_hf.data import PseudoLabelStore
 from stpp_hf.disk_full import DiskFullError
 from stpp_hf.file_io import atomic_write_bytes
 from stpp_hf.training import trainer
@@ -59,6 +61,22 @@ def test_a_checkpoint_on_a_full_disk_removes_its_temporary_directory(small_disk)
     with pytest.raises(DiskFullError, match=rf"writing {checkpoint}: "):
         trainer._save_checkpoint(accelerator, checkpoint, {"epoch": 1})
     assert not temporary_path_for(checkpoint).exists() and os.listdir(small_disk) == []
+
+
+def test_a_pseudo_label_on_a_full_disk_names_its_file_and_leaves_no_temporary(small_disk):
+    store = PseudoLabelStore(small_disk / "store", fingerprint="f" * 64)
+    store.put("first", np.zeros((8, 8), dtype=np.uint8))
+    with open(small_disk / "filler", "wb", buffering=0) as stream:  # what other jobs leave: no space at all
+        while True:
+            try:
+                stream.write(b"x" * 4096)
+            except OSError:
+                break
+    noise = np.random.default_rng(0).integers(0, 21, size=(512, 512), dtype=np.uint8)  # a PNG of ~200 KiB
+    with pytest.raises(DiskFullError, match=r"writing .*labels/second\.png: .* MiB free, the write needed"):
+        store.put("second", noise)
+    leftovers = [path.name for path in (small_disk / "store" / "labels").iterdir()]
+    assert leftovers == ["first.png"], leftovers
 
 
 @pytest.mark.parametrize(

@@ -636,6 +636,7 @@ def resolve_run_config(
 def _file_content(path: str) -> Optional[str]:
     """SHA-256 of the initialisation file at ``path`` (``None`` if it does not exist: the option's own check
     names it where the file is read)."""
+    path = os.path.expanduser(path)
     return sha256_file(path) if os.path.isfile(path) else None
 
 
