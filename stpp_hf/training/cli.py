@@ -243,11 +243,14 @@ def model_factory(config: RunConfig, id2label: dict[int, str]):
     return factory
 
 
-def _check_run_dir(accelerator, output_dir: Path, record: dict, check=check_and_record_run_config) -> None:
-    """Every process compares ``record`` with the saved one (``check``); then the main process records it."""
+def _check_run_dir(
+    accelerator, output_dir: Path, record: dict, check=check_and_record_run_config, write: bool = True
+) -> None:
+    """Every process compares ``record`` with the saved one (``check``); then (``write``) the main process records
+    it."""
     check(output_dir, record, write=False)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if write and accelerator.is_main_process:
         check(output_dir, record, write=True)
     accelerator.wait_for_everyone()
 
@@ -284,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # and the settings are those of the run it holds (the data is compared once built)
     check_shared_run_dir(accelerator, output_dir)
     lock_run(accelerator, output_dir)
-    _check_run_dir(accelerator, output_dir, config.to_dict())
+    # the settings are recorded now in a new run directory only: a relaunch records them once the data matches too
+    _check_run_dir(accelerator, output_dir, config.to_dict(), write=not layout.run_config.is_file())
     # local data is compared by content before any cache is built: a refused launch changes nothing
     local = None if config.hub_dataset is not None else local_data(config, output_dir, accelerator)
     if local is not None:
