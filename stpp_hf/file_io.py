@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .disk_full import disk_full_errors
+
 
 def temporary_sibling(path: str | os.PathLike) -> tuple[int, str]:
     """Create the hidden temporary file ``.<name>.<random>.tmp`` next to ``path``.
@@ -37,7 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = temporary_sibling(path)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with disk_full_errors(path, len(payload), temporary), os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())

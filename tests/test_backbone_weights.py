@@ -12,7 +12,7 @@ import torch
 import torchvision
 from fake_hub import FakeHub
 from helpers import REPO, tiny_deeplab
-from huggingface_hub import constants
+from huggingface_hub import constants, try_to_load_from_cache
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
@@ -217,3 +217,19 @@ def test_describe_rejects_bad_specs_with_the_option_and_what_to_do(tmp_path):
         describe_backbone_weights(str(tmp_path), "resnet18")
     with pytest.raises(ValueError, match=r"neither a \.pth / \.safetensors / \.bin file nor a valid Hub repo id"):
         describe_backbone_weights("pretrained/nested/resnet18", "resnet18")
+
+
+def test_a_truncated_file_in_the_hub_cache_is_named_with_the_command_that_fetches_it_again(
+    served, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    use_hub(monkeypatch, served["hub"].url, cache)
+    load_backbone_weights(tiny_deeplab(num_labels=3), "tv_in1k")  # downloads into the cache
+    cached = Path(try_to_load_from_cache(TAG_REPO, "model.safetensors", cache_dir=str(cache))).resolve()
+    cached.write_bytes(cached.read_bytes()[:100])  # a download or copy cut short
+    use_hub(monkeypatch, "http://127.0.0.1:9", cache, offline=True)
+    with pytest.raises(OSError) as error:
+        load_backbone_weights(tiny_deeplab(num_labels=3), "tv_in1k")
+    message = str(error.value)
+    assert f"the file model.safetensors of Hub repo {TAG_REPO}" in message and str(cached) in message, message
+    assert f"`hf download {TAG_REPO} model.safetensors --force-download`" in message

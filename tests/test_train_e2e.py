@@ -210,10 +210,8 @@ def test_two_machines_give_the_single_machine_two_process_run(tmp_path):
     results = {run: json.loads((run / "results.json").read_text()) for run in (nodes, single)}
     for run in results.values():
         del run["wall_time_s"]
-        # the run directories differ, and with them the synthetic data's paths that the fingerprints hash
+        # the run directories differ; the data in them is the same, by content
         del run["config"]["output_dir"]
-        for part in ("labeled", "unlabeled", "val"):
-            del run["config"]["data"][part]["fingerprint"]
     assert results[nodes] == results[single]
     assert one_process_final_miou(nodes) == pytest.approx(results[nodes]["final"]["val_miou"], abs=1e-12)
 

@@ -88,17 +88,25 @@ def test_folder_dataset_trains_from_the_command_line_and_other_data_is_refused(t
     assert results["config"]["global_batch_size"] == 4 and results["config"]["data"]["val"]["num_images"] == 2
     assert json.loads((run_dir / "run_config.json").read_text()) == results["config"]
 
-    # the same split files over a copy of the data: another dataset, refused before anything runs
+    # the data moved to another root unchanged: the same data, so the finished run resumes (every stage skipped)
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    refused = launch(copy, run_dir, splits=root)
-    assert refused.returncode != 0 and f"data_root: '{root}' -> '{copy}'" in refused.stderr
-    # the same root and split with a replaced val image: refused once the sources are built
-    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "images" / "13.png")
-    refused = launch(root, run_dir)
-    assert refused.returncode != 0 and "data.val.fingerprint" in refused.stderr
-    assert "data.labeled" not in refused.stderr
-    assert json.loads((run_dir / "results.json").read_text()) == results
+    shutil.rmtree(root)
+    resumed = launch(copy, run_dir, splits=copy)
+    assert_ok(resumed)
+    assert resumed.stdout.count("already finished: skipped") == 3, resumed.stdout
+    # a replaced val image: refused naming it, before any dataset cache is built
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(copy / "images" / "13.png")
+    shutil.rmtree(run_dir / "datasets_cache")
+    refused = launch(copy, run_dir, splits=copy)
+    assert refused.returncode != 0 and "1 changed (images/13.png)" in refused.stderr
+    assert "labeled (" not in refused.stderr and not (run_dir / "datasets_cache").exists()
+    results["config"]["data_root"] = str(copy)
+    for part in ("labeled", "unlabeled", "val"):
+        results["config"][f"{part}_id_path"] = str(copy / f"{part}.txt")
+    resumed_results = json.loads((run_dir / "results.json").read_text())
+    resumed_results.pop("wall_time_s"), results.pop("wall_time_s")
+    assert resumed_results == results  # the resumed run's, on the moved data
 
 
 @pytest.mark.slow

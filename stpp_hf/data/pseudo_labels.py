@@ -37,6 +37,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_bytes, sha256_bytes, sha256_file, temporary_sibling
 from ..log import get_logger
 from ..models.deeplab.label_presets import colorize
@@ -232,7 +233,7 @@ class PseudoLabelStore:
             writer = f"{socket.gethostname()}-{os.getpid()}-{next(_writer_counter)}"
             self._journal = self.directory / f"journal-{writer}.jsonl"
         # one short line per append: a crash can only tear the last line, which _read_entries tolerates
-        with open(self._journal, "a", encoding="utf-8") as stream:
+        with disk_full_errors(self._journal), open(self._journal, "a", encoding="utf-8") as stream:
             stream.write(json.dumps(entry) + "\n")
             stream.flush()
             os.fsync(stream.fileno())

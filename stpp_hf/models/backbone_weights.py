@@ -9,10 +9,12 @@ every key and shape. A training-time step: this module is not part of the remote
 The method starts from torchvision's ImageNet ResNets, published for timm as `timm/<resnet>.tv_in1k`.
 """
 
+import json
 import os
+import pickle
 
 import timm
-from huggingface_hub import constants
+from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HFValidationError,
@@ -21,6 +23,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, load_model_config_from_hf, load_state_dict_from_hf
 from torch import nn
 
@@ -130,11 +133,37 @@ def _download_hub_state_dict(spec: str, hub_id: str, backbone: str) -> dict:
             f"{constants.ENDPOINT}). Fetch them where there is a connection with `{command}` into the same cache "
             f"(HF_HOME), or pass a local file: {OPTION} path/to/{backbone}.pth (torchvision or timm layout)."
         ) from error
+    except (SafetensorError, json.JSONDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        damaged = _damaged_cache_error(spec, repo_id, revision, error)
+        if damaged is None:
+            raise
+        raise damaged from error
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
         raise ValueError(
             f"{OPTION} {spec!r}: Hub repo {hub_id} cannot be used as timm weights (a timm repo holds config.json and "
             f"model.safetensors or pytorch_model.bin; a private or gated one needs `hf auth login`): {error}"
         ) from error
+
+
+def _damaged_cache_error(spec: str, repo_id: str, revision: str, error: Exception) -> OSError | None:
+    """The error naming the cached file of Hub repo ``repo_id`` that ``error`` (from reading it) shows is damaged,
+    e.g. truncated by a full disk or a killed download, and how to fetch it again; ``None`` if no such file is
+    cached (then ``error`` came from elsewhere)."""
+    if isinstance(error, SafetensorError):
+        filename = "model.safetensors"
+    elif isinstance(error, json.JSONDecodeError):
+        filename = "config.json"
+    else:
+        filename = "pytorch_model.bin"  # torch.load's errors on a torn zip or pickle
+    cached = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+    if not isinstance(cached, str):
+        return None
+    command = f"hf download {repo_id} {filename} --force-download" + (f" --revision {revision}" if revision else "")
+    return OSError(
+        f"{OPTION} {spec!r}: the file {filename} of Hub repo {repo_id} in the Hugging Face cache is damaged "
+        f"({type(error).__name__}: {error}); it is {os.path.realpath(cached)}. Fetch it again with `{command}` "
+        f"(same HF_HOME), or delete that file and relaunch with a connection to {constants.ENDPOINT}"
+    )
 
 
 def load_backbone_weights(model: nn.Module, spec: str) -> dict:

@@ -20,11 +20,9 @@ from ..data import (
     check_label_file_names,
     check_split_overlap,
     load_source,
-    make_synthetic_dataset,
     read_split,
 )
 from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
-from ..data.sources import get_source
 from ..data.splits import resolve_split_file
 from ..data.training_sets import retrain_length, suponly_length
 from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
@@ -37,6 +35,7 @@ from .config import (
     parse_arguments,
     resolve_run_config,
 )
+from .data_identity import LocalData, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .pseudo_label_export import record_unlabeled_source
@@ -169,19 +168,21 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
 # ---- data and model -------------------------------------------------------------------------------
 
 
-def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[RunData, dict]:
-    """The sources of the run (the synthetic dataset is generated first) as :class:`RunData`, and what
-    ``results.json`` says of the data besides the options (the Hub dataset and its partition).
+def build_run_data(
+    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None
+) -> tuple[RunData, dict, dict]:
+    """The sources of the run as :class:`RunData` (``local``: of the synthetic data or a ``--data_root`` layout,
+    else of the Hub dataset), what ``results.json`` says of the data besides the options (the Hub dataset and its
+    partition), and how to load the unlabeled images again (for ``unlabeled_source.json``).
 
     Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
     directory's file system cannot hold, before any training.
     """
     layout = RunLayout(output_dir)
-    if config.hub_dataset is not None:
+    if local is None:
         hub_args = HubDataArguments(**config.hub_dataset)
         sources, id2label, palette, name = load_hub_run_sources(hub_args, layout.partition, accelerator)
-        if accelerator.is_main_process:
-            record_unlabeled_source(output_dir, {"kind": "hub", **config.hub_dataset})
+        unlabeled_source = {"kind": "hub", **config.hub_dataset}
         data_metadata = {
             "dataset": name,
             "split": hub_split_name(sources["metadata"]),
@@ -189,8 +190,9 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
         }
         unlabeled_entries = sources["unlabeled_entries"]
     else:
-        sources, id2label, palette, unlabeled_entries = _local_sources(config, output_dir, accelerator)
-        data_metadata = {}
+        sources, unlabeled_source = _local_sources(local, output_dir, accelerator)
+        id2label, palette, data_metadata = local.id2label, local.palette, {}
+        unlabeled_entries = read_split(local.split_files["unlabeled"])
     data = RunData(
         labeled=sources["labeled"],
         unlabeled=sources["unlabeled"],
@@ -205,34 +207,24 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
     check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
     if accelerator.is_main_process:
         check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
-    return data, data_metadata
+    return data, data_metadata, unlabeled_source
 
 
-def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[dict, dict[int, str], list[int], list]:
-    """``(sources, id2label, palette, unlabeled split entries)`` of the synthetic data or a local layout."""
-    run_layout = RunLayout(output_dir)
-    if config.is_synthetic:
-        with accelerator.main_process_first():
-            synthetic = make_synthetic_dataset(run_layout.synthetic_data, **config.synthetic)
-        files, root, layout = synthetic.split_files, synthetic.root, "pascal"
-        id2label, palette = synthetic.id2label, synthetic.palette
-    else:
-        files = {"labeled": config.labeled_id_path, "unlabeled": config.unlabeled_id_path, "val": config.val_id_path}
-        root, layout = config.data_root, config.dataset
-        id2label, palette = get_source(layout).classes(root)  # the data owns its class names and colours
+def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
+    """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
     sources = {}
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
             sources[part] = load_source(
-                layout, root, files[part], require_masks=part != "unlabeled", cache_dir=run_layout.datasets_cache
+                local.source,
+                local.root,
+                local.split_files[part],
+                require_masks=part != "unlabeled",
+                cache_dir=RunLayout(output_dir).datasets_cache,
             )
-    if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
-        unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())
-        record_unlabeled_source(
-            output_dir,
-            {"kind": "local", "source": layout, "root": str(Path(root).resolve()), "split_file": unlabeled_file},
-        )
-    return sources, id2label, palette, read_split(files["unlabeled"])
+    unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
+    unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
+    return sources, unlabeled_source
 
 
 def model_factory(config: RunConfig, id2label: dict[int, str]):
@@ -252,12 +244,15 @@ def model_factory(config: RunConfig, id2label: dict[int, str]):
     return factory
 
 
-def _check_run_dir(accelerator, output_dir: Path, record: dict) -> None:
-    """Every process compares ``record`` with the saved one; then the main process records it."""
-    check_and_record_run_config(output_dir, record, write=False)
+def _check_run_dir(
+    accelerator, output_dir: Path, record: dict, check=check_and_record_run_config, write: bool = True
+) -> None:
+    """Every process compares ``record`` with the saved one (``check``); then (``write``) the main process records
+    it."""
+    check(output_dir, record, write=False)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_and_record_run_config(output_dir, record)
+    if write and accelerator.is_main_process:
+        check(output_dir, record, write=True)
     accelerator.wait_for_everyone()
 
 
@@ -293,10 +288,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     # and the settings are those of the run it holds (the data is compared once built)
     check_shared_run_dir(accelerator, output_dir)
     lock_run(accelerator, output_dir)
-    _check_run_dir(accelerator, output_dir, config.to_dict())
-    data, data_metadata = build_run_data(config, output_dir, accelerator)
-    record = {**config.to_dict(), "data": data_record(data)}
+    # the settings are recorded now in a new run directory only: a relaunch records them once the data matches too
+    _check_run_dir(accelerator, output_dir, config.to_dict(), write=not layout.run_config.is_file())
+    # local data is compared by content before any cache is built: a refused launch changes nothing
+    local = None if config.hub_dataset is not None else local_data(config, output_dir, accelerator)
+    if local is not None:
+        data_section, file_hashes = identify_local_data(local, output_dir, accelerator)
+
+        def check_data(run_dir, section, write):
+            check_local_data(run_dir, local, section, file_hashes, write)
+
+        _check_run_dir(accelerator, output_dir, data_section, check=check_data)
+        _check_run_dir(accelerator, output_dir, {**config.to_dict(), "data": data_section})
+    data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
+    record = {**config.to_dict(), "data": data_record(data) if local is None else data_section}
     _check_run_dir(accelerator, output_dir, record)
+    if accelerator.is_main_process:
+        if local is not None:
+            file_hashes.save()
+        record_unlabeled_source(output_dir, unlabeled_source)  # for exporting the pseudo labels with their images
 
     metadata = {
         "dataset": config.dataset,

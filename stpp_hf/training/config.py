@@ -27,12 +27,16 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
-from ..file_io import atomic_write_json
+from ..file_io import atomic_write_json, sha256_file
+from ..log import get_logger
+from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
 from .errors import ConfigError
 from .recipe import per_device_batch_size, scaled_lr
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
+
+logger = get_logger(__name__)
 
 DATASETS = ("pascal", "cityscapes", "folder")
 SYNTHETIC = "synthetic"
@@ -52,8 +56,23 @@ NON_RESULT_SETTINGS = frozenset(
         "num_workers",
         "dry_run",
         "redo_stage",
+        # where the data lies: the data is identified by content (the ``data`` section), so it may move
+        "data_root",
+        "labeled_id_path",
+        "unlabeled_id_path",
+        "val_id_path",
     }
 )
+# how the global batch is laid out on the hardware: a relaunch may change it (a preempted job requeued onto
+# fewer GPUs) as long as the global batch and the lr stay, which keeps every step's images and updates; only the
+# BatchNorm batch (per device, or across devices with SyncBatchNorm) then differs, and a warning says so
+BATCH_LAYOUT_SETTINGS = frozenset({"num_processes", "per_device_batch_size", "gradient_accumulation_steps", "sync_bn"})
+BATCH_SETTINGS = ("global_batch_size", "lr")
+# settings an earlier version did not record: a run directory without them resumes (they cannot be checked)
+ADDED_SETTINGS = {
+    "backbone_weights_sha256": "--backbone_weights",
+    "coco_init_sha256": "--coco_init",
+}
 
 
 @dataclass(frozen=True)
@@ -233,6 +252,8 @@ class RunConfig:
     output_stride: int
     backbone_weights: str
     coco_init: Optional[str]
+    backbone_weights_sha256: Optional[str]  # the content of a --backbone_weights FILE (a Hub tag names its own)
+    coco_init_sha256: Optional[str]
     framework: str
     teacher: str
     epochs: int
@@ -564,6 +585,8 @@ def resolve_run_config(
         output_stride=defaults.output_stride if model.output_stride is None else model.output_stride,
         backbone_weights=weights,
         coco_init=model.coco_init,
+        backbone_weights_sha256=_file_content(weights) if weights.lower().endswith(WEIGHT_FILE_SUFFIXES) else None,
+        coco_init_sha256=None if model.coco_init is None else _file_content(model.coco_init),
         framework=run.framework,
         teacher=run.teacher,
         epochs=defaults.epochs if run.epochs is None else run.epochs,
@@ -594,6 +617,13 @@ def resolve_run_config(
     )
 
 
+def _file_content(path: str) -> Optional[str]:
+    """SHA-256 of the initialisation file at ``path`` (``None`` if it does not exist: the option's own check
+    names it where the file is read)."""
+    path = os.path.expanduser(path)
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
 def _synthetic_settings(data: DataArguments) -> dict:
     """The :func:`~stpp_hf.data.make_synthetic_dataset` keyword arguments of the options."""
     return {
@@ -621,7 +651,9 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``[(setting, saved value, new value)]`` of the result-changing settings that differ, nested keys
     dotted (``data.val``). A top-level section that only one side has yet (``data``, known once the
-    sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are."""
+    sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are, nor the
+    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` that
+    ``saved`` lacks."""
     saved, new = json.loads(json.dumps(dict(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
     for section in set(saved) ^ set(new):
         if isinstance(saved.get(section, new.get(section)), dict):
@@ -629,8 +661,11 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     flat_saved, flat_new = _flatten(saved), _flatten(new)
     missing = object()
     differences = []
+    same_batch = all(flat_saved.get(key, missing) == flat_new.get(key, missing) for key in BATCH_SETTINGS)
     for key in sorted(set(flat_saved) | set(flat_new)):
-        if key.split(".")[0] in NON_RESULT_SETTINGS:
+        if key.split(".")[0] in NON_RESULT_SETTINGS or (same_batch and key in BATCH_LAYOUT_SETTINGS):
+            continue
+        if key in ADDED_SETTINGS and key not in flat_saved:
             continue
         before, after = flat_saved.get(key, missing), flat_new.get(key, missing)
         if before != after:
@@ -642,11 +677,43 @@ def check_same_config(run_dir: str | os.PathLike, saved: Mapping[str, Any], new:
     """Raise a :class:`ConfigError` listing every differing setting (saved -> new) of ``run_dir``."""
     differences = config_differences(saved, new)
     if differences:
-        details = "\n".join(f"  {key}: {before!r} -> {after!r}" for key, before, after in differences)
+        details = "\n".join(
+            f"  {key}: {before!r} -> {after!r}" + _what_changed(key, new) for key, before, after in differences
+        )
         raise ConfigError(
             f"{run_dir} already holds a run with other settings (saved -> new):\n{details}\n"
             "use another --output_dir, or the saved settings to resume"
         )
+
+
+def _what_changed(key: str, new: Mapping[str, Any]) -> str:
+    """What a differing setting means, where its name alone does not say."""
+    if key in ADDED_SETTINGS:
+        option = ADDED_SETTINGS[key]
+        return f" (the file {new.get(option.removeprefix('--'))} given as {option} has other content than the run's)"
+    return ""
+
+
+def batch_layout_change(saved: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[str]:
+    """A warning when the same global batch is laid out otherwise on the hardware (processes, per-device batch,
+    accumulation, SyncBatchNorm) than in ``saved``; ``None`` when the layout is the same."""
+    if all(saved.get(key) == new.get(key) for key in BATCH_LAYOUT_SETTINGS):
+        return None
+
+    def layout(config: Mapping[str, Any]) -> str:
+        across = config.get("num_processes", 1) if config.get("sync_bn") else 1
+        bn_batch = config.get("per_device_batch_size", 0) * across
+        return (
+            f"{config.get('per_device_batch_size')} per device x {config.get('num_processes')} processes x "
+            f"{config.get('gradient_accumulation_steps')} accumulation steps, BatchNorm batch {bn_batch}"
+            + (" (SyncBatchNorm)" if config.get("sync_bn") else "")
+        )
+
+    return (
+        f"the global batch of {new.get('global_batch_size')} was {layout(saved)} and is now {layout(new)}: the steps "
+        "and lr are the same, but BatchNorm normalises over the BatchNorm batch and keeps its running statistics "
+        "per process, so the run continues with BatchNorm statistics that differ from an uninterrupted run's"
+    )
 
 
 def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str, Any], write: bool = True) -> None:
@@ -664,12 +731,14 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error}); restore it or use another --output_dir") from None
         check_same_config(run_dir, saved, record)
+        if write and (change := batch_layout_change(saved, record)):
+            logger.warning("%s: %s", run_dir, change)
         merged = {**saved, **record}  # keep the data section of the first check until the second one
     elif layout.state.is_file():
         raise ConfigError(f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir")
     else:
-        merged = dict(record)
-    if write:
+        saved, merged = None, dict(record)
+    if write and json.loads(json.dumps(merged)) != saved:  # an unchanged record is not rewritten
         atomic_write_json(path, merged)
 
 

@@ -32,6 +32,7 @@ from ..data import (
     teacher_fingerprint,
 )
 from ..data.splits import read_split, write_split
+from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir, rank_and_world_size
@@ -95,8 +96,9 @@ class RunSettings:
 
 
 def data_record(data: RunData) -> dict:
-    """What the data of a run is: the ``datasets`` fingerprints of the labeled, unlabeled and val sets
-    (they change with the root, the split and every listed file) and their sizes and classes."""
+    """What the data of a ``datasets`` dataset run is: the ``datasets`` fingerprints of the labeled, unlabeled and
+    val sets and their sizes and classes (a local dataset is identified by content instead:
+    :mod:`~stpp_hf.training.data_identity`)."""
     record = {}
     for part in ("labeled", "unlabeled", "val"):
         source = getattr(data, part)
@@ -399,7 +401,8 @@ class _Run:
         final_dir = self.layout.final
         if self.is_main():
             temporary = temporary_directory_for(final_dir)
-            shutil.copytree(self.stage_layout(last_train.name).best, temporary, dirs_exist_ok=True)
+            with disk_full_errors(final_dir, partial=temporary):
+                shutil.copytree(self.stage_layout(last_train.name).best, temporary, dirs_exist_ok=True)
             replace_directory(temporary, final_dir)
         self.accelerator.wait_for_everyone()
         final_model = self.settings.model_class.from_pretrained(final_dir)

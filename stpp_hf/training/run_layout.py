@@ -3,7 +3,7 @@
 ::
 
     <run_dir>/
-      run_config.json  state.json  run.lock  results.json  unlabeled_source.json
+      run_config.json  state.json  run.lock  results.json  unlabeled_source.json  data_files.json
       final/                               the last training stage's best model (save_pretrained)
       stages/<i>-<name>/                   one per stage, in run order (stages.stage_dir_name)
         best/  last/  snapshots/epoch_<e>/ checkpoint/  val_predictions.png      (train stages)
@@ -161,6 +161,11 @@ class RunLayout:
     def datasets_cache(self) -> Path:
         """``datasets``' Arrow cache of the run's local sources."""
         return self.run_dir / "datasets_cache"
+
+    @property
+    def data_files(self) -> Path:
+        """The SHA-256 of every file of a local dataset (:class:`~stpp_hf.data.sources.content.FileHashes`)."""
+        return self.run_dir / "data_files.json"
 
     @property
     def logs(self) -> Path:

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
 
 from ..data.normalization import normalize_batch
+from ..disk_full import disk_full_errors, tensor_bytes
 from ..file_io import (
     atomic_write_json,
     recover_directory,
@@ -113,9 +114,10 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
 def _save_model_dir(model: torch.nn.Module, path: Path, image_processor=None) -> None:
     """``save_pretrained`` (safetensors) into a temporary sibling, then swap it in."""
     temporary = temporary_directory_for(path)
-    model.save_pretrained(temporary, safe_serialization=True)
-    if image_processor is not None:
-        image_processor.save_pretrained(temporary)
+    with disk_full_errors(path, tensor_bytes(model.state_dict()), partial=temporary):
+        model.save_pretrained(temporary, safe_serialization=True)
+        if image_processor is not None:
+            image_processor.save_pretrained(temporary)
     replace_directory(temporary, path)
 
 
@@ -452,7 +454,8 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> 
         temporary_directory_for(checkpoint_dir)
     accelerator.wait_for_everyone()
     temporary = temporary_path_for(checkpoint_dir)
-    accelerator.save_state(str(temporary), safe_serialization=True)
+    with disk_full_errors(checkpoint_dir, partial=temporary):
+        accelerator.save_state(str(temporary), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(temporary / TRAINER_STATE, trainer_state)

@@ -202,10 +202,12 @@ def iter_rows(source: DatasetSource, records: Sequence[Record], validate: bool =
 
 
 def fingerprint(source: DatasetSource, root: Path, split_text: str, records: Sequence[Record], validate: bool) -> str:
-    """Hash of the source, root, split file contents and every listed file's size and mtime.
+    """The ``datasets`` cache key: a hash of the source, root, split file contents and every listed file's size
+    and mtime.
 
-    A changed split, an edited or replaced file, or other validation settings give a new fingerprint
-    (so ``datasets`` never reuses a stale cache). Missing files are reported here, by name.
+    A changed split, an edited or replaced file, another root (the cached rows hold absolute paths) or other
+    validation settings give a new key, so ``datasets`` never reuses a stale cache. Missing files are reported
+    here, by name. A run identifies its data by content instead (:mod:`.content`).
     """
     digest = hashlib.sha256()
     header = f"{ROW_FORMAT_VERSION}|{source.name}|{source.num_labels}|{validate}|{root.resolve()}\n{split_text}\n"
