@@ -14,9 +14,8 @@ from helpers import tiny_deeplab
 
 from stpp_hf.data import PseudoLabelStore
 from stpp_hf.disk_full import DiskFullError
-from stpp_hf.file_io import atomic_write_bytes
+from stpp_hf.file_io import atomic_write_bytes, temporary_path_for
 from stpp_hf.training import trainer
-from stpp_hf.training.state import temporary_path_for
 
 
 @pytest.fixture
