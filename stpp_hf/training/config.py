@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 from ..data.hub_dataset import HubDataArguments
 from ..file_io import atomic_write_json
 from ..models.deeplab.deeplab_common import default_window_stride
+from .label_next import DEFAULT_LABEL_NEXT
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
 
@@ -50,6 +51,7 @@ NON_RESULT_SETTINGS = frozenset(
         "num_workers",
         "dry_run",
         "redo_stage",
+        "label_next",
     }
 )
 
@@ -208,6 +210,13 @@ class RunArguments:
             "the finished stages before it are kept."
         },
     )
+    label_next: int = field(
+        default=DEFAULT_LABEL_NEXT,
+        metadata={
+            "help": "ST++: write the K least reliable unlabeled images of the selection to label_next.csv / .png "
+            "(an annotation aid, not part of the method; 0: none)."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, RunArguments)
@@ -262,6 +271,7 @@ class RunConfig:
     push_stage_branches: bool
     dry_run: bool
     redo_stage: Optional[str]
+    label_next: int
 
     @property
     def is_synthetic(self) -> bool:
@@ -407,6 +417,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         _positive(name, getattr(data, name))
     _positive("synthetic_image_size", data.synthetic_image_size, 16)
     _positive("num_workers", data.num_workers, 0)
+    _positive("label_next", run.label_next, 0)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -607,6 +618,7 @@ def resolve_run_config(
         push_stage_branches=run.push_stage_branches,
         dry_run=run.dry_run,
         redo_stage=run.redo_stage,
+        label_next=run.label_next,
     )
 
 
