@@ -14,13 +14,14 @@ import tempfile
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are an unreachable Hub
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .model_card import (
     COMPARISON_FIGURE_IN_REPO,
     DEFAULT_LICENSE,
+    EVAL_RESULTS_DIR,
     SELECTION_FIGURE_IN_REPO,
     build_model_card,
     card_files,
@@ -85,11 +86,13 @@ def push_model_dir(
     commit_message: str | None = None,
     token: str | bool | None = None,
     extra_files: dict[str, Path | bytes] | None = None,
+    replace_folder: str | None = None,
 ) -> str:
     """Push a `save_pretrained` directory (and a model card as `README.md`) to a Hub model repo in one commit.
 
     `extra_files` maps paths in the repo to local files (or their bytes) uploaded in the same commit (e.g. a card's
-    images).
+    images). `replace_folder` (a folder in the repo, e.g. `.eval_results`) ends up holding only the files this commit
+    uploads into it: the others on the revision (a branch inherits main's) are deleted in the same commit.
 
     The repo is created if needed (`private` only applies then); a `revision` other than `main` is a branch,
     created from `main` if it does not exist. The local directory is only read.
@@ -120,6 +123,13 @@ def push_model_dir(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if replace_folder is not None:
+            uploaded = {operation.path_in_repo for operation in operations}
+            operations += [
+                CommitOperationDelete(path)
+                for path in api.list_repo_files(repo_id, revision=revision)
+                if path.startswith(f"{replace_folder}/") and path not in uploaded
+            ]
         api.create_commit(
             repo_id,
             operations,
@@ -212,6 +222,7 @@ def push_run_to_hub(
             commit_message=commit_message or f"{framework_title(results)} final model",
             token=token,
             extra_files={**pictures, **eval_result_files(results)},
+            replace_folder=EVAL_RESULTS_DIR,
         )
     for index, model_dir in stage_dirs.items():
         stage = results.stages[index]
@@ -223,6 +234,7 @@ def push_run_to_hub(
             commit_message=f"Stage {index + 1} ({stage.name}) best model",
             token=token,
             extra_files=eval_result_files(results, stage_index=index),
+            replace_folder=EVAL_RESULTS_DIR,  # the branch starts as a copy of main, with the final model's entries
         )
     return repo_url
 
