@@ -33,7 +33,7 @@ IDENTITY = (
     ("backbone", lambda results: results.backbone),
     ("classes", lambda results: results.id2label),
     ("training stages", lambda results: [stage.name for _, stage in results.training_stages()]),
-    ("val set", lambda results: ((results.config or {}).get("data") or {}).get("val")),
+    ("val set", lambda results: _val_set(results)),
 )
 # description fields compared when a run has no recorded configuration (older results.json)
 DESCRIPTION_SETTINGS = ("split", "output_stride", "epochs", "batch_size", "lr", "crop_size", "pretrained_backbone")
@@ -60,6 +60,16 @@ def aggregate(values: Sequence[float | None]) -> dict:
     }
 
 
+def _val_set(results: RunResults) -> Any:
+    """What a run's val set is: the recorded fingerprint of its files, or for the built-in synthetic data (made anew
+    in each run directory, so its file fingerprints differ) the settings that generate it."""
+    config = results.config or {}
+    val = (config.get("data") or {}).get("val")
+    if config.get("synthetic") is not None:
+        return {"synthetic": config["synthetic"], "num_images": (val or {}).get("num_images")}
+    return val
+
+
 def _flatten(config: dict) -> dict[str, Any]:
     """The configuration with its ``data`` record spread into ``data.labeled``, ``data.unlabeled``, ``data.val``."""
     flat = {key: value for key, value in config.items() if key != "data"}
@@ -71,7 +81,10 @@ def _settings(results: RunResults) -> dict[str, Any]:
     """The settings of a run that can change its numbers: its recorded configuration, else its description."""
     if results.config is None:
         return {name: getattr(results, name) for name in DESCRIPTION_SETTINGS}
-    return {key: value for key, value in _flatten(results.config).items() if key not in NON_RESULT_SETTINGS}
+    settings = {key: value for key, value in _flatten(results.config).items() if key not in NON_RESULT_SETTINGS}
+    if results.config.get("synthetic") is not None:  # its settings say what the data is; file fingerprints differ
+        settings = {key: value for key, value in settings.items() if not key.startswith("data.")}
+    return settings
 
 
 def _short(value: Any) -> str:
@@ -150,13 +163,13 @@ class Comparison:
         for row in self.rows:
             lower = "" if row["lower_than_previous"] is None else f"{row['lower_than_previous']} of {row['n']}"
             cells = [percent(value) for value in row["values"]]
-            cells += [_mean_std(row), percent(row["min"]), percent(row["max"]), str(row["n"]), lower]
+            cells += [mean_std_cell(row), percent(row["min"]), percent(row["max"]), str(row["n"]), lower]
             lines.append(f"| {row['title']} | {' | '.join(cells)} |")
         titles = [row["title"] for row in self.rows]
         lines += ["", f"| per-class val IoU (%), mean ± std | {' | '.join(titles)} |"]
         lines.append("|---" * (len(titles) + 1) + "|")
         for name, by_row in self.per_class_iou.items():
-            cells = [_mean_std(by_row[title]) + _count_note(by_row[title], self.num_runs) for title in titles]
+            cells = [mean_std_cell(by_row[title]) + _count_note(by_row[title], self.num_runs) for title in titles]
             lines.append(f"| {name} | {' | '.join(cells)} |")
         return "\n".join(lines) + "\n"
 
@@ -180,7 +193,8 @@ def _percent_cell(fraction: float | None) -> str:
     return "n/a" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.2f}"
 
 
-def _mean_std(stats: dict) -> str:
+def mean_std_cell(stats: dict) -> str:
+    """``"47.50 ± 0.50"`` (%) of an :func:`aggregate`; the mean alone for one run; ``"n/a"`` for none."""
     if stats["mean"] is None:
         return "n/a"
     if stats["std"] is None:
@@ -299,4 +313,4 @@ if __name__ == "__main__":
     console_main()
 
 
-__all__ = ["Comparison", "IncomparableRunsError", "aggregate", "compare_runs", "main"]
+__all__ = ["Comparison", "IncomparableRunsError", "aggregate", "compare_runs", "main", "mean_std_cell"]

@@ -290,16 +290,12 @@ def _label_next_rows(results: RunResults) -> dict | None:
 
 def _comparison_rows(comparison) -> dict:
     """The card's aggregate section: mean ± std, min, max, n per stage of a :class:`~stpp_hf.compare.Comparison`."""
+    from .compare import mean_std_cell  # a card without a comparison does not load the comparison's modules
+
     rows = [
         {
             "name": row["title"],
-            "mean_std": "n/a"
-            if row["mean"] is None
-            else (
-                f"{_percent_cell(row['mean'])} ± {_percent_cell(row['std'])}"
-                if row["std"] is not None
-                else _percent_cell(row["mean"])
-            ),
+            "mean_std": mean_std_cell(row),
             "min": _percent_cell(row["min"]),
             "max": _percent_cell(row["max"]),
             "n": row["n"],

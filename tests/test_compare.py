@@ -182,3 +182,19 @@ def test_console_script_writes_markdown_json_and_the_picture(three_seeds, tmp_pa
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "stpp-compare: error:" in refused.stderr and "missing" in refused.stderr
+
+
+def test_synthetic_runs_compare_on_the_settings_that_generate_their_data(tmp_path):
+    # each run generates the synthetic data in its own directory: the file fingerprints differ, the data does not
+    synthetic = {"seed": 0, "num_labeled": 8, "num_unlabeled": 12, "num_val": 6, "image_size": 32}
+    runs = []
+    for seed in range(2):
+        data = {"val": {"fingerprint": f"val-{seed}", "num_images": 6}, "labeled": {"fingerprint": f"l-{seed}"}}
+        config = {"synthetic": synthetic, "data": data}
+        runs.append(write_run(tmp_path / f"seed{seed}", seed, [0.4, 0.5, 0.6], [[0.5] * 3] * 3, config=config))
+    comparison = compare_runs(runs)
+    assert comparison.differences == {"seed": [0, 1]} and comparison.noun == "2 seeds"
+    other = {"synthetic": {**synthetic, "num_val": 12}, "data": {"val": {"fingerprint": "v", "num_images": 12}}}
+    runs.append(write_run(tmp_path / "other", 2, [0.4, 0.5, 0.6], [[0.5] * 3] * 3, config=other))
+    with pytest.raises(IncomparableRunsError, match="another val set are not comparable"):
+        compare_runs(runs)
