@@ -3,6 +3,7 @@
     python examples/push_to_hub.py --run-dir runs/stpp --repo-id you/deeplabv3plus-stpp-pascal --push-stages
     python examples/push_to_hub.py --model-dir runs/stpp/final --repo-id you/my-model --revision experiment
     python examples/push_to_hub.py --run-dir runs/stpp --pseudo-labels-repo you/stpp-pseudo-labels   # a dataset repo
+    python examples/push_to_hub.py --run-dir runs/seed0 --repo-id you/model --compare-runs runs/seed1 runs/seed2
 
 The token comes from huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`); it is never printed.
 """
@@ -32,6 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--license", default=DEFAULT_LICENSE, help="License metadata of the model card (with --run-dir)."
     )
+    parser.add_argument(
+        "--compare-runs",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="Other runs (seeds, splits) of this model: the card shows the mean ± std of them and --run-dir.",
+    )
     return parser.parse_args(argv)
 
 
@@ -41,6 +49,8 @@ def main(argv=None) -> str:
         raise SystemExit("give --repo-id (the model) and/or --pseudo-labels-repo (the pseudo labels, with --run-dir)")
     if args.pseudo_labels_repo is not None and args.run_dir is None:
         raise SystemExit("--pseudo-labels-repo needs --run-dir (the pseudo labels of a finished run)")
+    if args.compare_runs and args.run_dir is None:
+        raise SystemExit("--compare-runs needs --run-dir (the run the pushed model comes from)")
     if args.push_stages and args.run_dir is None:
         raise SystemExit("--push-stages needs --run-dir (a model directory has no stages)")
     try:
@@ -67,6 +77,7 @@ def push(args: argparse.Namespace) -> str | None:
         return push_run_to_hub(
             args.run_dir, args.repo_id, private=args.private, revision=args.revision,
             commit_message=args.commit_message, push_stages=args.push_stages, license=args.license,
+            comparison_runs=args.compare_runs,
         )  # fmt: skip
     return push_model_dir(
         args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message

@@ -2,24 +2,30 @@
 
 `push_run_to_hub(run_dir, repo_id)` pushes a run's `final/` model (weights, config, image processor and the
 remote-code files written by `save_pretrained`) with the card of :mod:`stpp_hf.model_card`, rendered from the run's
-`results.json`; `push_stages=True` also pushes each training stage's best model to its own branch.
+`results.json`, the pictures it embeds and the `.eval_results/*.yaml` entries; `push_stages=True` also pushes each
+training stage's best model to its own branch; `comparison_runs` adds the aggregate of the runs the model belongs to.
 `push_model_dir` pushes any `save_pretrained` directory. Tokens come from huggingface_hub's usual sources
 (`token=`, `HF_TOKEN`, `hf auth login`) and are never printed or written anywhere.
 """
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are an unreachable Hub
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .model_card import (
+    COMPARISON_FIGURE_IN_REPO,
     DEFAULT_LICENSE,
+    EVAL_RESULTS_DIR,
     SELECTION_FIGURE_IN_REPO,
     build_model_card,
+    card_files,
+    eval_result_files,
     framework_title,
     selection_figure,
     stage_branch_name,
@@ -79,11 +85,14 @@ def push_model_dir(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | bool | None = None,
-    extra_files: dict[str, Path] | None = None,
+    extra_files: dict[str, Path | bytes] | None = None,
+    replace_folder: str | None = None,
 ) -> str:
     """Push a `save_pretrained` directory (and a model card as `README.md`) to a Hub model repo in one commit.
 
-    `extra_files` maps paths in the repo to local files uploaded in the same commit (e.g. a card's images).
+    `extra_files` maps paths in the repo to local files (or their bytes) uploaded in the same commit (e.g. a card's
+    images). `replace_folder` (a folder in the repo, e.g. `.eval_results`) ends up holding only the files this commit
+    uploads into it: the others on the revision (a branch inherits main's) are deleted in the same commit.
 
     The repo is created if needed (`private` only applies then); a `revision` other than `main` is a branch,
     created from `main` if it does not exist. The local directory is only read.
@@ -104,13 +113,23 @@ def push_model_dir(
     ]
     if card is not None:
         operations.append(CommitOperationAdd("README.md", str(card).encode()))
-    operations += [CommitOperationAdd(name, str(path)) for name, path in (extra_files or {}).items()]
+    operations += [
+        CommitOperationAdd(name, content if isinstance(content, bytes) else str(content))
+        for name, content in (extra_files or {}).items()
+    ]
     api = HfApi(token=token)
     target = f"{repo_id}@{revision or 'main'}"
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if replace_folder is not None:
+            uploaded = {operation.path_in_repo for operation in operations}
+            operations += [
+                CommitOperationDelete(path)
+                for path in api.list_repo_files(repo_id, revision=revision)
+                if path.startswith(f"{replace_folder}/") and path not in uploaded
+            ]
         api.create_commit(
             repo_id,
             operations,
@@ -148,6 +167,7 @@ def push_run_to_hub(
     push_stages: bool = False,
     token: str | bool | None = None,
     license: str = DEFAULT_LICENSE,
+    comparison_runs: list[str | os.PathLike] | None = None,
 ) -> str:
     """Push a finished run's final model with its model card; `push_stages=True` also pushes each training
     stage's best model (with its own card) to the branch `stage-<n>-<name>`, e.g. `stage-1-suponly`.
@@ -161,32 +181,49 @@ def push_run_to_hub(
         push_stages: also push the stage branches.
         token: a Hub token; None takes huggingface_hub's usual sources (HF_TOKEN, saved login).
         license: license metadata of the card.
+        comparison_runs: other runs (seeds, splits) this model belongs to: the card shows the aggregate of them and
+            this run (:func:`~stpp_hf.compare.compare_runs`; incomparable runs are refused before any upload).
 
     Returns:
         The repo URL.
     """
     run_dir = Path(run_dir)
     results = RunResults.read(run_dir)
+    comparison = None
+    if comparison_runs:
+        from .compare import compare_runs
+
+        others = [path for path in comparison_runs if Path(path).resolve() != run_dir.resolve()]
+        comparison = compare_runs([run_dir, *others])
     # Check every directory and render every card before the first upload, so a bad run fails before the Hub changes.
-    final_card = build_model_card(results, repo_id, license=license)
+    final_card = build_model_card(results, repo_id, license=license, comparison=comparison)
     stage_dirs = (
         {index: run_dir / stage.model_dir for index, stage in results.training_stages()} if push_stages else {}
     )
     for model_dir in [run_dir / results.final.model_dir, *stage_dirs.values()]:
         _model_files(model_dir)
     figure = selection_figure(results)
-    if figure is not None and not (run_dir / figure).is_file():
-        raise FileNotFoundError(f"{run_dir / figure} (the selection picture results.json names) is missing")
-    repo_url = push_model_dir(
-        run_dir / results.final.model_dir,
-        repo_id,
-        card=final_card,
-        private=private,
-        revision=revision,
-        commit_message=commit_message or f"{framework_title(results)} final model",
-        token=token,
-        extra_files=None if figure is None else {SELECTION_FIGURE_IN_REPO: run_dir / figure},
-    )
+    pictures = {path: run_dir / path for path in card_files(results)}
+    if figure is not None:
+        pictures[SELECTION_FIGURE_IN_REPO] = run_dir / figure
+    missing = next((path for path in pictures.values() if not path.is_file()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{missing} (a picture results.json names) is missing")
+    with tempfile.TemporaryDirectory() as scratch:
+        if comparison is not None:
+            pictures[COMPARISON_FIGURE_IN_REPO] = Path(scratch) / COMPARISON_FIGURE_IN_REPO
+            comparison.plot(pictures[COMPARISON_FIGURE_IN_REPO])
+        repo_url = push_model_dir(
+            run_dir / results.final.model_dir,
+            repo_id,
+            card=final_card,
+            private=private,
+            revision=revision,
+            commit_message=commit_message or f"{framework_title(results)} final model",
+            token=token,
+            extra_files={**pictures, **eval_result_files(results)},
+            replace_folder=EVAL_RESULTS_DIR,
+        )
     for index, model_dir in stage_dirs.items():
         stage = results.stages[index]
         push_model_dir(
@@ -196,6 +233,8 @@ def push_run_to_hub(
             revision=stage_branch_name(index, stage),
             commit_message=f"Stage {index + 1} ({stage.name}) best model",
             token=token,
+            extra_files=eval_result_files(results, stage_index=index),
+            replace_folder=EVAL_RESULTS_DIR,  # the branch starts as a copy of main, with the final model's entries
         )
     return repo_url
 

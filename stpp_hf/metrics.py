@@ -101,7 +101,9 @@ class SegmentationMetric:
         return accelerator.reduce(hist, reduction="sum").cpu()
 
     def compute(self, accelerator=None) -> dict:
-        """Returns ``{"miou", "pixel_accuracy", "per_class_iou": {name: iou}}`` over all processes.
+        """Returns ``{"miou", "pixel_accuracy", "per_class_iou": {name: iou}, "confusion_matrix"}`` over all
+        processes; ``confusion_matrix`` is the summed ``[C, C]`` matrix as nested lists of pixel counts
+        (``[gt][pred]``), kept for the run's pictures.
 
         Classes that never appear (NaN IoU) are reported as ``None`` in ``per_class_iou`` so the
         result stays JSON-serialisable.
@@ -115,6 +117,7 @@ class SegmentationMetric:
             "per_class_iou": {
                 name: (None if math.isnan(value) else value) for name, value in zip(self.class_names, iou.tolist())
             },
+            "confusion_matrix": hist.tolist(),
         }
 
 

@@ -2,7 +2,10 @@
 
 `build_model_card(results, repo_id)` fills the package's template (`stpp_hf/hub_cards/stpp_model_card.md`):
 metadata (library, tags, datasets, license, `base_model`, a `model-index` of val mIoU), the training setup, the
-mIoU of every stage and the final model, the pseudo labels' mIoU and the per-class IoU. `stpp_hf.hub` uploads it.
+mIoU of every stage and the final model (a stage lower than the one before it marked, and which model `final/` is),
+the pseudo labels' mIoU, the per-class IoU, the run's pictures, the images to label next and, given a
+:class:`~stpp_hf.compare.Comparison`, the aggregate of the runs the model belongs to. `eval_result_files` gives the
+same val mIoU as the `.eval_results/*.yaml` entries of huggingface_hub. `stpp_hf.hub` uploads them.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import math
 import os
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import yaml
+from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
 
-from .training.results import RunResults, StageSummary
+from .training.results import RunResults, StageSummary, final_model_note, stages_that_hurt
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "stpp_model_card.md"
 FRAMEWORK_TITLES = {
@@ -26,6 +30,15 @@ ARCHITECTURE_TITLES = {"deeplabv3plus": "DeepLabV3+", "deeplabv2": "DeepLabV2"}
 CARD_FIELDS = ("dataset", "split", "model", "backbone")  # what a card cannot be written without
 PAPER_URL = "https://arxiv.org/abs/2106.05095"
 SELECTION_FIGURE_IN_REPO = "selection.png"  # the ST++ selection picture, uploaded next to the final model
+COMPARISON_FIGURE_IN_REPO = "comparison.png"  # the val mIoU of the runs a model belongs to (with a comparison)
+# the run's pictures (results.json "figures"), uploaded at their run-directory paths, in card order
+FIGURE_TITLES = {
+    "val_miou_per_epoch": "Val mIoU per epoch of every training stage",
+    "per_class_iou": "Per-class val IoU of every stage",
+    "confusion_final": "Val confusion matrix of the final model, normalised per true class",
+    "confusion_suponly": "Val confusion matrix of SupOnly, normalised per true class",
+}
+EVAL_RESULTS_DIR = ".eval_results"  # huggingface_hub's folder of evaluation results (constants.EVAL_RESULTS_FOLDER)
 # the package's own license (pyproject.toml), the default of the cards it writes
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -42,6 +55,52 @@ def stage_branch_name(index: int, stage: StageSummary) -> str:
 def selection_figure(results: RunResults) -> str | None:
     """The run-directory path of the ST++ selection picture (`selection.png` of the select stage), if any."""
     return next((stage.figure for stage in results.stages if stage.figure), None)
+
+
+def card_files(results: RunResults) -> list[str]:
+    """The run-directory paths of the pictures the final model's card embeds (uploaded at the same paths)."""
+    paths = [results.figures[name] for name in FIGURE_TITLES if name in (results.figures or {})]
+    if results.label_next is not None:
+        paths.append(results.label_next["figure"])
+    return paths
+
+
+def _eval_dataset(results: RunResults) -> tuple[str, str, str]:
+    """(dataset id, val split, note): the Hub dataset when the run read one, else the dataset's name."""
+    hub = results.hub_dataset
+    if hub is not None:
+        config = f", config {hub['dataset_config']}" if hub.get("dataset_config") else ""
+        return hub["dataset_name"], hub["val_split"], f"Hub dataset {hub['dataset_name']}{config}"
+    return results.dataset, "val", f"{results.dataset} val set (not a Hub dataset)"
+
+
+def eval_result_files(results: RunResults, stage_index: int | None = None) -> dict[str, bytes]:
+    """The `.eval_results/*.yaml` files (huggingface_hub's `EvalResultEntry` format) of a revision: val mIoU (%).
+
+    For the final model (`stage_index` None): `final.yaml` and one `stage-<n>-<name>.yaml` per training stage, as the
+    `model-index` lists them; for a stage's branch: that stage's file alone. Each entry's `notes` name the model.
+    """
+    dataset_id, val_split, dataset_note = _eval_dataset(results)
+
+    def entry(miou: float, model: str) -> bytes:
+        notes = f"mIoU (%) on the {dataset_note}, {model}; trained on split {results.split} with stpp_hf"
+        entries = [EvalResultEntry(dataset_id=dataset_id, task_id=val_split, value=_percent(miou), notes=notes)]
+        return yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False).encode()
+
+    stages = results.training_stages()
+    if stage_index is not None:
+        stages = [(index, stage) for index, stage in stages if index == stage_index]
+    files = {
+        f"{EVAL_RESULTS_DIR}/{stage_branch_name(index, stage)}.yaml": entry(
+            stage.val_miou,
+            f"stage {index + 1} {stage.name} best-on-val model (branch {stage_branch_name(index, stage)})",
+        )
+        for index, stage in stages
+    }
+    if stage_index is None:
+        final = entry(results.final.val_miou, f"final {framework_title(results)} model (main)")
+        files = {f"{EVAL_RESULTS_DIR}/final.yaml": final, **files}
+    return files
 
 
 def _percent(fraction: float) -> float:
@@ -74,6 +133,7 @@ def build_model_card(
     stage_index: int | None = None,
     license: str = DEFAULT_LICENSE,
     template_path: str | os.PathLike = CARD_TEMPLATE_PATH,
+    comparison=None,
 ) -> ModelCard:
     """Render the model card of a run from its `results.json` content.
 
@@ -84,6 +144,8 @@ def build_model_card(
             `results.stages` for the card of that stage's branch.
         license: the license metadata of the repo.
         template_path: the Jinja2 template (`stpp_hf/hub_cards/stpp_model_card.md`).
+        comparison: a :class:`~stpp_hf.compare.Comparison` of the runs this model belongs to (its run among them):
+            the final card then shows their mean ± std, min and max per stage and the comparison picture.
 
     Returns:
         A `ModelCard` whose metadata hold library name, tags, datasets, license, `base_model` (the Hub repo of the
@@ -153,10 +215,17 @@ def build_model_card(
         {"name": name, "cells": [_percent_cell(table[name]) if name in table else "-" for table in per_class]}
         for name in results.class_names()
     ]
+    hurt = stages_that_hurt(results)
     miou_rows = [
-        {"name": column, "miou": _percent_cell(stage.val_miou)} for column, (_, stage) in zip(iou_columns, stages)
+        {
+            "name": column,
+            "miou": _percent_cell(stage.val_miou),
+            "note": f"lower than the stage before ({100 * hurt[index]:+.2f})" if index in hurt else "",
+        }
+        for column, (index, stage) in zip(iou_columns, stages)
     ]
-    miou_rows.append({"name": f"final model, {title}", "miou": _percent_cell(results.final.val_miou)})
+    miou_rows.append({"name": f"final model, {title}", "miou": _percent_cell(results.final.val_miou), "note": ""})
+    final_card = stage_index is None
     pseudo_label_rows = [
         {"name": f"{subset} images, TTA labels of their stage's teacher", "miou": _percent_cell(miou)}
         for subset, miou in results.pseudo_label_miou.items()
@@ -183,7 +252,15 @@ def build_model_card(
         dataset=results.dataset,
         split=results.split,
         hub_dataset=_hub_dataset_rows(results),
-        selection_figure=SELECTION_FIGURE_IN_REPO if stage_index is None and selection_figure(results) else None,
+        selection_figure=SELECTION_FIGURE_IN_REPO if final_card and selection_figure(results) else None,
+        final_note=final_model_note(results).replace("final/", "The final model (`final/`, on `main`)"),
+        figures=[
+            {"title": text, "path": results.figures[name]}
+            for name, text in FIGURE_TITLES.items()
+            if final_card and name in (results.figures or {})
+        ],
+        label_next=_label_next_rows(results) if final_card else None,
+        comparison=_comparison_rows(comparison) if final_card and comparison is not None else None,
         num_labeled=results.num_labeled,
         num_unlabeled=results.num_unlabeled,
         epochs=_or_unknown(results.epochs),
@@ -198,6 +275,34 @@ def build_model_card(
         iou_rows=iou_rows,
         run_config=json.dumps(results.config, indent=2) if results.config is not None else None,
     )
+
+
+def _label_next_rows(results: RunResults) -> dict | None:
+    """The card's "label next" section: the least reliable images of the ST++ selection and their contact sheet."""
+    if results.label_next is None:
+        return None
+    rows = [
+        {"rank": rank, "id": image["id"], "reliability": f"{image['reliability']:.4f}"}
+        for rank, image in enumerate(results.label_next["images"], start=1)
+    ]
+    return {"rows": rows, "figure": results.label_next["figure"], "count": len(rows)}
+
+
+def _comparison_rows(comparison) -> dict:
+    """The card's aggregate section: mean ± std, min, max, n per stage of a :class:`~stpp_hf.compare.Comparison`."""
+    from .compare import mean_std_cell  # a card without a comparison does not load the comparison's modules
+
+    rows = [
+        {
+            "name": row["title"],
+            "mean_std": mean_std_cell(row),
+            "min": _percent_cell(row["min"]),
+            "max": _percent_cell(row["max"]),
+            "n": row["n"],
+        }
+        for row in comparison.rows
+    ]
+    return {"noun": comparison.noun, "header": comparison.header(), "rows": rows, "figure": COMPARISON_FIGURE_IN_REPO}
 
 
 def _dataset_ids(results: RunResults) -> list[str] | None:
@@ -233,4 +338,12 @@ def _hub_dataset_rows(results: RunResults) -> list[dict]:
     ]
 
 
-__all__ = ["DEFAULT_LICENSE", "build_model_card", "framework_title", "selection_figure", "stage_branch_name"]
+__all__ = [
+    "DEFAULT_LICENSE",
+    "build_model_card",
+    "card_files",
+    "eval_result_files",
+    "framework_title",
+    "selection_figure",
+    "stage_branch_name",
+]

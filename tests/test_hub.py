@@ -459,3 +459,118 @@ def test_card_shows_the_resolved_run_configuration(tiny_run):
     assert json.loads(shown) == results["config"]
     del results["config"]
     assert "run_config.json" not in build_model_card(results, REPO_ID).text
+
+
+def run_with_pictures(tiny_run, run_dir: Path, **changes) -> dict:
+    """A copy of the tiny run with confusion matrices, epoch histories, its pictures and a label_next export."""
+    import shutil
+
+    from stpp_hf.training.plots import draw_run_figures
+    from stpp_hf.training.run_layout import RunLayout
+
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    matrix = [[50, 3, 1], [4, 20, 2], [0, 5, 9]]
+    for stage in results["stages"]:
+        if stage["kind"] == "train":
+            stage["confusion_matrix"] = matrix
+            stage["history"] = [{"epoch": 1, "loss": 1.0, "val_miou": 0.3}, {"epoch": 2, "loss": 0.9, "val_miou": 0.4}]
+    results["final"]["confusion_matrix"] = matrix
+    results.update(changes)
+    results["figures"] = draw_run_figures(RunResults.from_json(results), RunLayout(run_dir))
+    Image.new("RGB", (16, 8), (9, 8, 7)).save(run_dir / "label_next.png")
+    results["label_next"] = {
+        "csv": "label_next.csv",
+        "figure": "label_next.png",
+        "images": [{"id": "train_00042", "image": "JPEGImages/train_00042.jpg", "reliability": 0.125}],
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+HUB_DATASET = {
+    "dataset_name": "tester/shapes", "dataset_config": None, "image_column": "image", "label_column": "label",
+    "train_split": "train", "val_split": "validation",
+    "partition": {"num_labeled": 8, "labeled_fraction": None, "num_rows": 20, "partition_seed": 0},
+}  # fmt: skip
+
+
+def test_pushed_repo_holds_both_evaluation_forms_and_embeds_the_pictures(tiny_run, in_process_hub, tmp_path):
+    import yaml
+    from huggingface_hub import parse_eval_result_entries
+
+    run_dir = tmp_path / "run"
+    results = run_with_pictures(tiny_run, run_dir, hub_dataset=HUB_DATASET)
+    push_run_to_hub(run_dir, "tester/pictures", token=TOKEN, push_stages=True)
+    files = in_process_hub.files("tester/pictures")
+    card = ModelCard(files["README.md"].decode())
+    # model-index, as before
+    indexed = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert indexed["val mIoU (%), final model"] == round(100 * results["final"]["val_miou"], 2)
+    # .eval_results: the final model and each training stage, on the Hub dataset's val split
+    expected = {".eval_results/final.yaml": results["final"]["val_miou"]}
+    expected |= {
+        f".eval_results/stage-{index + 1}-{stage['name']}.yaml": stage["val_miou"]
+        for index, stage in enumerate(results["stages"])
+        if stage["kind"] == "train"
+    }
+    assert {name for name in files if name.startswith(".eval_results/")} == set(expected)
+    for name, miou in expected.items():
+        (entry,) = parse_eval_result_entries(yaml.safe_load(files[name]))
+        assert (entry.dataset_id, entry.task_id, entry.value) == ("tester/shapes", "validation", round(100 * miou, 2))
+        assert "Hub dataset tester/shapes" in entry.notes
+    branch = in_process_hub.files("tester/pictures", "stage-1-suponly")
+    assert {name for name in branch if name.startswith(".eval_results/")} == {".eval_results/stage-1-suponly.yaml"}
+    # the pictures, uploaded at their run-directory paths and embedded in the final card only
+    pictures = [*results["figures"].values(), "label_next.png"]
+    assert set(results["figures"]) == {"val_miou_per_epoch", "confusion_final", "confusion_suponly", "per_class_iou"}
+    for path in pictures:
+        assert files[path] == (run_dir / path).read_bytes()
+        assert f"]({path})" in card.text
+        assert f"]({path})" not in ModelCard(branch["README.md"].decode()).text
+    assert "| 1 | train_00042 | 0.1250 |" in card.text and "not part of the method" in card.text
+
+
+def test_card_names_the_final_model_and_marks_a_stage_that_lowered_val_miou(tiny_run):
+    results = json.loads(json.dumps(tiny_run["results"]))
+    results["stages"][2]["val_miou"] = 0.35  # re-training below SupOnly's 0.41
+    text = build_model_card(results, REPO_ID).text
+    assert "| stage 3 retrain | 35.00 | lower than the stage before (-6.00) |" in text
+    assert "| stage 1 suponly | 41.00 |  |" in text
+    note = "The final model (`final/`, on `main`) is the best-on-val model of the last stage, 3 ST (re-training)"
+    assert note in text
+    assert "not swapped in" in text
+
+
+def test_a_local_dataset_is_named_without_claiming_a_hub_dataset(tiny_run):
+    import yaml
+
+    from stpp_hf.model_card import eval_result_files
+
+    files = eval_result_files(RunResults.from_json(tiny_run["results"]))
+    (entry,) = yaml.safe_load(files[".eval_results/final.yaml"])
+    assert entry["dataset"] == {"id": "synthetic", "task_id": "val"} and "not a Hub dataset" in entry["notes"]
+
+
+def test_card_shows_the_aggregate_of_the_runs_the_model_belongs_to(tiny_run, in_process_hub, tmp_path):
+    import statistics
+
+    runs = []
+    for index, final in enumerate([0.50, 0.54, 0.49]):
+        results = json.loads(json.dumps(tiny_run["results"]))
+        results["split"], results["final"]["val_miou"] = f"split_{index}", final
+        runs.append(run_with_pictures(tiny_run, tmp_path / f"run{index}", **results))
+    run_dirs = [tmp_path / f"run{index}" for index in range(3)]
+    push_run_to_hub(run_dirs[0], "tester/aggregate", token=TOKEN, comparison_runs=run_dirs[1:])
+    files = in_process_hub.files("tester/aggregate")
+    text = files["README.md"].decode()
+    finals = [run["final"]["val_miou"] for run in runs]
+    mean, std = 100 * statistics.mean(finals), 100 * statistics.stdev(finals)
+    assert "### Over 3 splits: mean ± std" in text
+    assert f"| final (st) | {mean:.2f} ± {std:.2f} | 49.00 | 54.00 | 3 |" in text
+    assert "](comparison.png)" in text and files["comparison.png"].startswith(b"\x89PNG")
+    other = tmp_path / "other"
+    run_with_pictures(tiny_run, other, backbone="resnet50")
+    with pytest.raises(ValueError, match="another backbone are not comparable"):
+        push_run_to_hub(run_dirs[0], "tester/refused-aggregate", token=TOKEN, comparison_runs=[other])
+    assert "tester/refused-aggregate" not in in_process_hub.repos

@@ -103,7 +103,7 @@ def test_reading_a_run_directory_without_results_says_so(tmp_path):
 
 def test_results_table_rows():
     table = results_table(RunResults.from_json(pipeline_results())).splitlines()
-    rows = {line[: line.rindex("  ")].strip(): line.rsplit(None, 1)[-1] for line in table[2:]}
+    rows = {line[: line.rindex("  ")].strip(): line.rsplit(None, 1)[-1] for line in table[2:-1]}
     assert rows == {
         "SupOnly": "50.00",
         "ST++ stage-1 re-training (reliable)": "50.00",
@@ -113,3 +113,4 @@ def test_results_table_rows():
         "SupOnly teacher, no TTA: reliable images": "60.00",
         "SupOnly teacher, no TTA: unreliable images": "40.00",
     }
+    assert table[-1] == "final/ is the best-on-val model of the last stage, 6 ST++ stage-2 re-training (all)."

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, assert_ok, free_port, launch_command, run_script, script_command
+from test_run_pictures import assert_finished_run_pictures
+
+from stpp_hf.training.label_next import DEFAULT_LABEL_NEXT
 
 
 def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
@@ -150,6 +153,8 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
     assert results["stages"][1]["figure"] == "stages/2-select/selection.png"
     assert (run / "stages" / "2-select" / "selection.png").is_file()
+    assert_finished_run_pictures(run, DEFAULT_LABEL_NEXT)  # the pictures, confusion matrices and label_next
+    assert "final/ is the best-on-val model of the last stage, 6 ST++ stage-2 re-training (all)" in completed.stdout
     # pseudo labels carry the data's palette (the synthetic data's VOC colours), not grey
     store = next((run / "pseudo_labels").glob("label_reliable-*"))
     from PIL import Image

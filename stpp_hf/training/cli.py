@@ -345,6 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         metadata=metadata,
         run_config=record,
         redo_stage=config.redo_stage,
+        label_next=config.label_next,
     )
     if config.report_to != "none":
         # TensorBoard's hparams accept only scalars and strings

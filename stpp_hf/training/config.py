@@ -32,6 +32,7 @@ from ..log import get_logger
 from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
 from .errors import ConfigError
+from .label_next import DEFAULT_LABEL_NEXT
 from .recipe import per_device_batch_size, scaled_lr
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
@@ -61,6 +62,7 @@ NON_RESULT_SETTINGS = frozenset(
         "labeled_id_path",
         "unlabeled_id_path",
         "val_id_path",
+        "label_next",
     }
 )
 # how the global batch is laid out on the hardware: a relaunch may change it (a preempted job requeued onto
@@ -225,6 +227,13 @@ class RunArguments:
             "the finished stages before it are kept."
         },
     )
+    label_next: int = field(
+        default=DEFAULT_LABEL_NEXT,
+        metadata={
+            "help": "ST++: write the K least reliable unlabeled images of the selection to label_next.csv / .png "
+            "(an annotation aid, not part of the method; 0: none)."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, RunArguments)
@@ -281,6 +290,7 @@ class RunConfig:
     push_stage_branches: bool
     dry_run: bool
     redo_stage: Optional[str]
+    label_next: int
 
     @property
     def is_synthetic(self) -> bool:
@@ -426,6 +436,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         _positive(name, getattr(data, name))
     _positive("synthetic_image_size", data.synthetic_image_size, 16)
     _positive("num_workers", data.num_workers, 0)
+    _positive("label_next", run.label_next, 0)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -614,6 +625,7 @@ def resolve_run_config(
         push_stage_branches=run.push_stage_branches,
         dry_run=run.dry_run,
         redo_stage=run.redo_stage,
+        label_next=run.label_next,
     )
 
 

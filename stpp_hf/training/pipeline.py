@@ -10,6 +10,8 @@ stage's best model is copied to ``final/`` and ``results.json`` is written
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from ..file_io import atomic_write_json, replace_directory, sha256_json, tempora
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir, rank_and_world_size
 from .evaluation import evaluate
+from .label_next import DEFAULT_LABEL_NEXT, label_next_rows, write_label_next_csv
+from .plots import draw_run_figures
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
 from .run_layout import RunLayout, StageLayout
@@ -44,7 +48,7 @@ from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
 from .state import RunDirectoryLocked, RunState, lock_run_directory
 from .trainer import StageHyperParameters, train_stage
-from .visualization import save_prediction_grid, save_selection_figure, selection_figure_rows
+from .visualization import save_contact_sheet, save_prediction_grid, save_selection_figure, selection_figure_rows
 
 
 @dataclass
@@ -93,6 +97,7 @@ class RunSettings:
     metadata: dict = field(default_factory=dict)
     run_config: dict = field(default_factory=dict)
     redo_stage: str | None = None  # redo this stage (its record in state.json dropped) and the stages after it
+    label_next: int = DEFAULT_LABEL_NEXT  # ST++: the least reliable unlabeled images to export (0: none)
 
 
 def data_record(data: RunData) -> dict:
@@ -419,7 +424,43 @@ class _Run:
         if self.is_main():
             results.write(self.run_dir)
         self.accelerator.wait_for_everyone()
+        if self.is_main():  # after the barrier: the other processes are done while the main one draws
+            results = self.illustrate(results)
+            results.write(self.run_dir)
         return results
+
+    def illustrate(self, results: RunResults) -> RunResults:
+        """``results`` with the pictures of the run and, for ST++, the images to label next, drawn / written."""
+        figures = draw_run_figures(results, self.layout)
+        return dataclasses.replace(results, figures=figures, label_next=self.export_label_next())
+
+    def export_label_next(self) -> dict | None:
+        """``label_next.csv`` / ``.png``: the least reliable unlabeled images of the select stage, next to the SupOnly
+        model's predictions (an annotation aid; ``None`` without a select stage or with ``label_next`` 0)."""
+        select = next((stage for stage in self.stages if stage.kind == "select"), None)
+        if select is None or self.settings.label_next == 0:
+            return None
+        scores = json.loads(self.stage_layout(select.name).reliability_scores.read_text(encoding="utf-8"))
+        image_of_id = {
+            image_id: entry.image for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)
+        }
+        rows = label_next_rows(scores, self.unlabeled_ids, image_of_id, self.settings.label_next)
+        ids = [row["id"] for row in rows]
+        write_label_next_csv(self.layout.label_next_csv, rows)
+        if self.stream is not None:  # read the pictured images only
+            pictured = StreamedEvalDataset(self.stream, ids)
+            item_of_id = {image_id: pictured[index] for index, image_id in enumerate(pictured.ids)}
+            items = [item_of_id[image_id] for image_id in ids]
+        else:
+            items = self.unlabeled_subset(ids)
+        teacher = self.settings.model_class.from_pretrained(self.teacher_dir(select.source))
+        captions = [f"{rank}. {row['id'][:24]} ({row['reliability']:.3f})" for rank, row in enumerate(rows, 1)]
+        save_contact_sheet(teacher, items, captions, self.layout.label_next_figure, self.data.palette)
+        return {
+            "csv": self.layout.relative(self.layout.label_next_csv),
+            "figure": self.layout.relative(self.layout.label_next_figure),
+            "images": rows,
+        }
 
     def results(self, final_metrics: dict, wall_time_s: float) -> RunResults:
         stages = []
@@ -435,6 +476,7 @@ class _Run:
                         best_epoch=summary["best_epoch"],
                         model_dir=self.layout.relative(self.stage_layout(stage.name).best),
                         history=summary["history"],
+                        confusion_matrix=summary.get("confusion_matrix"),  # None: finished before it was kept
                     )
                 )
             else:
@@ -459,6 +501,7 @@ class _Run:
                 val_miou=final_metrics["miou"],
                 per_class_iou=final_metrics["per_class_iou"],
                 model_dir=self.layout.relative(self.layout.final),
+                confusion_matrix=final_metrics["confusion_matrix"],
             ),
             pseudo_label_miou=pseudo,
             config=self.settings.run_config,

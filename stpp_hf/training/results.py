@@ -58,7 +58,8 @@ class StageSummary:
     """One stage's entry in ``results.json``; which fields it has depends on ``kind``.
 
     train: ``val_miou`` (best epoch), ``per_class_iou`` ({class name: IoU or None for a class val lacks}),
-    ``best_epoch``, ``model_dir`` (relative to the run directory), ``history`` ([{epoch, loss, val_miou}]).
+    ``best_epoch``, ``model_dir`` (relative to the run directory), ``history`` ([{epoch, loss, val_miou}]), and
+    ``confusion_matrix`` (the best epoch's ``[gt][pred]`` val pixel counts; absent in runs made before it was kept).
     select: ``num_reliable``, ``num_unreliable``, ``teacher_miou`` ({subset: mIoU of the source stage's model
     without TTA}, None without true masks), ``figure`` (the selection picture).
     label: ``subset``, ``num_images``, ``pseudo_label_miou`` (None without true masks), ``teacher`` (the model
@@ -81,6 +82,7 @@ class StageSummary:
     pseudo_label_miou: float | None = None
     teacher: str | None = None
     store_dir: str | None = None
+    confusion_matrix: list[list[int]] | None = None
 
     # each kind's fields in file order, and those a reader cannot do without
     KIND_FIELDS = {
@@ -98,7 +100,7 @@ class StageSummary:
         "name": (str,), "kind": (str,), "val_miou": _NUMBER, "per_class_iou": (dict,), "best_epoch": (int,),
         "model_dir": (str,), "history": (list,), "num_reliable": (int,), "num_unreliable": (int,),
         "teacher_miou": (dict,), "figure": (str,), "subset": (str,), "num_images": (int,),
-        "pseudo_label_miou": _NUMBER, "teacher": (str,), "store_dir": (str,),
+        "pseudo_label_miou": _NUMBER, "teacher": (str,), "store_dir": (str,), "confusion_matrix": (list,),
     }  # fmt: skip
 
     def to_json(self) -> dict:
@@ -125,20 +127,27 @@ class StageSummary:
 
 @dataclass(frozen=True)
 class FinalSummary:
-    """The final model (a copy of the last training stage's best): val mIoU, per-class IoU, its directory."""
+    """The final model (a copy of the last training stage's best): val mIoU, per-class IoU, its directory, and
+    its val confusion matrix (``[gt][pred]`` pixel counts; ``None`` in runs made before it was kept)."""
 
     val_miou: float
     per_class_iou: dict[str, float | None]
     model_dir: str
+    confusion_matrix: list[list[int]] | None = None
 
-    TYPES = {"val_miou": _NUMBER, "per_class_iou": (dict,), "model_dir": (str,)}
+    TYPES = {"val_miou": _NUMBER, "per_class_iou": (dict,), "model_dir": (str,), "confusion_matrix": (list,)}
+    REQUIRED = ("val_miou", "per_class_iou", "model_dir")
 
     def to_json(self) -> dict:
-        return {"val_miou": self.val_miou, "per_class_iou": self.per_class_iou, "model_dir": self.model_dir}
+        payload = {"val_miou": self.val_miou, "per_class_iou": self.per_class_iou, "model_dir": self.model_dir}
+        if self.confusion_matrix is not None:
+            payload["confusion_matrix"] = self.confusion_matrix
+        return payload
 
     @classmethod
     def from_json(cls, data: Any, source: str | os.PathLike = "results.json") -> FinalSummary:
-        return cls(**_check_fields(data, cls.TYPES, tuple(cls.TYPES), "final", source))
+        types = {name: kinds if name in cls.REQUIRED else (*kinds, type(None)) for name, kinds in cls.TYPES.items()}
+        return cls(**_check_fields(data, types, cls.REQUIRED, "final", source))
 
 
 # what a run says of itself (``RunSettings.metadata``), in file order; any other metadata is kept in ``extra``
@@ -157,6 +166,9 @@ class RunResults:
     them (``results.json`` then leaves them out); readers that need some ask with :meth:`require`.
     ``batch_size`` is the global batch, ``lr`` the base lr for a global batch of 16; ``config`` equals the run
     directory's ``run_config.json``; ``pseudo_label_miou`` is ``{subset: mIoU or None}`` of the label stages.
+    ``figures`` is ``{name: path}`` of the run's pictures (:meth:`RunLayout.figures`, relative to the run directory);
+    ``label_next`` is the annotation aid of an ST++ run: ``{"csv", "figure", "images": [{"id", "image",
+    "reliability"}]}``, the least reliable unlabeled images first. Both are absent in older files.
     """
 
     framework: str
@@ -169,6 +181,8 @@ class RunResults:
     hardware: str | None = None
     wall_time_s: float | None = None
     config: dict | None = None
+    figures: dict[str, str] | None = None
+    label_next: dict | None = None
     dataset: str | None = None
     split: str | None = None
     model: str | None = None
@@ -187,7 +201,7 @@ class RunResults:
     TYPES = {
         "framework": (str,), "num_labeled": (int,), "num_unlabeled": (int,), "id2label": (dict,), "stages": (list,),
         "final": (dict,), "pseudo_label_miou": (dict,), "hardware": (str,), "wall_time_s": _NUMBER,
-        "config": (dict,), **DESCRIPTION_TYPES, "*": (),
+        "config": (dict,), "figures": (dict,), "label_next": (dict,), **DESCRIPTION_TYPES, "*": (),
     }  # fmt: skip
     REQUIRED = ("framework", "num_labeled", "num_unlabeled", "id2label", "stages", "final")
 
@@ -215,6 +229,9 @@ class RunResults:
         }
         if self.config is not None:
             payload["config"] = self.config
+        for name in ("figures", "label_next"):
+            if getattr(self, name) is not None:
+                payload[name] = getattr(self, name)
         return payload
 
     @classmethod
@@ -268,23 +285,58 @@ STAGE_TITLES = {
 }
 
 
+def stages_that_hurt(results: RunResults) -> dict[int, float]:
+    """``{position in stages: change of val mIoU}`` of each training stage whose best val mIoU is lower than that of
+    the training stage before it (the change is negative, as a fraction)."""
+    stages = results.training_stages()
+    return {
+        index: stage.val_miou - previous.val_miou
+        for (_, previous), (index, stage) in zip(stages, stages[1:])
+        if stage.val_miou < previous.val_miou
+    }
+
+
+def final_model_note(results: RunResults) -> str:
+    """Which model ``final/`` is: the method's last stage, whatever an earlier stage scored on val."""
+    index, last = results.training_stages()[-1]
+    note = f"final/ is the best-on-val model of the last stage, {index + 1} {STAGE_TITLES.get(last.name, last.name)}"
+    if any(stage.val_miou > last.val_miou for _, stage in results.training_stages()):
+        note += (
+            "; an earlier stage scored higher on val, but it is not swapped in (choosing among stages on the val "
+            "set would report a val-selected number)"
+        )
+    return note + "."
+
+
 def results_table(results: RunResults) -> str:
-    """The closing table: val mIoU of SupOnly, each re-training stage and the final model, plus
-    pseudo-label mIoU of each labeled subset."""
-    rows = [(STAGE_TITLES.get(stage.name, stage.name), stage.val_miou) for _, stage in results.training_stages()]
-    rows.append((f"final ({results.framework})", results.final.val_miou))
+    """The closing table: val mIoU of SupOnly, each re-training stage (marked when lower than the stage before it)
+    and the final model, plus pseudo-label mIoU of each labeled subset, then which model ``final/`` is."""
+    hurt = stages_that_hurt(results)
+    rows = [
+        (
+            STAGE_TITLES.get(stage.name, stage.name),
+            stage.val_miou,
+            f"lower than the stage before ({100 * hurt[index]:+.2f})" if index in hurt else "",
+        )
+        for index, stage in results.training_stages()
+    ]
+    rows.append((f"final ({results.framework})", results.final.val_miou, ""))
     for stage in results.stages:
         # stage 5's teacher is the stage-4 model, so compare subsets on the same-teacher rows below
         if stage.kind == "label" and stage.pseudo_label_miou is not None:
             teacher = stage.teacher.removeprefix("stages/")
-            rows.append((f"pseudo labels: {stage.subset} images (teacher {teacher}, TTA)", stage.pseudo_label_miou))
+            name = f"pseudo labels: {stage.subset} images (teacher {teacher}, TTA)"
+            rows.append((name, stage.pseudo_label_miou, ""))
     for stage in results.stages:
         for subset, miou in (stage.teacher_miou or {}).items():
-            rows.append((f"SupOnly teacher, no TTA: {subset} images", miou))
-    width = max(len(name) for name, _ in rows)
+            rows.append((f"SupOnly teacher, no TTA: {subset} images", miou, ""))
+    width = max(len(name) for name, _, _ in rows)
     lines = [f"{'':<{width}}  mIoU", "-" * (width + 8)]
-    lines += [f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{100 * value:5.2f}'}" for name, value in rows]
-    return "\n".join(lines)
+    lines += [
+        f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{100 * value:5.2f}'}{f'  {mark}' if mark else ''}"
+        for name, value, mark in rows
+    ]
+    return "\n".join([*lines, final_model_note(results)])
 
 
-__all__ = ["FinalSummary", "RunResults", "StageSummary", "results_table"]
+__all__ = ["FinalSummary", "RunResults", "StageSummary", "final_model_note", "results_table", "stages_that_hurt"]

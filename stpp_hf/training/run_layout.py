@@ -4,6 +4,8 @@
 
     <run_dir>/
       run_config.json  state.json  run.lock  results.json  unlabeled_source.json  data_files.json
+      label_next.csv  label_next.png       ST++: the least reliable unlabeled images (an annotation aid)
+      figures/                             the run's result pictures (RunLayout.figures)
       final/                               the last training stage's best model (save_pretrained)
       stages/<i>-<name>/                   one per stage, in run order (stages.stage_dir_name)
         best/  last/  snapshots/epoch_<e>/ checkpoint/  val_predictions.png      (train stages)
@@ -118,6 +120,22 @@ class RunLayout:
     def results(self) -> Path:
         """``results.json`` (:class:`~stpp_hf.training.results.RunResults`)."""
         return self.run_dir / "results.json"
+
+    def figures(self) -> dict[str, Path]:
+        """The result pictures by name (``results.json`` ``figures``): val mIoU per epoch of every training stage,
+        the val confusion matrices of the final model and of SupOnly, the per-class IoU of every stage."""
+        names = ("val_miou_per_epoch", "confusion_final", "confusion_suponly", "per_class_iou")
+        return {name: self.run_dir / "figures" / f"{name}.png" for name in names}
+
+    @property
+    def label_next_csv(self) -> Path:
+        """The least reliable unlabeled images of the ST++ selection, to label next: rank, id, image, score."""
+        return self.run_dir / "label_next.csv"
+
+    @property
+    def label_next_figure(self) -> Path:
+        """Contact sheet of the ``label_next.csv`` images next to the SupOnly model's predictions."""
+        return self.run_dir / "label_next.png"
 
     @property
     def run_config(self) -> Path:

@@ -183,6 +183,7 @@ class _StageRun:
             "best_epoch": self.best_epoch,
             "per_class_iou": self.best_metrics.get("per_class_iou", {}),
             "pixel_accuracy": self.best_metrics.get("pixel_accuracy"),
+            "confusion_matrix": self.best_metrics.get("confusion_matrix"),  # None from a run before it was kept
             "history": self.history,
             "lr": self.lr,
             "steps": self.total_steps,

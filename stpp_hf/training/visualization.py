@@ -133,3 +133,38 @@ def save_selection_figure(
                 font=font,
             )
     _save_atomically(canvas, path)
+
+
+CONTACT_SHEET_COLUMNS = 4  # (image, prediction) pairs per row
+
+
+def contact_sheet_size(num_images: int, tile: int = 128) -> tuple[int, int]:
+    """(width, height) in pixels of the contact sheet of ``num_images`` images (:func:`save_contact_sheet`)."""
+    columns = min(num_images, CONTACT_SHEET_COLUMNS)
+    rows = -(-num_images // CONTACT_SHEET_COLUMNS)
+    return 2 * tile * columns, rows * (tile + 14)
+
+
+@torch.no_grad()
+def save_contact_sheet(
+    model: torch.nn.Module,
+    items: Sequence,
+    captions: Sequence[str],
+    path: str | Path,
+    palette: list[int] | None,
+    tile: int = 128,
+) -> None:
+    """Each item (``(pixel_values [3, H, W], mask | None)``) next to ``model``'s prediction (argmax, no TTA), under
+    its caption; :data:`CONTACT_SHEET_COLUMNS` pairs a row (size: :func:`contact_sheet_size`)."""
+    model.eval()
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", contact_sheet_size(len(items), tile), "white")
+    draw = ImageDraw.Draw(canvas)
+    for position, ((image, _), caption) in enumerate(zip(items, captions)):
+        row, column = divmod(position, CONTACT_SHEET_COLUMNS)
+        x, y = column * 2 * tile, row * (tile + 14)
+        prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
+        canvas.paste(_denormalize(image).resize((tile, tile), Image.BILINEAR), (x, y + 14))
+        canvas.paste(colorize(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
+        draw.text((x + 2, y + 1), caption, fill="black", font=font)
+    _save_atomically(canvas, path)
