@@ -66,10 +66,12 @@ class LiveBytes(TorchDispatchMode):
     could reuse the memory, so the peak is the one an allocator sees.
     """
 
-    def __init__(self):
+    def __init__(self, resident=()):
         super().__init__()
         self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
         self.live = self.peak = 0
+        # storages already resident (weights, buffers, momentum) count 0 when an in-place operator returns them
+        self.resident = {StorageWeakRef(tensor.untyped_storage()).cdata for tensor in resident}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._forget_freed()
@@ -82,7 +84,7 @@ class LiveBytes(TorchDispatchMode):
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         reference = StorageWeakRef(storage)
-        if reference.cdata in self.alive:
+        if reference.cdata in self.alive or reference.cdata in self.resident:
             return
         nbytes = storage.nbytes()
         self.alive[reference.cdata] = (reference, nbytes)
@@ -98,13 +100,17 @@ def tensor_bytes(tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def resident_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
     """Weights, buffers and (with ``optimizer``) its state: what a phase starts with on the device."""
-    total = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    tensors = [*model.parameters(), *model.buffers()]
     if optimizer is not None:
         for state in optimizer.state.values():
-            total += tensor_bytes(value for value in state.values() if torch.is_tensor(value))
-    return total
+            tensors += [value for value in state.values() if torch.is_tensor(value)]
+    return tensors
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    return tensor_bytes(resident_tensors(model, optimizer))
 
 
 def make_model(spec: dict, checkpointing: bool = False) -> torch.nn.Module:
@@ -139,10 +145,10 @@ def step_peak(spec: dict, batch: int, bf16: bool, checkpointing: bool) -> int:
         images = torch.randn(batch, 3, crop, crop)
         labels = torch.randint(0, spec["num_labels"], (batch, crop, crop))
         training_step(model, optimizer, images, labels, bf16)  # the momentum buffers now exist
-        resident = resident_bytes(model, optimizer)
-        with LiveBytes() as counter:
+        resident = resident_tensors(model, optimizer)
+        with LiveBytes(resident) as counter:
             training_step(model, optimizer, images, labels, bf16)
-    return resident + counter.peak
+    return tensor_bytes(resident) + counter.peak
 
 
 def inference_peak(spec: dict, phase: str) -> int:
@@ -230,10 +236,13 @@ def measure(specs: dict[str, dict], gpus: list[int], phases: list[str]) -> dict[
             if "train" in phases:
                 for variant, (bf16, checkpointing) in TRAIN_VARIANTS.items():
                     for count in gpus:
-                        rows[variant][count] = step_peak(spec, spec["global_batch_size"] // count, bf16, checkpointing)
+                        batch = spec["global_batch_size"] // count
+                        rows[variant][count] = step_peak(spec, batch, bf16, checkpointing)
+                        print(f"  {name} {variant} batch {batch}: {rows[variant][count] / GIB:.2f} GiB", flush=True)
             for phase in ("eval", "select", "label"):
                 if phase in phases:
                     peak = inference_peak(spec, phase)
+                    print(f"  {name} {phase}: {peak / GIB:.2f} GiB", flush=True)
                     rows[phase] = {count: peak for count in gpus}  # one image batch per device whatever the count
             cache[key] = dict(rows)
             print(f"  counted {name} ({spec['model']} {spec['backbone']}) in {time.perf_counter() - started:.0f} s")
@@ -296,7 +305,7 @@ def allocator_check(batch: int = 2, size: int = 129) -> None:
         # the profiler's memory events carry the allocator's running total since the profiler started
         totals = [event.total_allocated for event in _memory_events(profiler)]
         allocator = max(totals) - min(0, min(totals))
-        with LiveBytes() as counter:
+        with LiveBytes(resident_tensors(model, optimizer)) as counter:
             training_step(model, optimizer, images, labels, bf16=False)
         spec_sized = {**spec, "crop_size": size}
         fake = step_peak(spec_sized, batch, bf16=False, checkpointing=checkpointing) - resident_bytes(model, optimizer)
