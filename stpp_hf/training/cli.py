@@ -153,7 +153,8 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
     lines += [
         f"crop {config.crop_size}, resize base {config.base_size}; val batch {config.val_batch_size}"
         + (f", sliding window {window[0]} stride {window[1]}" if window else ", whole images"),
-        f"precision {config.mixed_precision}, SyncBatchNorm {'on' if config.sync_bn else 'off'}, seed {config.seed}",
+        f"precision {config.mixed_precision}, SyncBatchNorm {'on' if config.sync_bn else 'off'}, "
+        f"activation checkpointing {'on' if config.activation_checkpointing else 'off'}, seed {config.seed}",
     ]
     if paper:
         published = paper.get("published_miou")
@@ -331,6 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         seed=config.seed,
         sliding_window=config.sliding_window_stride,
         channels_last=config.channels_last,
+        activation_checkpointing=config.activation_checkpointing,
         sync_batchnorm=config.sync_bn,
     )
     settings = RunSettings(

@@ -63,6 +63,7 @@ NON_RESULT_SETTINGS = frozenset(
         "unlabeled_id_path",
         "val_id_path",
         "label_next",
+        "activation_checkpointing",  # the same loss, gradients and BatchNorm buffers bit for bit
     }
 )
 # how the global batch is laid out on the hardware: a relaunch may change it (a preempted job requeued onto
@@ -213,6 +214,13 @@ class RunArguments:
         default=None,
         metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."},
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each backbone block in backward instead of keeping its activations: about half the "
+            "training memory for one more backbone forward per step; results unchanged (may change on a relaunch)."
+        },
+    )
     seed: int = 0
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
@@ -280,6 +288,7 @@ class RunConfig:
     mixed_precision: str
     sync_bn: bool
     channels_last: bool
+    activation_checkpointing: bool
     seed: int
     num_workers: int
     output_dir: str
@@ -615,6 +624,7 @@ def resolve_run_config(
         mixed_precision=run.mixed_precision,
         sync_bn=sync_bn,
         channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
+        activation_checkpointing=run.activation_checkpointing,
         seed=run.seed,
         num_workers=data.num_workers,
         output_dir=run.output_dir,

@@ -64,6 +64,8 @@ class StageHyperParameters:
         sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
         channels_last: run the convolutions in channels_last memory format (the same math up to float rounding;
             other kernels, faster on CUDA).
+        activation_checkpointing: checkpoint each backbone block (``activation_checkpointing_enable()``): less
+            memory, the same loss, gradients and BatchNorm statistics.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm when running on several CUDA GPUs
             (ignored elsewhere: SyncBatchNorm needs CUDA).
         logging_steps: optimizer steps between two read-backs of the training loss (each a host sync); the
@@ -78,6 +80,7 @@ class StageHyperParameters:
     seed: int = 0
     sliding_window: tuple[int, int] | None = None
     channels_last: bool = True
+    activation_checkpointing: bool = False
     sync_batchnorm: bool = False
     logging_steps: int = 10
 
@@ -269,6 +272,8 @@ def _setup_stage(
 
     set_seed(stage_seed)  # same fresh init on every process and on every relaunch
     model = model_factory()
+    if hparams.activation_checkpointing:
+        model.activation_checkpointing_enable()
     if (
         hparams.sync_batchnorm
         and accelerator.distributed_type == DistributedType.MULTI_GPU

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
+from .checkpointing import make_stages_checkpointable
 from .configuration_deeplab import require_positive_int
 from .small_map_conv import with_atrous_convs
 
@@ -85,10 +86,12 @@ class DeepLabPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     base_model_prefix = ""
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True  # per backbone block (checkpointing.py)
 
     def _build_backbone(self, config) -> list[int]:
         """Create `self.backbone`; returns the channel counts of [c1, c4] read from timm's feature_info."""
         self.backbone = build_resnet_backbone(config.backbone, config.output_stride)
+        make_stages_checkpointable(self.backbone, [info["module"] for info in self.backbone.feature_info.info])
         return self.backbone.feature_info.channels()
 
     def _init_weights(self, module):
