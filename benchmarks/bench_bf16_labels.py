@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from bench_recipe import _AutocastDevice, autocast
+from hardware import beside, print_hardware
 from transformers import AutoModelForSemanticSegmentation
 
 from stpp_hf.data import load_source
@@ -51,6 +52,7 @@ def main():
     parser.add_argument("--image_size", type=int, default=None, help="Render a fresh synthetic set at this size.")
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
+    print_hardware("cpu")
     run_dir = Path(args.run_dir)
     teacher_dir = run_dir / "stages" / "1-suponly" / "best"
     teacher = AutoModelForSemanticSegmentation.from_pretrained(teacher_dir)
@@ -69,14 +71,14 @@ def main():
         dataset = EvalDataset(source)
         ids = dataset.ids
         num_classes = teacher.config.num_labels
-        print(f"teacher {teacher_dir}, {len(dataset)} images of {tuple(dataset[0][0].shape[-2:])} px")
+        print(beside(f"teacher {teacher_dir}, {len(dataset)} images of {tuple(dataset[0][0].shape[-2:])} px"))
 
         fp32, bf16 = (
             tta_scores(teacher, dataset, dtype, args.batch_size) for dtype in (torch.float32, torch.bfloat16)
         )
         total = sum(scores[0].numel() for scores in fp32)  # H * W of each image
         equal = sum((a.argmax(0) == b.argmax(0)).sum().item() for a, b in zip(fp32, bf16))
-        print(f"TTA labels: bf16 equal to fp32 on {100 * equal / total:.3f}% of {total} pixels")
+        print(beside(f"TTA labels: bf16 equal to fp32 on {100 * equal / total:.3f}% of {total} pixels"))
         # the fp32 margin (top-1 minus top-2 of the mean softmax over the 10 TTA passes) where bf16 differs, vs all
         passes = 2 * len(TTA_SCALES)
         margins, differing = [], []
@@ -90,9 +92,9 @@ def main():
         for name, values in (("all pixels", margins), ("differing pixels", differing)):
             if values.numel():
                 listed = ", ".join(f"q{q:.2f} {v:.4f}" for q, v in zip(quantiles, values.quantile(quantiles)))
-                print(f"fp32 margin at {name} ({values.numel()}): {listed}")
+                print(beside(f"fp32 margin at {name} ({values.numel()}): {listed}"))
         for threshold in (0.01, 0.05):
-            print(f"pixels with fp32 margin < {threshold}: {100 * (margins < threshold).float().mean():.3f}%")
+            print(beside(f"pixels with fp32 margin < {threshold}: {100 * (margins < threshold).float().mean():.3f}%"))
 
         snapshot_dirs = (run_dir / "stages" / "1-suponly" / "snapshots").glob("epoch_*")
         snapshots = [
@@ -107,8 +109,10 @@ def main():
         moved = len(set(splits["fp32"][0]) - set(splits["bf16"][0]))
         largest = max(abs(scores["fp32"][i] - scores["bf16"][i]) for i in ids)
         print(
-            f"selection with {len(snapshots)} snapshots: {moved} of {len(splits['fp32'][0])} reliable ids differ "
-            f"between fp32 and bf16; largest reliability difference {largest:.4f}"
+            beside(
+                f"selection with {len(snapshots)} snapshots: {moved} of {len(splits['fp32'][0])} reliable ids differ "
+                f"between fp32 and bf16; largest reliability difference {largest:.4f}"
+            )
         )
 
 

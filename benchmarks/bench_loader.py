@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hardware import beside, print_hardware
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
@@ -232,8 +233,10 @@ def build(workdir: Path, image_size: int, num_unlabeled: int, base_size: int, cr
     started = time.perf_counter()
     strong = FastTrainTransform(base_size, crop_size, strong=True)
     print(
-        f"ours, once per process and outside the timed rounds: the hue look-up tables (128 MB, shared with forked "
-        f"workers) took {time.perf_counter() - started:.2f} s to build"
+        beside(
+            f"ours, once per process and outside the timed rounds: the hue look-up tables (128 MB, shared with forked "
+            f"workers) took {time.perf_counter() - started:.2f} s to build"
+        )
     )
     ours = RetrainDataset(
         labeled, unlabeled, [(unlabeled_ids, store)], FastTrainTransform(base_size, crop_size), strong
@@ -258,6 +261,7 @@ def main():
     parser.add_argument("--max-batches", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=9, help="Alternating rounds; medians (and bests) are reported.")
     args = parser.parse_args()
+    print_hardware("cpu")
     torch.manual_seed(0)
     random.seed(0)
     load_before = os.getloadavg()
@@ -286,12 +290,14 @@ def main():
         }
     load_after = os.getloadavg()
     print(
-        f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
-        f"{args.num_workers} workers, {args.rounds} rounds; "
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-        f"({os.cpu_count()} CPUs)\n"
-        f"  stpp_hf items are uint8, normalised per batch in this process (timed); "
-        f"baseline items are normalised per sample by its dataset"
+        beside(
+            f"re-training loader, {args.image_size}px images, crop {args.crop_size}, batch {args.batch_size}, "
+            f"{args.num_workers} workers, {args.rounds} rounds; "
+            f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+            f"({os.cpu_count()} CPUs)\n"
+            f"  stpp_hf items are uint8, normalised per batch in this process (timed); "
+            f"baseline items are normalised per sample by its dataset"
+        )
     )
     median, best = {}, {}
     for name, values in results.items():
@@ -299,19 +305,26 @@ def main():
         best[name] = tuple(max(column) for column in zip(*values))
         rounds = ", ".join(f"{wall:.0f}" for wall, _ in values)
         print(
-            f"  {name:9s} median {median[name][0]:6.1f} images/s {median[name][1]:6.1f} images/CPU-s  "
-            f"best {best[name][0]:6.1f} {best[name][1]:6.1f}   (wall rounds: {rounds})"
+            beside(
+                f"  {name:9s} median {median[name][0]:6.1f} images/s {median[name][1]:6.1f} images/CPU-s  "
+                f"best {best[name][0]:6.1f} {best[name][1]:6.1f}   (wall rounds: {rounds})"
+            )
         )
     for label, values in (("median", median), ("best", best)):
         print(
-            f"  speed-up ({label}) {values['stpp_hf'][0] / values['baseline'][0]:.2f}x wall, "
-            f"{values['stpp_hf'][1] / values['baseline'][1]:.2f}x per CPU second"
+            beside(
+                f"  speed-up ({label}) {values['stpp_hf'][0] / values['baseline'][0]:.2f}x wall, "
+                f"{values['stpp_hf'][1] / values['baseline'][1]:.2f}x per CPU second"
+            )
         )
     print(
-        f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f} + {normalise_ms:.2f} batch normalisation in the "
-        f"consumer (uint8 items), baseline {per_sample['baseline']:.2f} (float32 items; one process, no loader); "
-        f"the loader itself {loader_ms['stpp_hf']:.2f} for uint8 items, "
-        f"{loader_ms['baseline']:.2f} for float32 / int64 ones"
+        beside(
+            f"  CPU ms per sample: stpp_hf {per_sample['stpp_hf']:.2f} + {normalise_ms:.2f} batch normalisation "
+            "in the "
+            f"consumer (uint8 items), baseline {per_sample['baseline']:.2f} (float32 items; one process, no loader); "
+            f"the loader itself {loader_ms['stpp_hf']:.2f} for uint8 items, "
+            f"{loader_ms['baseline']:.2f} for float32 / int64 ones"
+        )
     )
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from bench_training import _Device, _MemoryStore, count_flops, matmul_peak_gflops, synchronize, timed
+from hardware import beside, print_hardware
 from torch import nn
 
 from stpp_hf import build_model
@@ -131,16 +132,20 @@ def alternate(functions: dict, rounds: int, repeats: int, device, warm_up: bool 
 def report(title, seconds, work, unit, flops, peaks):
     base = next(iter(seconds.values()))
     print(
-        f"\n== {title} ==\n2048² matmul in the same rounds: "
-        f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s"
+        beside(
+            f"\n== {title} ==\n2048² matmul in the same rounds: "
+            f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s"
+        )
     )
     width = max(len(name) for name in seconds)
     for name, elapsed in seconds.items():
         peak_name = "bf16" if "bf16" in name else "fp32"
         gflops = flops / elapsed / 1e9
         print(
-            f"{name:<{width}} {work / elapsed:7.3f} {unit}/s  {base / elapsed:5.2f}x baseline  "
-            f"{gflops:6.1f} GFLOP/s ({100 * gflops / peaks[peak_name]:4.1f}% of the {peak_name} matmul peak)"
+            beside(
+                f"{name:<{width}} {work / elapsed:7.3f} {unit}/s  {base / elapsed:5.2f}x baseline  "
+                f"{gflops:6.1f} GFLOP/s ({100 * gflops / peaks[peak_name]:4.1f}% of the {peak_name} matmul peak)"
+            )
         )
 
 
@@ -224,8 +229,10 @@ def _compare_one_step(model, loss_of, last_loss_of, dropout):
     largest = max((a - b).abs().max().item() for a, b in zip(weights, last_weights))
     identical = all(torch.equal(a, b) for a, b in zip(weights, last_weights)) and torch.equal(loss, last_loss)
     print(
-        f"channels_last vs contiguous, one fp32 step: loss {loss.item():.8f} vs {last_loss.item():.8f}, "
-        f"largest weight difference {largest:.3g}, bit for bit: {identical}"
+        beside(
+            f"channels_last vs contiguous, one fp32 step: loss {loss.item():.8f} vs {last_loss.item():.8f}, "
+            f"largest weight difference {largest:.3g}, bit for bit: {identical}"
+        )
     )
 
 
@@ -302,8 +309,10 @@ def benchmark_labeling(args, backbone, device):
     for name in list(functions)[1:]:
         equal = sum((a == b).sum().item() for a, b in zip(outputs[name], outputs["baseline"]))
         print(
-            f"{name}: labels equal to the baseline's on "
-            f"{100 * equal / (args.num_images * height * width):.3f}% of pixels"
+            beside(
+                f"{name}: labels equal to the baseline's on "
+                f"{100 * equal / (args.num_images * height * width):.3f}% of pixels"
+            )
         )
 
 
@@ -332,6 +341,7 @@ def main():
     parser.add_argument("--part", choices=("all", "training", "labeling"), default="all")
     args = parser.parse_args()
     device = torch.device(args.device)
+    print_hardware(device)
     print(f"device {device}, threads {torch.get_num_threads()}")
     if args.part in ("all", "training"):
         for backbone in args.backbones:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hardware import beside, print_hardware
 from PIL import Image
 
 from stpp_hf.data import PseudoLabelStore, load_source
@@ -113,9 +114,10 @@ def main():
     parser.add_argument("--label_sample", type=int, default=16, help="Images TTA-labeled at every size.")
     parser.add_argument("--clear", action="store_true", help="Delete the generated set afterwards.")
     args = parser.parse_args()
+    print_hardware("cpu")
     start = time.perf_counter()
     cache_dir = generate(Path(args.cache_dir), max(args.sizes))
-    print(f"generated set in {args.cache_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(beside(f"generated set in {args.cache_dir} ({time.perf_counter() - start:.0f} s)"), flush=True)
     context = multiprocessing.get_context("spawn")
     results = []
     for count in sorted(args.sizes):
@@ -131,7 +133,7 @@ def main():
             for images in [args.label_sample if name == "tta_label_sample" else count]
         }
         print(
-            f"N={count:6d}  ms per image: {json.dumps(per_image)}  peak RSS {row['peak_rss_mib']:.0f} MiB",
+            beside(f"N={count:6d}  ms per image: {json.dumps(per_image)}  peak RSS {row['peak_rss_mib']:.0f} MiB"),
             flush=True,
         )
     first, last = results[0], results[-1]
@@ -139,8 +141,10 @@ def main():
         scale = 1 if name == "tta_label_sample" else last["count"] / first["count"]
         ratios = [last[kind][name] / first[kind][name] / scale for kind in ("seconds", "cpu_seconds")]
         print(
-            f"{name}: per-image time at N={last['count']} / at N={first['count']}: "
-            f"{ratios[0]:.2f} wall, {ratios[1]:.2f} CPU"
+            beside(
+                f"{name}: per-image time at N={last['count']} / at N={first['count']}: "
+                f"{ratios[0]:.2f} wall, {ratios[1]:.2f} CPU"
+            )
         )
     if args.clear:
         shutil.rmtree(cache_dir)

@@ -16,6 +16,7 @@ import statistics
 
 import torch
 from bench_training import timed
+from hardware import beside, print_hardware
 
 from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 
@@ -47,9 +48,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    print_hardware("cpu")
     device = torch.device("cpu")
-    print(f"threads: {torch.get_num_threads()}, batch {args.batch_size}, {args.rounds} rounds of {args.repeats}")
-    print("in -> out channels | map | dilation | plain ms | ours ms | plain / ours")
+    print(
+        beside(f"threads: {torch.get_num_threads()}, batch {args.batch_size}, {args.rounds} rounds of {args.repeats}")
+    )
+    print(beside("in -> out channels | map | dilation | plain ms | ours ms | plain / ours"))
     for in_channels, out_channels, side, dilation in CASES:
         torch.manual_seed(0)
         ours = AtrousConv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
@@ -66,8 +70,10 @@ def main():
         ratio = statistics.median(p / o for p, o in zip(times["plain"], times["ours"]))
         plain_ms, ours_ms = (statistics.median(times[name]) * 1e3 for name in ("plain", "ours"))
         print(
-            f"{in_channels} -> {out_channels} | {side}x{side} | {dilation} | {plain_ms:.2f} | {ours_ms:.2f} | "
-            f"{ratio:.2f}x"
+            beside(
+                f"{in_channels} -> {out_channels} | {side}x{side} | {dilation} | {plain_ms:.2f} | {ours_ms:.2f} | "
+                f"{ratio:.2f}x"
+            )
         )
 
 

@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from hardware import beside, print_hardware
 from torch.utils.flop_counter import FlopCounterMode
 
 from stpp_hf import build_model
@@ -220,7 +221,7 @@ def benchmark_inference(args, device, peak):
         ),
     }
     _print("selection + pseudo-labeling", results, peak)
-    print(f"pseudo-label pixel agreement with the baseline: {100 * agreement:.3f}%")
+    print(beside(f"pseudo-label pixel agreement with the baseline: {100 * agreement:.3f}%"))
 
 
 def _print(title, results, peak):
@@ -229,8 +230,10 @@ def _print(title, results, peak):
     width = max(len(name) for name in results)
     for name, (speed, gflops) in results.items():
         print(
-            f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  "
-            f"{gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)"
+            beside(
+                f"{name:<{width}} {speed:8.2f} img/s  {speed / base_speed:5.2f}x  "
+                f"{gflops:7.1f} GFLOP/s ({100 * gflops / peak:4.1f}% of peak)"
+            )
         )
 
 
@@ -252,8 +255,9 @@ def main():
     parser.add_argument("--part", choices=("all", "training", "inference"), default="all")
     args = parser.parse_args()
     device = torch.device(args.device)
+    print_hardware(device)
     peak = matmul_peak_gflops(device)
-    print(f"device {device}, threads {torch.get_num_threads()}, measured fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(beside(f"device {device}, threads {torch.get_num_threads()}, measured fp32 matmul peak {peak:.1f} GFLOP/s"))
     if args.part in ("all", "training"):
         benchmark_training(args, device, peak)
     if args.part in ("all", "inference"):

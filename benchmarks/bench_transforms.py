@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from hardware import beside, print_hardware
 from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as F
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    print_hardware("cpu")
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
@@ -63,7 +65,7 @@ def main() -> None:
     _hue_tables.cache_clear()
     start = time.process_time()
     _hue_tables()
-    print(f"hue tables built once per process: {time.process_time() - start:.2f} CPU s")
+    print(beside(f"hue tables built once per process: {time.process_time() - start:.2f} CPU s"))
 
     cases = {
         "hue step": (lambda: F.adjust_hue(crop, 0.1), lambda: adjust_hue(crop, 0.1)),
@@ -83,10 +85,10 @@ def main() -> None:
             lambda plain=plain: plain(image, mask),
             lambda fast=fast: fast(image, mask),
         )
-    print(f"{'step (CPU ms per call)':34s} {'plain':>9s} {'fast':>9s} {'plain / fast':>12s}")
+    print(beside(f"{'step (CPU ms per call)':34s} {'plain':>9s} {'fast':>9s} {'plain / fast':>12s}"))
     for name, steps in cases.items():
         plain_s, fast_s = seconds_per_call(steps, args.repeats, args.rounds)
-        print(f"{name:34s} {plain_s * 1e3:9.2f} {fast_s * 1e3:9.2f} {plain_s / fast_s:11.2f}x")
+        print(beside(f"{name:34s} {plain_s * 1e3:9.2f} {fast_s * 1e3:9.2f} {plain_s / fast_s:11.2f}x"))
 
 
 if __name__ == "__main__":

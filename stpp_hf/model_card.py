@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
 
+from .training.precision import DeviceFacts
 from .training.results import RunResults, StageSummary, final_model_note, stages_that_hurt
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "stpp_model_card.md"
@@ -120,6 +121,24 @@ def _format_wall_time(seconds: float | None) -> str:
     hours, remainder = divmod(int(round(seconds)), 3600)
     minutes, seconds = divmod(remainder, 60)
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def _precision_text(results: RunResults) -> str:
+    """The precision and the device of every process, e.g. ``"bf16 mixed precision, native: processes 0-1 on CPU
+    AMD EPYC (x86_64, AVX512; avx512_bf16)"``; ``"unknown"`` for a run that did not record it."""
+    record = results.precision
+    if record is None:
+        return "unknown"
+    mode = record["mixed_precision"]
+    name = "fp32 (no mixed precision)" if mode == "no" else f"{mode} mixed precision"
+    verdict = "native" if record["native"] else "not native on every device, run anyway"
+    devices = []
+    for device in record["devices"]:
+        facts = {key: value for key, value in device.items() if key not in ("processes", "native", "problem")}
+        ranks = device["processes"]
+        devices.append(f"process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on "
+                       + DeviceFacts.from_json(facts).summary())  # fmt: skip
+    return f"{name}, {verdict}: {'; '.join(devices)}"
 
 
 def _or_unknown(value) -> object:
@@ -268,6 +287,7 @@ def build_model_card(
         lr=_or_unknown(results.lr),
         crop_size=_or_unknown(results.crop_size),
         hardware=_or_unknown(results.hardware),
+        precision=_precision_text(results),
         wall_time=_format_wall_time(results.wall_time_s),
         miou_rows=miou_rows,
         pseudo_label_rows=pseudo_label_rows,

@@ -38,6 +38,7 @@ from .config import (
 from .data_identity import LocalData, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
+from .precision import gather_precision_decision
 from .pseudo_label_export import record_unlabeled_source
 from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
@@ -280,10 +281,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
     # validates every option: a bad one fails here, before any data work
     config = resolve_run_config(data_args, model_args, run_args, accelerator.num_processes, accelerator.device.type)
+    # the precision must suit the device of every process, known before any data work or run directory
+    precision = gather_precision_decision(accelerator, config.allow_emulated_precision)
     if config.dry_run:
         if accelerator.is_main_process:
             print(describe_recipe(config, paper))
+            print("\n".join(precision.describe()))
         return 0
+    precision.check()
 
     # before anything is written there: all processes see one run directory, one launch at a time holds it,
     # and the settings are those of the run it holds (the data is compared once built)
@@ -321,6 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "crop_size": config.crop_size,
         "pretrained_backbone": config.backbone_weights != "none" or config.coco_init is not None,
         "backbone_weights": describe_backbone_weights(config.backbone_weights, config.backbone),
+        "precision": precision.to_json(),
         **data_metadata,
     }
     hparams = StageHyperParameters(

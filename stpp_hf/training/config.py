@@ -64,6 +64,7 @@ NON_RESULT_SETTINGS = frozenset(
         "val_id_path",
         "label_next",
         "activation_checkpointing",  # the same loss, gradients and BatchNorm buffers bit for bit
+        "allow_emulated_precision",
     }
 )
 # how the global batch is laid out on the hardware: a relaunch may change it (a preempted job requeued onto
@@ -207,6 +208,13 @@ class RunArguments:
     )
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_emulated_precision: bool = field(
+        default=False,
+        metadata={
+            "help": "Run a --mixed_precision that a device does not compute natively (refused by default: bf16 on "
+            "a CPU without avx512_bf16 / AMX, or a GPU before compute capability 8.0; docs/precision.md)."
+        },
+    )
     sync_bn: Optional[bool] = field(
         default=None, metadata={"help": "SyncBatchNorm (default: on with several CUDA GPUs; needs CUDA)."}
     )
@@ -286,6 +294,7 @@ class RunConfig:
     inference_batch_size: int
     sliding_window: Optional[int]
     mixed_precision: str
+    allow_emulated_precision: bool
     sync_bn: bool
     channels_last: bool
     activation_checkpointing: bool
@@ -622,6 +631,7 @@ def resolve_run_config(
         inference_batch_size=run.inference_batch_size,
         sliding_window=run.sliding_window,
         mixed_precision=run.mixed_precision,
+        allow_emulated_precision=run.allow_emulated_precision,
         sync_bn=sync_bn,
         channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
         activation_checkpointing=run.activation_checkpointing,

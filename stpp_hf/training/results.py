@@ -23,6 +23,9 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
                list: "a list", type(None): "null"}  # fmt: skip
 # fields whose expected value needs more words than its JSON type
 _EXPECTED = {"backbone_weights": "the dict of describe_backbone_weights (spec, kind, hub_id, path)"}
+# the ``precision`` record (PrecisionDecision.to_json): the verdict and each distinct device of the run
+PRECISION_TYPES = {"mixed_precision": (str,), "native": (bool,), "allow_emulated": (bool,), "devices": (list,)}
+PRECISION_DEVICE_TYPES = {"processes": (list,), "kind": (str,), "name": (str,), "native": (dict,), "*": ()}
 
 
 def _check_fields(
@@ -154,7 +157,7 @@ class FinalSummary:
 DESCRIPTION_TYPES = {
     "dataset": (str,), "split": (str,), "model": (str,), "backbone": (str,), "output_stride": (int,),
     "epochs": (int,), "batch_size": (int,), "lr": _NUMBER, "crop_size": (int,), "pretrained_backbone": (bool,),
-    "backbone_weights": (dict,), "hub_dataset": (dict,),
+    "backbone_weights": (dict,), "hub_dataset": (dict,), "precision": (dict,),
 }  # fmt: skip
 
 
@@ -195,6 +198,7 @@ class RunResults:
     pretrained_backbone: bool | None = None
     backbone_weights: dict | None = None
     hub_dataset: dict | None = None
+    precision: dict | None = None  # the device of every process and whether it computes the mixed precision
     extra: dict = field(default_factory=dict)  # further metadata, written as top-level fields
     source: str = field(default="results.json", compare=False)  # the file it was read from, for error messages
 
@@ -243,6 +247,11 @@ class RunResults:
             StageSummary.from_json(stage, f"stages[{index}]", source) for index, stage in enumerate(values["stages"])
         )
         values["final"] = FinalSummary.from_json(values["final"], source)
+        if values.get("precision") is not None:  # absent from the results of older versions
+            record = _check_fields(values["precision"], PRECISION_TYPES, tuple(PRECISION_TYPES), "precision", source)
+            for index, device in enumerate(record["devices"]):
+                where = f"precision.devices[{index}]"
+                _check_fields(device, PRECISION_DEVICE_TYPES, ("processes", "kind", "name", "native"), where, source)
         extra = {key: value for key, value in data.items() if key not in cls.TYPES}
         return cls(**values, extra=extra, source=source)
 
