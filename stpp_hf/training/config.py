@@ -89,6 +89,8 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
         output_stride=16,
     ),
 }
+# DataLoader workers per process by default on CUDA: decoding keeps a GPU busy with a few, more only cost memory
+MAX_DEFAULT_WORKERS = 8
 # the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
 DEEPLABV2_BACKBONE = "resnet101"
 
@@ -115,9 +117,13 @@ class DataArguments(HubDataArguments):  # --dataset_name etc.: a `datasets` data
     synthetic_image_size: int = field(
         default=64, metadata={"help": "Side of the synthetic images (64 keeps the demo fast)."}
     )
-    num_workers: int = field(
-        default=0,
-        metadata={"help": "DataLoader workers per process (does not change results: may change on a relaunch)."},
+    num_workers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "DataLoader workers per process for training, evaluation, selection and labeling (does not "
+            "change results: may change on a relaunch). Default: on CUDA min(8, CPU cores / processes on the "
+            "node); on CPU 0 (workers would compete with the training for the same cores)."
+        },
     )
 
 
@@ -514,6 +520,16 @@ def per_device_batch_size(global_batch_size: int, num_processes: int, accumulati
     return global_batch_size // share
 
 
+def default_num_workers(device_type: str, num_processes: int) -> int:
+    """DataLoader workers per process when ``--num_workers`` is not given: on CUDA the CPU cores this process may
+    use shared by the processes of its node (``LOCAL_WORLD_SIZE``, else all ``num_processes``), at most
+    :data:`MAX_DEFAULT_WORKERS`; on other devices 0 (the model runs on those same cores)."""
+    if device_type != "cuda":
+        return 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // max(1, local_processes)))
+
+
 def resolve_run_config(
     data: DataArguments,
     model: ModelArguments,
@@ -598,7 +614,7 @@ def resolve_run_config(
         sync_bn=sync_bn,
         channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
         seed=run.seed,
-        num_workers=data.num_workers,
+        num_workers=default_num_workers(device_type, num_processes) if data.num_workers is None else data.num_workers,
         output_dir=run.output_dir,
         report_to=run.report_to,
         push_to_hub=run.push_to_hub,

@@ -295,6 +295,7 @@ class _Run:
             self.accelerator,
             self.settings.inference_batch_size,
             progress,
+            self.settings.hparams.num_workers,
         )
         progress.close()
         reliable, unreliable = split_by_reliability(scores, self.unlabeled_ids)
@@ -346,6 +347,7 @@ class _Run:
                 accelerator=self.accelerator,
                 batch_size=hparams.val_batch_size,
                 sliding_window=hparams.sliding_window,
+                num_workers=hparams.num_workers,
             )["miou"]
             for name, ids in subsets.items()
         }
@@ -363,13 +365,16 @@ class _Run:
             self.layout.pseudo_labels, inputs["teacher"], stage.name, palette=self.data.palette
         )
         progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
-        label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
+        workers = self.settings.hparams.num_workers
+        label_images(
+            teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress, workers
+        )
         progress.close()
         self.accelerator.wait_for_everyone()
         if self.is_main():
             store.verify(ids)  # raises naming any missing or corrupt label; writes the merged manifest
         self.accelerator.wait_for_everyone()
-        miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator)
+        miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator, workers)
         if miou is not None:
             self.accelerator.print(
                 f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)"
@@ -417,6 +422,7 @@ class _Run:
             self.accelerator,
             self.settings.hparams.val_batch_size,
             self.settings.hparams.sliding_window,
+            self.settings.hparams.num_workers,
         )
         results = self.results(final_metrics, wall_time_s)
         if self.is_main():
