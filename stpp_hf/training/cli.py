@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -33,11 +34,13 @@ from .config import (
     ConfigError,
     RunConfig,
     check_and_record_run_config,
+    check_process_timeouts,
     describe_stages,
     parse_arguments,
     resolve_run_config,
 )
 from .distributed import check_shared_run_dir, create_accelerator
+from .heartbeat import start_heartbeat
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .pseudo_label_export import record_unlabeled_source
 from .results import results_table
@@ -268,7 +271,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     data_args, model_args, run_args, paper = parse_arguments(argv)
 
     import transformers
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    check_process_timeouts(run_args)  # the process group is made with them
 
     output_dir = Path(run_args.output_dir)
     layout = RunLayout(output_dir)
@@ -277,6 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(layout.logs)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run_args.collective_timeout_s))],
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
@@ -292,6 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # and the settings are those of the run it holds (the data is compared once built)
     check_shared_run_dir(accelerator, output_dir)
     lock_run(accelerator, output_dir)
+    # from here a process that stops answering ends the run (a process that raises stops beating too)
+    heartbeat = start_heartbeat(accelerator, layout.heartbeats, run_args.heartbeat_timeout_s)
     _check_run_dir(accelerator, output_dir, config.to_dict())
     data, data_metadata = build_run_data(config, output_dir, accelerator)
     record = {**config.to_dict(), "data": data_record(data)}
@@ -340,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         scalars = {key: value for key, value in config.to_dict().items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("stpp", config=scalars)
     results = run_pipeline(accelerator, data, settings)
+    if heartbeat is not None:  # every process is here: the main process may push alone from now on
+        heartbeat.stop()
     accelerator.end_training()
     if accelerator.is_main_process:
         print(results_table(results))

@@ -89,6 +89,10 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
         output_stride=16,
     ),
 }
+# an hour: above the longest phase one process works alone at the method's scale (building Cityscapes' dataset
+# caches, downloading a Hub dataset), while the heartbeat ends a run with a stopped process much sooner
+COLLECTIVE_TIMEOUT_S = 3600.0
+HEARTBEAT_TIMEOUT_S = 120.0
 # DataLoader workers per process by default on CUDA: decoding keeps a GPU busy with a few, more only cost memory
 MAX_DEFAULT_WORKERS = 8
 # the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
@@ -201,6 +205,21 @@ class RunArguments:
         metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."},
     )
     seed: int = 0
+    collective_timeout_s: float = field(
+        default=COLLECTIVE_TIMEOUT_S,
+        metadata={
+            "help": "Seconds a process waits in a collective (a barrier, a reduction) for the others before the "
+            "run ends with an error: the longest that one process may work alone, e.g. the main process building "
+            "the dataset caches or downloading a Hub dataset."
+        },
+    )
+    heartbeat_timeout_s: float = field(
+        default=HEARTBEAT_TIMEOUT_S,
+        metadata={
+            "help": "With several processes: a process that has not answered for this long (stopped, frozen, node "
+            "lost) ends the run, named, within this time plus the launcher's 30 s grace."
+        },
+    )
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
@@ -413,6 +432,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         _positive(name, getattr(data, name))
     _positive("synthetic_image_size", data.synthetic_image_size, 16)
     _positive("num_workers", data.num_workers, 0)
+    check_process_timeouts(run)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -486,6 +506,15 @@ def _validate_hub_arguments(data: DataArguments) -> None:
             raise ConfigError(f"--{error}") from None
     if data.id2label is not None and not Path(data.id2label).is_file():
         raise ConfigError(f"--id2label {data.id2label} does not exist")
+
+
+def check_process_timeouts(run: RunArguments) -> None:
+    """Refuse a collective or heartbeat timeout that is not a positive number of seconds (checked before the
+    processes connect, since the process group is made with it)."""
+    for name in ("collective_timeout_s", "heartbeat_timeout_s"):
+        value = getattr(run, name)
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"--{name} must be a positive number of seconds, got {value}")
 
 
 def split_files(data: DataArguments) -> dict[str, str]:

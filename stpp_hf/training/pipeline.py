@@ -270,7 +270,9 @@ class _Run:
         summary["num_train_images"] = len(train_set)
         if self.is_main():
             best = self.settings.model_class.from_pretrained(stage_files.best)
-            save_prediction_grid(best, self.val_set, stage_files.val_predictions, self.data.palette)
+            save_prediction_grid(
+                best, self.val_set, stage_files.val_predictions, self.data.palette, device=self.accelerator.device
+            )
         artefacts = [stage_files.best]
         artefacts += [stage_files.snapshot(epoch) for epoch in snapshots]
         if self.settings.teacher == "last":
@@ -328,7 +330,7 @@ class _Run:
             images = {position[image_id]: pictured[index] for index, image_id in enumerate(pictured.ids)}
         save_selection_figure(
             teacher, images, self.unlabeled_ids, scores, reliable,
-            self.stage_layout(stage.name).selection_figure, self.data.palette,
+            self.stage_layout(stage.name).selection_figure, self.data.palette, device=self.accelerator.device,
         )  # fmt: skip
 
     def teacher_miou_by_subset(self, source: str, subsets: dict[str, list[str]]) -> dict[str, float] | None:
