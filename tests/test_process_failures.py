@@ -9,6 +9,16 @@ import time
 import pytest
 from helpers import REPO, TINY_ARGS, launch_command
 
+from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
+
+
+@pytest.mark.parametrize("option", ["--collective_timeout_s", "--heartbeat_timeout_s"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_timeouts_must_be_positive_seconds(option, value):
+    with pytest.raises(ConfigError, match=option):
+        resolve_run_config(*parse_arguments([option, value])[:3])
+
+
 # The example's main with the main process working alone for ``sys.argv[1]`` seconds where the dataset caches
 # are built (the others wait in a barrier), then every process leaving right after that barrier.
 ALONE_SCRIPT = """

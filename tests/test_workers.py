@@ -2,6 +2,7 @@
 worker count), evaluation, selection and labeling give the same numbers with 0 and 2 workers."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -17,6 +18,7 @@ from helpers import (
 )
 
 from stpp_hf.data import PseudoLabelStore
+from stpp_hf.training.config import default_num_workers, parse_arguments, resolve_run_config
 from stpp_hf.training.evaluation import evaluate
 from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou
 from stpp_hf.training.selection import compute_reliability
@@ -170,3 +172,17 @@ def test_labeling_is_the_same_with_and_without_workers(tmp_path, rank, world):
 
     no_workers, two_workers = with_and_without_workers(compute)
     assert no_workers == two_workers and no_workers[0] == len(ids[rank::world])
+
+
+def test_workers_default_to_the_cores_per_process_on_cuda_and_to_none_on_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers("cpu", 1) == 0
+    assert default_num_workers("cuda", 1) == 8  # at most 8
+    assert default_num_workers("cuda", 4) == 4  # 16 cores over 4 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 8 processes, 2 on this node
+    assert default_num_workers("cuda", 8) == 8
+    arguments = parse_arguments([])[:3]
+    assert resolve_run_config(*arguments, 1, "cuda").num_workers == 8
+    assert resolve_run_config(*arguments, 1, "cpu").num_workers == 0
+    assert resolve_run_config(*parse_arguments(["--num_workers", "3"])[:3], 1, "cuda").num_workers == 3
