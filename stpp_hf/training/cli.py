@@ -11,6 +11,7 @@ data that differ from the saved ``run_config.json`` is refused before anything i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -210,6 +211,18 @@ def build_run_data(config: RunConfig, output_dir: Path, accelerator) -> tuple[Ru
     return data, data_metadata
 
 
+# below this many images per process, starting a process costs more than it saves
+CACHE_IMAGES_PER_PROCESS = 500
+
+
+def cache_build_processes(num_images: int) -> int | None:
+    """Processes that build (decode and validate) a dataset cache of ``num_images`` images while the other ranks
+    wait for it: one per :data:`CACHE_IMAGES_PER_PROCESS` images, at most the cores this process may use; ``None``
+    (this process alone) below two. The cache is the same for any number (rows in split order, same fingerprint)."""
+    processes = min(len(os.sched_getaffinity(0)), num_images // CACHE_IMAGES_PER_PROCESS)
+    return processes if processes > 1 else None
+
+
 def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[dict, dict[int, str], list[int], list]:
     """``(sources, id2label, palette, unlabeled split entries)`` of the synthetic data or a local layout."""
     run_layout = RunLayout(output_dir)
@@ -226,7 +239,12 @@ def _local_sources(config: RunConfig, output_dir: Path, accelerator) -> tuple[di
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
             sources[part] = load_source(
-                layout, root, files[part], require_masks=part != "unlabeled", cache_dir=run_layout.datasets_cache
+                layout,
+                root,
+                files[part],
+                require_masks=part != "unlabeled",
+                cache_dir=run_layout.datasets_cache,
+                num_proc=cache_build_processes(len(read_split(files[part]))),
             )
     if accelerator.is_main_process:  # for exporting the pseudo labels with their images later
         unlabeled_file = str(resolve_split_file(files["unlabeled"]).resolve())

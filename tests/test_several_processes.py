@@ -9,6 +9,8 @@ import time
 import pytest
 from helpers import REPO, TINY_ARGS, launch_command
 
+from stpp_hf.data import load_source, make_synthetic_dataset
+from stpp_hf.training.cli import cache_build_processes
 from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
 
 
@@ -106,3 +108,16 @@ def test_a_stopped_process_ends_every_process_within_the_stated_time_naming_it(t
     assert elapsed < bound, f"ended after {elapsed:.0f} s"
     assert f"process 1 of 2 (host {os.uname().nodename}, pid {workers[1]}) has not answered" in stderr
     assert not any(alive(pid) for pid in workers.values())
+
+
+def test_large_dataset_caches_are_built_by_several_processes_into_the_same_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cache_build_processes(10582) == 16  # Pascal's augmented train set: every core
+    assert cache_build_processes(1000) == 2
+    assert cache_build_processes(999) is None and cache_build_processes(20) is None
+    synthetic = make_synthetic_dataset(tmp_path / "data", num_labeled=4, num_unlabeled=12, num_val=2, image_size=32)
+    split = synthetic.split_files["unlabeled"]
+    alone = load_source("pascal", synthetic.root, split, cache_dir=tmp_path / "alone")
+    shared = load_source("pascal", synthetic.root, split, cache_dir=tmp_path / "shared", num_proc=2)
+    assert len(shared.cache_files) == 2  # really built by two processes
+    assert shared._fingerprint == alone._fingerprint and shared.data.table.equals(alone.data.table)
