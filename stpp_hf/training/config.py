@@ -217,7 +217,7 @@ class RunArguments:
         default=HEARTBEAT_TIMEOUT_S,
         metadata={
             "help": "With several processes: a process that has not answered for this long (stopped, frozen, node "
-            "lost) ends the run, named, within this time plus the launcher's 30 s grace."
+            "lost) ends the run, named, within 1.1 x this time plus the launcher's 30 s grace (docs/processes.md)."
         },
     )
     report_to: Literal["tensorboard", "none"] = "tensorboard"
