@@ -50,7 +50,8 @@ def same_size_batches(
 
     A batch ends at ``batch_size`` items or when the next image has another size. Masks are ``None``
     for a batch where any mask is missing (unlabeled images). The images are decoded as :func:`shard_items`
-    does (``num_workers``, ``pin_memory``); the batches are the same for any number of workers.
+    does (``num_workers``): the batches are the same for any number of workers. ``pin_memory`` puts each
+    stacked batch of images in page-locked memory, for a faster copy to a CUDA device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

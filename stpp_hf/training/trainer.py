@@ -35,6 +35,7 @@ from ..metrics import format_per_class_iou
 from ..progress import progress_bar
 from .config import per_device_batch_size
 from .evaluation import evaluate
+from .inference import pins_memory
 from .run_layout import StageLayout
 from .sampling import training_loader
 from .state import (
@@ -303,7 +304,7 @@ def _setup_stage(
         )
     lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
     optimizer = build_optimizer(model, lr)
-    pin_memory = accelerator.device.type == "cuda"  # page-locked batches: faster host-to-GPU copies
+    pin_memory = pins_memory(accelerator.device)
     loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers, pin_memory)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
