@@ -17,7 +17,7 @@ from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_co
 @pytest.mark.parametrize("option", ["--collective_timeout_s", "--heartbeat_timeout_s"])
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
 def test_timeouts_must_be_positive_seconds(option, value):
-    with pytest.raises(ConfigError, match=option):
+    with pytest.raises(ConfigError, match=f"{option} must be a positive number of seconds"):
         resolve_run_config(*parse_arguments([option, value])[:3])
 
 
