@@ -87,6 +87,8 @@ class StreamedEvalDataset(Dataset):
     items ``rank, rank + world_size, ...`` in that order (what :func:`~stpp_hf.training.inference.shard_indices`
     and ``same_size_batches`` do); only those rows are decoded."""
 
+    read_once_in_order = True  # no DataLoader workers: they would each ask for other items
+
     def __init__(self, stream, ids, rank: int = 0, world_size: int = 1, transform: Transform | None = None):
         self.ids: list[str] = stream.row_ordered(ids)
         self.transform = transform or EvalTransform()

@@ -11,7 +11,9 @@ data that differ from the saved ``run_config.json`` is refused before anything i
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -31,12 +33,14 @@ from .config import (
     ConfigError,
     RunConfig,
     check_and_record_run_config,
+    check_process_timeouts,
     describe_stages,
     parse_arguments,
     resolve_run_config,
 )
 from .data_identity import LocalData, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
+from .heartbeat import start_heartbeat
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .precision import gather_precision_decision
 from .pseudo_label_export import record_unlabeled_source
@@ -212,6 +216,18 @@ def build_run_data(
     return data, data_metadata, unlabeled_source
 
 
+# below this many images per process, starting a process costs more than it saves
+CACHE_IMAGES_PER_PROCESS = 500
+
+
+def cache_build_processes(num_images: int) -> int | None:
+    """Processes that build (decode and validate) a dataset cache of ``num_images`` images while the other ranks
+    wait for it: one per :data:`CACHE_IMAGES_PER_PROCESS` images, at most the cores this process may use; ``None``
+    (this process alone) below two. The cache is the same for any number (rows in split order, same fingerprint)."""
+    processes = min(len(os.sched_getaffinity(0)), num_images // CACHE_IMAGES_PER_PROCESS)
+    return processes if processes > 1 else None
+
+
 def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
     """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
     sources = {}
@@ -223,6 +239,7 @@ def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dic
                 local.split_files[part],
                 require_masks=part != "unlabeled",
                 cache_dir=RunLayout(output_dir).datasets_cache,
+                num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
             )
     unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
     unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
@@ -266,7 +283,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     data_args, model_args, run_args, paper = parse_arguments(argv)
 
     import transformers
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    check_process_timeouts(run_args)  # the process group is made with them
 
     output_dir = Path(run_args.output_dir)
     layout = RunLayout(output_dir)
@@ -275,6 +294,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(layout.logs)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run_args.collective_timeout_s))],
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
@@ -294,6 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # and the settings are those of the run it holds (the data is compared once built)
     check_shared_run_dir(accelerator, output_dir)
     lock_run(accelerator, output_dir)
+    # from here a process that stops answering ends the run (a process that raises stops beating too)
+    heartbeat = start_heartbeat(accelerator, layout.heartbeats, run_args.heartbeat_timeout_s)
     # the settings are recorded now in a new run directory only: a relaunch records them once the data matches too
     _check_run_dir(accelerator, output_dir, config.to_dict(), write=not layout.run_config.is_file())
     # local data is compared by content before any cache is built: a refused launch changes nothing
@@ -360,6 +382,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         scalars = {key: value for key, value in config.to_dict().items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("stpp", config=scalars)
     results = run_pipeline(accelerator, data, settings)
+    if heartbeat is not None:  # every process is here: the main process may push alone from now on
+        heartbeat.stop()
     accelerator.end_training()
     if accelerator.is_main_process:
         print(results_table(results))

@@ -110,6 +110,12 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
         output_stride=16,
     ),
 }
+# an hour: above the longest phase one process works alone at the method's scale (building Cityscapes' dataset
+# caches, downloading a Hub dataset), while the heartbeat ends a run with a stopped process much sooner
+COLLECTIVE_TIMEOUT_S = 3600.0
+HEARTBEAT_TIMEOUT_S = 120.0
+# DataLoader workers per process by default on CUDA: decoding keeps a GPU busy with a few, more only cost memory
+MAX_DEFAULT_WORKERS = 8
 # the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
 DEEPLABV2_BACKBONE = "resnet101"
 
@@ -136,9 +142,13 @@ class DataArguments(HubDataArguments):  # --dataset_name etc.: a `datasets` data
     synthetic_image_size: int = field(
         default=64, metadata={"help": "Side of the synthetic images (64 keeps the demo fast)."}
     )
-    num_workers: int = field(
-        default=0,
-        metadata={"help": "DataLoader workers per process (does not change results: may change on a relaunch)."},
+    num_workers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "DataLoader workers per process for training, evaluation, selection and labeling (does not "
+            "change results: may change on a relaunch). Default: on CUDA min(8, CPU cores / processes on the "
+            "node); on CPU 0 (workers would compete with the training for the same cores)."
+        },
     )
 
 
@@ -230,6 +240,21 @@ class RunArguments:
         },
     )
     seed: int = 0
+    collective_timeout_s: float = field(
+        default=COLLECTIVE_TIMEOUT_S,
+        metadata={
+            "help": "Seconds a process waits in a collective (a barrier, a reduction) for the others before the "
+            "run ends with an error: the longest that one process may work alone, e.g. the main process building "
+            "the dataset caches or downloading a Hub dataset."
+        },
+    )
+    heartbeat_timeout_s: float = field(
+        default=HEARTBEAT_TIMEOUT_S,
+        metadata={
+            "help": "With several processes: a process that has not answered for this long (stopped, frozen, node "
+            "lost) ends the run, named, within 1.1 x this time plus the launcher's 30 s grace (docs/processes.md)."
+        },
+    )
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
@@ -455,6 +480,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
     _positive("synthetic_image_size", data.synthetic_image_size, 16)
     _positive("num_workers", data.num_workers, 0)
     _positive("label_next", run.label_next, 0)
+    check_process_timeouts(run)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -530,6 +556,15 @@ def _validate_hub_arguments(data: DataArguments) -> None:
         raise ConfigError(f"--id2label {data.id2label} does not exist")
 
 
+def check_process_timeouts(run: RunArguments) -> None:
+    """Refuse a collective or heartbeat timeout that is not a positive number of seconds (checked before the
+    processes connect, since the process group is made with it)."""
+    for name in ("collective_timeout_s", "heartbeat_timeout_s"):
+        value = getattr(run, name)
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"--{name} must be a positive number of seconds, got {value}")
+
+
 def split_files(data: DataArguments) -> dict[str, str]:
     """``{"labeled", "unlabeled", "val": split file path}``: the given paths, else the shipped ``--split``."""
     from ..data import shipped_split_files
@@ -548,6 +583,16 @@ def split_files(data: DataArguments) -> dict[str, str]:
 
 
 # ---- resolution ---------------------------------------------------------------------------------
+
+
+def default_num_workers(device_type: str, num_processes: int) -> int:
+    """DataLoader workers per process when ``--num_workers`` is not given: on CUDA the CPU cores this process may
+    use shared by the processes of its node (``LOCAL_WORLD_SIZE``, else all ``num_processes``), at most
+    :data:`MAX_DEFAULT_WORKERS`; on other devices 0 (the model runs on those same cores)."""
+    if device_type != "cuda":
+        return 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // max(1, local_processes)))
 
 
 def resolve_run_config(
@@ -636,7 +681,7 @@ def resolve_run_config(
         channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
         activation_checkpointing=run.activation_checkpointing,
         seed=run.seed,
-        num_workers=data.num_workers,
+        num_workers=default_num_workers(device_type, num_processes) if data.num_workers is None else data.num_workers,
         output_dir=run.output_dir,
         report_to=run.report_to,
         push_to_hub=run.push_to_hub,

@@ -13,7 +13,7 @@ import torch
 
 from ..metrics import SegmentationMetric
 from .distributed import rank_and_world_size
-from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, pins_memory, same_size_batches, shard_indices, to_device_images
 
 
 @torch.no_grad()
@@ -45,6 +45,7 @@ def evaluate(
     accelerator=None,
     batch_size: int = 1,
     sliding_window: tuple[int, int] | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """mIoU of ``model`` on ``dataset``, each process on its own shard, under the accelerator's autocast.
 
@@ -56,6 +57,7 @@ def evaluate(
         accelerator: the run's ``Accelerator`` (device, processes, mixed precision), or ``None`` for one CPU process.
         batch_size: images per forward pass; only consecutive images of one size are stacked.
         sliding_window: ``(window, stride)`` for sliding-window evaluation, or ``None`` for whole images.
+        num_workers: DataLoader workers that decode the images (the metric does not depend on them).
 
     Returns:
         :meth:`~stpp_hf.metrics.SegmentationMetric.compute`'s dictionary (``miou``, ``per_class_iou``,
@@ -65,7 +67,8 @@ def evaluate(
     rank, world = rank_and_world_size(accelerator)
     metric = SegmentationMetric(num_classes, class_names)
     folded = None  # an inference copy: the model under training keeps its mode and memory layout
-    for _, images, masks in same_size_batches(dataset, shard_indices(len(dataset), rank, world), batch_size):
+    shard = shard_indices(len(dataset), rank, world)
+    for _, images, masks in same_size_batches(dataset, shard, batch_size, num_workers, pins_memory(device)):
         if folded is None:
             folded = inference_model(model, device, images[:1])
         with autocast(accelerator):

@@ -3,7 +3,8 @@
 Each process takes a disjoint shard ``indices[rank::world_size]`` of the set (no padding, unlike a
 prepared DataLoader), so results summed or gathered over processes equal a single-process pass.
 Consecutive images of the same size are stacked into one batch; different sizes never are, so no
-image is resized or padded and every prediction equals the one-image-at-a-time reference.
+image is resized or padded and every prediction equals the one-image-at-a-time reference. The images are
+decoded by DataLoader workers (``num_workers``) in the shard's order, so the batches do not depend on them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.utils.fusion
+from torch.utils.data import DataLoader
 
 PROBE_SIZE = 256
 
@@ -23,13 +25,33 @@ def shard_indices(num_items: int, process_index: int, num_processes: int) -> lis
     return list(range(process_index, num_items, num_processes))
 
 
+def shard_items(dataset: Sequence, indices: Sequence[int], num_workers: int = 0) -> Iterator[tuple[int, tuple]]:
+    """Yield ``(index, dataset[index])`` for ``indices`` in that order, decoded by ``num_workers`` DataLoader
+    workers (``0``: in this process). A dataset that can only be read once, in order (``read_once_in_order``,
+    a streamed set), is read in this process."""
+    workers = 0 if getattr(dataset, "read_once_in_order", False) else min(num_workers, len(indices))
+    if workers == 0:
+        for index in indices:
+            yield index, dataset[index]
+        return
+    # batch_size=None: one item at a time, in the sampler's order whatever the number of workers
+    loader = DataLoader(dataset, batch_size=None, sampler=list(indices), num_workers=workers, collate_fn=_item)
+    yield from zip(indices, loader)
+
+
+def _item(item):
+    return item
+
+
 def same_size_batches(
-    dataset: Sequence, indices: Sequence[int], batch_size: int
+    dataset: Sequence, indices: Sequence[int], batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yield ``(indices, images [B,3,H,W], masks [B,H,W] | None)`` from ``dataset[i] = (image, mask)``.
 
     A batch ends at ``batch_size`` items or when the next image has another size. Masks are ``None``
-    for a batch where any mask is missing (unlabeled images).
+    for a batch where any mask is missing (unlabeled images). The images are decoded as :func:`shard_items`
+    does (``num_workers``): the batches are the same for any number of workers. ``pin_memory`` puts each
+    stacked batch of images in page-locked memory, for a faster copy to a CUDA device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -37,17 +59,23 @@ def same_size_batches(
 
     def flush():
         images = torch.stack([image for _, image, _ in pending])
+        if pin_memory:
+            images = images.pin_memory()
         masks = None if any(mask is None for _, _, mask in pending) else torch.stack([m for _, _, m in pending])
         return [index for index, _, _ in pending], images, masks
 
-    for index in indices:
-        image, mask = dataset[index]
+    for index, (image, mask) in shard_items(dataset, indices, num_workers):
         if pending and (len(pending) == batch_size or pending[0][1].shape != image.shape):
             yield flush()
             pending = []
         pending.append((index, image, mask))
     if pending:
         yield flush()
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Whether loaders feeding ``device`` pin their batches (CUDA only: page-locked host memory copies faster)."""
+    return device.type == "cuda"
 
 
 def autocast(accelerator):

@@ -271,7 +271,9 @@ class _Run:
         summary["num_train_images"] = len(train_set)
         if self.is_main():
             best = self.settings.model_class.from_pretrained(stage_files.best)
-            save_prediction_grid(best, self.val_set, stage_files.val_predictions, self.data.palette)
+            save_prediction_grid(
+                best, self.val_set, stage_files.val_predictions, self.data.palette, device=self.accelerator.device
+            )
         artefacts = [stage_files.best]
         artefacts += [stage_files.snapshot(epoch) for epoch in snapshots]
         if self.settings.teacher == "last":
@@ -296,6 +298,7 @@ class _Run:
             self.accelerator,
             self.settings.inference_batch_size,
             progress,
+            self.settings.hparams.num_workers,
         )
         progress.close()
         reliable, unreliable = split_by_reliability(scores, self.unlabeled_ids)
@@ -328,7 +331,7 @@ class _Run:
             images = {position[image_id]: pictured[index] for index, image_id in enumerate(pictured.ids)}
         save_selection_figure(
             teacher, images, self.unlabeled_ids, scores, reliable,
-            self.stage_layout(stage.name).selection_figure, self.data.palette,
+            self.stage_layout(stage.name).selection_figure, self.data.palette, device=self.accelerator.device,
         )  # fmt: skip
 
     def teacher_miou_by_subset(self, source: str, subsets: dict[str, list[str]]) -> dict[str, float] | None:
@@ -347,6 +350,7 @@ class _Run:
                 accelerator=self.accelerator,
                 batch_size=hparams.val_batch_size,
                 sliding_window=hparams.sliding_window,
+                num_workers=hparams.num_workers,
             )["miou"]
             for name, ids in subsets.items()
         }
@@ -364,13 +368,16 @@ class _Run:
             self.layout.pseudo_labels, inputs["teacher"], stage.name, palette=self.data.palette
         )
         progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
-        label_images(teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress)
+        workers = self.settings.hparams.num_workers
+        label_images(
+            teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress, workers
+        )
         progress.close()
         self.accelerator.wait_for_everyone()
         if self.is_main():
             store.verify(ids)  # raises naming any missing or corrupt label; writes the merged manifest
         self.accelerator.wait_for_everyone()
-        miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator)
+        miou = pseudo_label_miou(store, subset, ids, self.num_classes, self.accelerator, workers)
         if miou is not None:
             self.accelerator.print(
                 f"[{stage.name}] pseudo-label mIoU vs true masks: {100 * miou:.2f} ({len(ids)} images)"
@@ -419,6 +426,7 @@ class _Run:
             self.accelerator,
             self.settings.hparams.val_batch_size,
             self.settings.hparams.sliding_window,
+            self.settings.hparams.num_workers,
         )
         results = self.results(final_metrics, wall_time_s)
         if self.is_main():

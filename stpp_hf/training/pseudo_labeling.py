@@ -16,7 +16,15 @@ import torch
 from ..metrics import SegmentationMetric
 from ..models.deeplab.deeplab_common import TTA_SCALES
 from .distributed import rank_and_world_size
-from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import (
+    autocast,
+    inference_model,
+    pins_memory,
+    same_size_batches,
+    shard_indices,
+    shard_items,
+    to_device_images,
+)
 
 
 @torch.no_grad()
@@ -35,11 +43,13 @@ def label_images(
     accelerator=None,
     batch_size: int = 4,
     progress=None,
+    num_workers: int = 0,
 ) -> int:
     """Write TTA pseudo labels of the ids that ``store`` still lacks; returns how many this process wrote.
 
     ``dataset[i] = (image [3,H,W], mask | None)`` is the image whose id is ``ids[i]``. The network runs
-    under ``accelerator.autocast()``, i.e. in the run's mixed precision.
+    under ``accelerator.autocast()``, i.e. in the run's mixed precision; ``num_workers`` DataLoader workers
+    decode the images (the labels do not depend on them).
     """
     if len(dataset) != len(ids):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
@@ -51,7 +61,7 @@ def label_images(
     my_indices = [index for index in my_indices if ids[index] in pending]
     written = 0
     folded = None
-    for indices, images, _ in same_size_batches(dataset, my_indices, batch_size):
+    for indices, images, _ in same_size_batches(dataset, my_indices, batch_size, num_workers, pins_memory(device)):
         if folded is None:
             folded = inference_model(model, device, images[:1])
         with autocast(accelerator):  # bf16 / fp16 under mixed precision; the softmax sum stays float32
@@ -65,14 +75,14 @@ def label_images(
 
 
 def pseudo_label_miou(
-    store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None
+    store, dataset: Sequence, ids: Sequence[str], num_classes: int, accelerator=None, num_workers: int = 0
 ) -> float | None:
-    """mIoU of the stored pseudo labels of ``ids`` against the true masks (``None`` without masks)."""
+    """mIoU of the stored pseudo labels of ``ids`` against the true masks (``None`` without masks); ``num_workers``
+    DataLoader workers read ``dataset``."""
     rank, world = rank_and_world_size(accelerator)
     metric = SegmentationMetric(num_classes)
     has_masks = torch.zeros(1, dtype=torch.int64)
-    for index in shard_indices(len(ids), rank, world):
-        _, mask = dataset[index]
+    for index, (_, mask) in shard_items(dataset, shard_indices(len(ids), rank, world), num_workers):
         if mask is None:
             continue
         has_masks += 1

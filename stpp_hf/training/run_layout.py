@@ -13,7 +13,7 @@
       pseudo_labels/<stage>-<teacher>/     pseudo-label stores (data.pseudo_labels.PseudoLabelStore.for_teacher)
       partition/                           labeled / unlabeled partition of a `datasets` dataset
       streamed_unlabeled/                  --streaming: copies of the unlabeled images the label stages labeled
-      synthetic_data/  datasets_cache/  logs/
+      synthetic_data/  datasets_cache/  logs/  heartbeats/
 
 ``results.json`` names directories relative to the run directory (:meth:`RunLayout.relative`), so a run
 directory can be moved or copied whole.
@@ -189,3 +189,8 @@ class RunLayout:
     def logs(self) -> Path:
         """The trackers' logging directory."""
         return self.run_dir / "logs"
+
+    @property
+    def heartbeats(self) -> Path:
+        """One beat file per process of the running launch (:mod:`~stpp_hf.training.heartbeat`)."""
+        return self.run_dir / "heartbeats"

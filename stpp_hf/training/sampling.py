@@ -4,8 +4,8 @@ An epoch is a permutation of the training set, seeded by the epoch's seed and cu
 batches, so the steps per epoch depend only on the global batch. Each item is drawn as
 ``(epoch_seed, index)`` and its augmentations are drawn from torch's CPU generator seeded with those
 two numbers alone (the transforms themselves are unchanged), so the batches are the same for any
-number of DataLoader workers or processes, and loading never touches the process's own generator
-(which dropout draws from).
+number of DataLoader workers or processes. Of the process's own generator (which dropout draws from) loading
+takes one number per epoch, whatever the number of workers (:func:`training_loader`).
 """
 
 from __future__ import annotations
@@ -59,15 +59,24 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
-def training_loader(dataset, global_batch_size: int, per_device_batch_size: int, num_workers: int) -> DataLoader:
+def training_loader(
+    dataset, global_batch_size: int, per_device_batch_size: int, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
     """The (unprepared) training DataLoader of one process: batches of ``per_device_batch_size`` items
-    of ``dataset`` as drawn by :class:`EpochSampler`; ``accelerator.prepare`` shards them over the
-    processes (process ``k`` takes every ``k``-th batch), call ``set_epoch(epoch_seed)`` before each epoch."""
+    of ``dataset`` as drawn by :class:`EpochSampler`; ``accelerate.prepare`` shards them over the
+    processes (process ``k`` takes every ``k``-th batch), call ``set_epoch(epoch_seed)`` before each epoch.
+
+    Every epoch starts a fresh loader iterator, with or without workers: starting one draws the workers'
+    base seed from the process's generator (which dropout draws from next), and a persistent-worker loader
+    would draw it in its first epoch only, so the epochs after it would train with other dropout masks.
+    ``pin_memory`` puts each batch in page-locked memory for a faster copy to a CUDA device.
+    """
     return DataLoader(
         SeededItems(dataset),
         batch_size=per_device_batch_size,
         sampler=EpochSampler(len(dataset), global_batch_size),
         drop_last=True,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=False,
+        pin_memory=pin_memory,
     )

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from ..metrics import per_image_miou
 from .distributed import rank_and_world_size
-from .inference import autocast, inference_model, same_size_batches, shard_indices, to_device_images
+from .inference import autocast, inference_model, pins_memory, same_size_batches, shard_indices, to_device_images
 
 
 @torch.no_grad()
@@ -48,11 +48,13 @@ def compute_reliability(
     accelerator=None,
     batch_size: int = 8,
     progress=None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """``{id: reliability}`` for every image of ``dataset`` (``dataset[i] = (image, mask|None)``, id ``ids[i]``).
 
     Each process scores its shard with all snapshots at once; the scores are gathered so every
-    process returns the full dictionary.
+    process returns the full dictionary. ``num_workers`` DataLoader workers decode the images (the scores do
+    not depend on them).
     """
     if len(dataset) != len(ids):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids were given")
@@ -60,7 +62,8 @@ def compute_reliability(
     rank, world = rank_and_world_size(accelerator)
     local_scores = []
     folded = None
-    for indices, images, _ in same_size_batches(dataset, shard_indices(len(ids), rank, world), batch_size):
+    shard = shard_indices(len(ids), rank, world)
+    for indices, images, _ in same_size_batches(dataset, shard, batch_size, num_workers, pins_memory(device)):
         if folded is None:
             folded = [inference_model(snapshot, device, images[:1]) for snapshot in snapshots]
         with autocast(accelerator):  # the run's mixed precision

@@ -41,6 +41,7 @@ from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
 from .evaluation import evaluate
+from .inference import pins_memory
 from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, scaled_lr, steps_per_epoch
 from .run_layout import StageLayout
 from .sampling import training_loader
@@ -59,7 +60,7 @@ class StageHyperParameters:
         global_batch_size: images per optimizer step over all processes and accumulation steps.
         base_lr: lr for a global batch of 16; scaled linearly with the global batch.
         val_batch_size: images per evaluation forward pass (same-size images only are stacked).
-        num_workers: DataLoader workers for training (the batches do not depend on it).
+        num_workers: DataLoader workers per process for training and validation (the results do not depend on it).
         seed: run seed; each stage derives its own seeds from it so a resume replays them.
         sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
         channels_last: run the convolutions in channels_last memory format (the same math up to float rounding;
@@ -292,7 +293,8 @@ def _setup_stage(
         )
     lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
     optimizer = build_optimizer(model, lr)
-    loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers)
+    pin_memory = pins_memory(accelerator.device)
+    loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers, pin_memory)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
     return _StageRun(accelerator, hparams, stage_dir, stage_seed, model, optimizer, loader, lr, epoch_steps)
@@ -385,6 +387,7 @@ def _validate(
         run.accelerator,
         hparams.val_batch_size,
         hparams.sliding_window,
+        hparams.num_workers,
     )
 
 

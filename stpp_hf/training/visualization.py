@@ -26,14 +26,20 @@ def _denormalize(image: torch.Tensor) -> Image.Image:
 
 @torch.no_grad()
 def save_prediction_grid(
-    model: torch.nn.Module, dataset: Sequence, path: str | Path, palette: list[int] | None, num_images: int = 6
+    model: torch.nn.Module,
+    dataset: Sequence,
+    path: str | Path,
+    palette: list[int] | None,
+    num_images: int = 6,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Rows of (image | ground truth | prediction) for the first ``num_images`` of ``dataset``."""
-    model.eval()
+    """Rows of (image | ground truth | prediction) for the first ``num_images`` of ``dataset``; the predictions
+    run on ``device`` (the run's accelerator: the other processes wait while the main process draws)."""
+    model.eval().to(device)
     rows = []
     for index in range(min(num_images, len(dataset))):
         image, mask = dataset[index]
-        prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
+        prediction = _predict(model, image, device)
         tiles = [
             _denormalize(image),
             colorize(mask, palette) if mask is not None else None,
@@ -49,6 +55,11 @@ def save_prediction_grid(
         for column, tile in enumerate(row):
             grid.paste(tile, (column * tile_width, row_index * tile_height))
     _save_atomically(grid, path)
+
+
+def _predict(model: torch.nn.Module, image: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The argmax map ``[H, W]`` (on the CPU) of one image ``[3, H, W]``, computed on ``device``."""
+    return model(pixel_values=image[None].to(device)).logits.argmax(dim=1)[0].cpu()
 
 
 def _save_atomically(image: Image.Image, path: str | Path) -> None:
@@ -104,11 +115,13 @@ def save_selection_figure(
     palette: list[int] | None,
     num_images: int = 4,
     tile: int = 96,
+    device: torch.device | str = "cpu",
 ) -> None:
     """The selection picture: histogram of ``scores`` with the reliable / unreliable cut, then a row of the
     ``num_images`` most reliable and a row of the least reliable images (``dataset[i]`` is image ``ids[i]``,
-    ``(pixel_values [3, H, W], mask | None)``), each next to ``model``'s prediction (argmax, no TTA)."""
-    model.eval()
+    ``(pixel_values [3, H, W], mask | None)``), each next to ``model``'s prediction (argmax, no TTA, on
+    ``device``)."""
+    model.eval().to(device)
     ranked = sorted(ids, key=lambda image_id: scores[image_id], reverse=True)
     position = {image_id: index for index, image_id in enumerate(ids)}
     cut = (scores[reliable[-1]] + scores[ranked[len(reliable)]]) / 2 if 0 < len(reliable) < len(ranked) else 0.5
@@ -122,7 +135,7 @@ def save_selection_figure(
         y = 150 + row_index * (tile + 14)
         for column, image_id in enumerate(row_ids):
             image, _ = dataset[position[image_id]]
-            prediction = model(pixel_values=image[None]).logits.argmax(dim=1)[0]
+            prediction = _predict(model, image, device)
             x = column * 2 * tile
             canvas.paste(_denormalize(image).resize((tile, tile), Image.BILINEAR), (x, y + 14))
             canvas.paste(colorize(prediction, palette).resize((tile, tile), Image.NEAREST), (x + tile, y + 14))
