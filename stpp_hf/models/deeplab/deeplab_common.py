@@ -17,7 +17,6 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_deeplab import require_positive_int
-from .small_map_conv import with_atrous_convs
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -30,13 +29,11 @@ def default_window_stride(window: int) -> int:
 def build_resnet_backbone(name: str, output_stride: int) -> nn.Module:
     """A timm ResNet returning the features [c1 (layer1), c4 (layer4)], dilated to `output_stride` (8 or 16).
 
-    Randomly initialised (timm's ResNet init); ImageNet weights come later via `load_backbone_weights`. Its stride-1
-    3x3 convs are `AtrousConv2d`s (`small_map_conv.py`: same parameters and keys, shortcuts on small maps).
+    Randomly initialised (timm's ResNet init); ImageNet weights come later via `load_backbone_weights`.
     """
-    backbone = timm.create_model(
+    return timm.create_model(
         name, pretrained=False, features_only=True, out_indices=(1, 4), output_stride=output_stride
     )
-    return with_atrous_convs(backbone)
 
 
 def read_state_dict_file(path: str | os.PathLike, description: str) -> dict[str, torch.Tensor]:
