@@ -246,12 +246,12 @@ def test_load_backbone_weights_errors(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
 def test_a_fresh_model_keeps_timms_backbone_init(name):
-    from stpp_hf.models.deeplab.deeplab_common import build_resnet_backbone
+    import timm
 
     torch.manual_seed(7)  # the backbone is built first, so it draws the same numbers as a lone one
     model = build_model(name, backbone="resnet18", output_stride=16, num_labels=3)
     torch.manual_seed(7)
-    timm_backbone = build_resnet_backbone("resnet18", 16)
+    timm_backbone = timm.create_model("resnet18", features_only=True, out_indices=(1, 4), output_stride=16)
     for key, value in timm_backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     # timm zero-initialises the last BatchNorm of each residual block; PyTorch's default init would give ones
@@ -287,7 +287,12 @@ def test_bad_inputs_raise_clear_errors(small_model):
     "config_class, kwargs, field",
     [
         (DeepLabV3PlusConfig, {"output_stride": 32}, "output_stride"),
-        (DeepLabV3PlusConfig, {"backbone": "vit_base_patch16_224"}, "backbone"),
+        (DeepLabV3PlusConfig, {"backbone": "not_a_timm_model"}, "backbone='not_a_timm_model': not a timm"),
+        (DeepLabV3PlusConfig, {"backbone": "mixer_s16_224"}, "backbone='mixer_s16_224': a single-stride"),
+        (DeepLabV3PlusConfig, {"backbone": "swin_tiny_patch4_window7_224"}, "output_stride=8: timm cannot dilate"),
+        (DeepLabV3PlusConfig, {"backbone_kwargs": {"depth": "deep"}}, "backbone_kwargs"),
+        (DeepLabV3PlusConfig, {"backbone_out_indices": [1]}, "backbone_out_indices"),
+        (DeepLabV2Config, {"backbone": "efficientnet_b0", "backbone_out_indices": [1, 7]}, "backbone_out_indices"),
         (DeepLabV3PlusConfig, {"num_labels": 0}, "num_labels"),
         (DeepLabV3PlusConfig, {"aspp_dropout": 1.5}, "aspp_dropout"),
         (DeepLabV3PlusConfig, {"aspp_rates": [6, 12]}, "aspp_rates"),
