@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from helpers import assert_ok, run_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_backbone_weights import timm_repo_files, use_hub
-from test_remote_code import FRESH_PROCESS
+from test_remote_code import load_in_fresh_process
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, pipeline
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusConfig, DeepLabV3PlusForSemanticSegmentation, build_model
@@ -167,15 +164,7 @@ def test_trust_remote_code_rebuilds_other_backbones_in_a_process_without_the_pac
         with torch.no_grad():
             expected[family] = model(pixel_values).logits
         directories[family] = str(tmp_path / family)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, json.dumps(directories), str(tmp_path / "logits.safetensors")],
-        capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report.pop("stpp_hf_imported") is False
-    logits = load_file(tmp_path / "logits.safetensors")
+    report, logits = load_in_fresh_process(directories, tmp_path)
     for family, info in report.items():
         assert info["model_class"].startswith("transformers_modules.")
         assert info["tta_shape"] == [1, 21, 32, 40]
