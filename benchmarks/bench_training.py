@@ -1,10 +1,8 @@
 #!/usr/bin/env python
 """Speed of the trainer's hot loops against naive baselines measured in the same process.
 
-* training step (images/s, median of alternating rounds): the trainer's step (fused SGD; ``AtrousConv2d``
-  for the stride-1 3x3 convs: taps that only read zero padding skipped, maps of at most 16 positions
-  convolved as one matmul on CPU; optionally channels_last) vs the same model and recipe run naively
-  (fp32, contiguous NCHW, plain ``nn.Conv2d``, for-loop SGD);
+* training step (images/s, median of alternating rounds): the trainer's step (fused SGD; optionally
+  channels_last) vs the same model and recipe run naively (fp32, contiguous NCHW, for-loop SGD);
 * selection + pseudo-labeling (images/s): ``compute_reliability`` + ``label_images`` (batched
   same-size images, all snapshots per batch, BN folded, channels_last) vs a batch-1 loop that runs
   one model at a time over all images;
@@ -33,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stpp_hf import build_model
 from stpp_hf.models.deeplab.deeplab_common import TTA_SCALES
-from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
 from stpp_hf.training.pseudo_labeling import label_images
 from stpp_hf.training.selection import compute_reliability
 from stpp_hf.training.trainer import build_optimizer
@@ -89,16 +86,6 @@ def count_flops(function):
     return counter.get_total_flops()
 
 
-def naive_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose ``AtrousConv2d``s are plain ``nn.Conv2d``s: every tap computed, padding included,
-    by oneDNN."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, AtrousConv2d):
-            module.__class__ = torch.nn.Conv2d
-    return model
-
-
 def benchmark_training(args, device, peak):
     torch.manual_seed(0)
     base = build_model(
@@ -108,14 +95,13 @@ def benchmark_training(args, device, peak):
     labels = torch.randint(0, args.num_labels, (args.batch_size, args.crop_size, args.crop_size), device=device)
     results = {}
     variants = (
-        ("naive fp32 NCHW, for-loop SGD", True, False, False),
-        ("fused SGD", True, False, True),
-        ("fused SGD + AtrousConv2d (trainer, CPU)", False, False, True),
-        ("... + channels_last (trainer, CUDA)", False, True, True),
+        ("naive fp32 NCHW, for-loop SGD", False, False),
+        ("fused SGD (trainer, CPU)", False, True),
+        ("... + channels_last (trainer, CUDA)", True, True),
     )
     flops, steps = None, {}
-    for name, naive, channels_last, fused in variants:
-        model = (naive_copy(base) if naive else copy.deepcopy(base)).to(device)
+    for name, channels_last, fused in variants:
+        model = copy.deepcopy(base).to(device)
         inputs = images
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -167,13 +153,11 @@ def benchmark_inference(args, device, peak):
             .to(device)
         )
     teacher = snapshots[-1]
-    naive_snapshots = [naive_copy(snapshot) for snapshot in snapshots]
-    naive_teacher = naive_snapshots[-1]
 
     @torch.no_grad()
     def baseline():
         predictions = [
-            [m(pixel_values=image[None].to(device)).logits.argmax(1) for image, _ in dataset] for m in naive_snapshots
+            [m(pixel_values=image[None].to(device)).logits.argmax(1) for image, _ in dataset] for m in snapshots
         ]
         labels = []
         for image, _ in dataset:
@@ -185,7 +169,7 @@ def benchmark_inference(args, device, peak):
                     image, size=(int(height * scale), int(width * scale)), mode="bilinear", align_corners=True
                 )
                 for flip in (False, True):
-                    logits = naive_teacher(pixel_values=scaled.flip(-1) if flip else scaled).logits
+                    logits = teacher(pixel_values=scaled.flip(-1) if flip else scaled).logits
                     probabilities = F.softmax(logits.flip(-1) if flip else logits, dim=1)
                     total = total + F.interpolate(
                         probabilities, size=(height, width), mode="bilinear", align_corners=True

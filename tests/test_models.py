@@ -77,102 +77,6 @@ def test_head_channels_come_from_the_backbone(backbone, low_level_channels, high
     assert logits.shape == (2, 21, 65, 81)
 
 
-@pytest.mark.parametrize(
-    "height,width,dilation,kernel_size", [(3, 3, 6, 3), (3, 5, 4, 3), (4, 4, 2, 3), (9, 2, 3, 5), (8, 8, 12, 3)]
-)
-def test_atrous_conv_equals_the_plain_conv_doing_less_or_faster_work(height, width, dilation, kernel_size):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-
-    torch.manual_seed(0)
-    padding = dilation * (kernel_size // 2)
-    atrous = AtrousConv2d(5, 4, kernel_size, padding=padding, dilation=dilation)
-    plain = torch.nn.Conv2d(5, 4, kernel_size, padding=padding, dilation=dilation)
-    plain.load_state_dict(atrous.state_dict())
-    inputs = [torch.randn(2, 5, height, width).requires_grad_() for _ in range(2)]
-    inputs[1].data.copy_(inputs[0].data)
-    outputs = [atrous(inputs[0]), plain(inputs[1])]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-    upstream = torch.randn_like(outputs[0])
-    for output in outputs:
-        output.backward(upstream)
-    torch.testing.assert_close(atrous.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-5, atol=1e-5)
-    # the work done: only taps that reach the map along each axis
-    reach = [min(kernel_size // 2, (extent - 1) // dilation) for extent in (height, width)]
-    with FlopCounterMode(display=False) as counter:
-        atrous(inputs[0])
-    assert counter.get_total_flops() == 2 * 2 * 4 * 5 * height * width * (2 * reach[0] + 1) * (2 * reach[1] + 1)
-    # maps of at most 16 positions are one matmul on CPU, larger ones a convolution
-    operators = {str(operator) for operator in counter.get_flop_counts()["Global"]}
-    assert operators == ({"aten.mm"} if height * width <= 16 else {"aten.convolution"})
-
-
-def test_atrous_conv_rejects_what_it_cannot_compute():
-    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-
-    for kwargs in (
-        {"padding": 1, "stride": 2},
-        {"padding": 1, "dilation": 2},
-        {"padding": 1, "groups": 2},
-        {"padding": 1, "padding_mode": "reflect"},
-    ):
-        with pytest.raises(ValueError, match="AtrousConv2d needs stride 1"):
-            AtrousConv2d(4, 4, 3, **kwargs)
-
-
-def test_backbone_stride_1_convs_are_atrous_with_timm_parameters_and_outputs():
-    import timm
-
-    from stpp_hf.models.deeplab.deeplab_common import build_resnet_backbone
-    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-
-    torch.manual_seed(0)
-    ours = build_resnet_backbone("resnet18", 8)
-    plain = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 4), output_stride=8)
-    assert list(ours.state_dict()) == list(plain.state_dict())
-    plain.load_state_dict(ours.state_dict())
-    converted = {name for name, module in ours.named_modules() if isinstance(module, AtrousConv2d)}
-    stride_1_3x3 = {
-        name
-        for name, module in plain.named_modules()
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
-    }
-    assert (
-        converted == stride_1_3x3 and len(converted) == 15
-    )  # 16, less layer2.0.conv1 (stride 2; layers 3-4 are dilated instead)
-    assert {ours.get_submodule(name).dilation for name in converted} == {(1, 1), (2, 2), (4, 4)}
-    ours.eval(), plain.eval()
-    for size in (24, 64):  # 3x3 maps at stride 8 (matmul path) and 8x8 ones (convolution path)
-        pixels = torch.randn(2, 3, size, size)
-        with torch.no_grad():
-            for mine, theirs in zip(ours(pixels), plain(pixels)):
-                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
-
-
-def test_atrous_conv_leaves_channels_last_small_maps_to_the_convolution():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-
-    conv = AtrousConv2d(8, 4, 3, padding=2, dilation=2)
-    pixels = torch.randn(2, 8, 3, 3)
-    with FlopCounterMode(display=False) as counter:
-        channels_last = conv(pixels.contiguous(memory_format=torch.channels_last))
-    assert {str(operator) for operator in counter.get_flop_counts()["Global"]} == {"aten.convolution"}
-    torch.testing.assert_close(channels_last, conv(pixels), rtol=1e-5, atol=1e-5)
-
-
-def test_atrous_conv_small_map_under_cpu_autocast_returns_bf16():
-    from stpp_hf.models.deeplab.small_map_conv import AtrousConv2d
-
-    conv = AtrousConv2d(8, 4, 3, padding=2, dilation=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        small, large = conv(torch.randn(1, 8, 3, 3)), conv(torch.randn(1, 8, 6, 6))
-    assert small.dtype == large.dtype == torch.bfloat16
-
-
 def test_deeplabv2_head_is_four_summed_dilated_classifiers():
     torch.manual_seed(0)
     model = DeepLabV2ForSemanticSegmentation(DeepLabV2Config(backbone="resnet18", num_labels=21))
@@ -342,12 +246,12 @@ def test_load_backbone_weights_errors(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
 def test_a_fresh_model_keeps_timms_backbone_init(name):
-    from stpp_hf.models.deeplab.deeplab_common import build_resnet_backbone
+    import timm
 
     torch.manual_seed(7)  # the backbone is built first, so it draws the same numbers as a lone one
     model = build_model(name, backbone="resnet18", output_stride=16, num_labels=3)
     torch.manual_seed(7)
-    timm_backbone = build_resnet_backbone("resnet18", 16)
+    timm_backbone = timm.create_model("resnet18", features_only=True, out_indices=(1, 4), output_stride=16)
     for key, value in timm_backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     # timm zero-initialises the last BatchNorm of each residual block; PyTorch's default init would give ones
@@ -383,7 +287,12 @@ def test_bad_inputs_raise_clear_errors(small_model):
     "config_class, kwargs, field",
     [
         (DeepLabV3PlusConfig, {"output_stride": 32}, "output_stride"),
-        (DeepLabV3PlusConfig, {"backbone": "vit_base_patch16_224"}, "backbone"),
+        (DeepLabV3PlusConfig, {"backbone": "not_a_timm_model"}, "backbone='not_a_timm_model': not a timm"),
+        (DeepLabV3PlusConfig, {"backbone": "mixer_s16_224"}, "backbone='mixer_s16_224': a single-stride"),
+        (DeepLabV3PlusConfig, {"backbone": "swin_tiny_patch4_window7_224"}, "output_stride=8: timm cannot dilate"),
+        (DeepLabV3PlusConfig, {"backbone_kwargs": {"depth": "deep"}}, "backbone_kwargs"),
+        (DeepLabV3PlusConfig, {"backbone_out_indices": [1]}, "backbone_out_indices"),
+        (DeepLabV2Config, {"backbone": "efficientnet_b0", "backbone_out_indices": [1, 7]}, "backbone_out_indices"),
         (DeepLabV3PlusConfig, {"num_labels": 0}, "num_labels"),
         (DeepLabV3PlusConfig, {"aspp_dropout": 1.5}, "aspp_dropout"),
         (DeepLabV3PlusConfig, {"aspp_rates": [6, 12]}, "aspp_rates"),

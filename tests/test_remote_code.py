@@ -41,6 +41,19 @@ FRESH_PROCESS = BLOCK_STPP_HF + textwrap.dedent(
 )
 
 
+def load_in_fresh_process(directories: dict[str, str], tmp_path) -> tuple[dict, dict]:
+    """Run FRESH_PROCESS on the saved `directories` (offline); returns its report per name and the logits."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, json.dumps(directories), str(tmp_path / "logits.safetensors")],
+        capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report.pop("stpp_hf_imported") is False
+    return report, load_file(tmp_path / "logits.safetensors")
+
+
 @pytest.mark.slow
 def test_fresh_process_loads_saved_models_with_trust_remote_code(tmp_path):
     torch.manual_seed(0)
@@ -57,15 +70,7 @@ def test_fresh_process_loads_saved_models_with_trust_remote_code(tmp_path):
         directories[name] = str(directory)
         assert "auto_map" in json.loads((directory / "config.json").read_text())
 
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, json.dumps(directories), str(tmp_path / "logits.safetensors")],
-        capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report.pop("stpp_hf_imported") is False
-    logits = load_file(tmp_path / "logits.safetensors")
+    report, logits = load_in_fresh_process(directories, tmp_path)
     for name, info in report.items():
         assert info["model_class"].startswith("transformers_modules.")  # the copied code, not stpp_hf
         assert info["processor_class"] == "DeepLabImageProcessor"

@@ -6,7 +6,10 @@ timm's Hub loaders, so through huggingface_hub's download and cache (`HF_HOME`, 
 through the model's own `load_backbone_weights(path)`. Both end in `model.load_backbone_state_dict`, which checks
 every key and shape. A training-time step: this module is not part of the remote code saved next to models.
 
-The method starts from torchvision's ImageNet ResNets, published for timm as `timm/<resnet>.tv_in1k`.
+The method starts from torchvision's ImageNet ResNets, published for timm as `timm/<resnet>.tv_in1k`; any other
+timm backbone starts from the timm tag or Hub repo given for it (e.g. `convnext_base.fb_in22k_ft_in1k`,
+`vit_base_patch14_dinov2.lvd142m`). The weights are always loaded here, explicitly: the model config has no
+"pretrained backbone" flag.
 """
 
 import json
@@ -40,11 +43,16 @@ def _timm_tag_of_hub_id(hub_id: str) -> str | None:
     return name
 
 
+def _known_tags(backbone: str) -> str:
+    """timm's pretrained tags of `backbone`, for error messages."""
+    return ", ".join(timm.list_pretrained(f"{backbone}.*")) or "none"
+
+
 def _check_architecture(spec: str, architecture: str, backbone: str):
     if architecture != backbone:
         raise ValueError(
-            f"{OPTION} {spec!r} holds {architecture} weights, but the model's backbone is {backbone}: "
-            f"give {backbone} weights (e.g. {OPTION} {backbone}.tv_in1k) or make the backbone {architecture}"
+            f"{OPTION} {spec!r} holds {architecture} weights, but the model's backbone is {backbone}: give "
+            f"{backbone} weights (timm's tags for it: {_known_tags(backbone)}) or make the backbone {architecture}"
         )
 
 
@@ -52,10 +60,9 @@ def _describe_timm_tag(spec: str, backbone: str) -> str:
     """The Hub id of the timm pretrained tag `spec` (`resnet101.tv_in1k`, or `tv_in1k` for `<backbone>.tv_in1k`)."""
     name = spec if "." in spec else f"{backbone}.{spec}"
     if name not in timm.list_pretrained(name):
-        known = ", ".join(timm.list_pretrained(f"{backbone}.*")) or "none"
         raise ValueError(
             f"{OPTION} {spec!r}: timm has no pretrained weights named {name!r}. "
-            f"The {backbone} weights timm knows: {known} "
+            f"The {backbone} weights timm knows: {_known_tags(backbone)} "
             f"(`python -c \"import timm; print(timm.list_pretrained('{backbone}*'))\"` lists them). A Hub repo id "
             f"(owner/name), a local {' / '.join(WEIGHT_FILE_SUFFIXES)} file or 'none' are also accepted."
         )
@@ -67,14 +74,16 @@ def _describe_timm_tag(spec: str, backbone: str) -> str:
 
 
 def describe_backbone_weights(spec: str, backbone: str) -> dict:
-    """Check a `--backbone_weights` value for a model whose backbone is the timm ResNet `backbone`; downloads nothing.
+    """Check a `--backbone_weights` value for a model whose backbone is the timm architecture `backbone`; downloads
+    nothing.
 
     `spec` is one of:
     - `none`: keep the random initialisation;
-    - a timm pretrained tag, `resnet101.tv_in1k` (its architecture must be `backbone`), or the short `tv_in1k`
-      for `<backbone>.tv_in1k`;
+    - a timm pretrained tag, `resnet101.tv_in1k`, `convnext_base.fb_in22k_ft_in1k`,
+      `vit_base_patch14_dinov2.lvd142m` (its architecture must be `backbone`), or the short `tv_in1k` for
+      `<backbone>.tv_in1k`;
     - a Hub repo id holding timm weights (`timm/resnet101.a1h_in1k`, any `owner/name`, optionally `@revision`);
-    - a local `.pth` / `.safetensors` / `.bin` file of torchvision or timm layout.
+    - a local `.pth` / `.safetensors` / `.bin` file of timm layout (for ResNets also torchvision's).
 
     Returns:
         `dict`: `{"spec": spec, "kind": "hub" | "file" | "none", "hub_id": Hub repo id or None, "path": absolute path
@@ -131,7 +140,7 @@ def _download_hub_state_dict(spec: str, hub_id: str, backbone: str) -> dict:
             f"{OPTION} {spec!r}: the weights of Hub repo {hub_id} are not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and could not be downloaded (HF_HUB_OFFLINE=1, or no connection to "
             f"{constants.ENDPOINT}). Fetch them where there is a connection with `{command}` into the same cache "
-            f"(HF_HOME), or pass a local file: {OPTION} path/to/{backbone}.pth (torchvision or timm layout)."
+            f"(HF_HOME), or pass a local file: {OPTION} path/to/{backbone}.safetensors (timm layout)."
         ) from error
     except (SafetensorError, json.JSONDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         damaged = _damaged_cache_error(spec, repo_id, revision, error)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
+import timm
 import yaml
 from transformers import HfArgumentParser
 
@@ -31,6 +32,7 @@ from ..file_io import atomic_write_json, sha256_file
 from ..log import get_logger
 from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
+from ..models.deeplab.timm_backbones import backbone_layout
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
 from .recipe import per_device_batch_size, scaled_lr
@@ -157,7 +159,10 @@ class ModelArguments:
     model: Literal["deeplabv3plus", "deeplabv2"] = "deeplabv3plus"
     backbone: Optional[str] = field(
         default=None,
-        metadata={"help": "timm ResNet (default: resnet50; resnet101 for deeplabv2; resnet18 on synthetic data)."},
+        metadata={
+            "help": "timm backbone: the method's ResNets (default: resnet50; resnet101 for deeplabv2; resnet18 on "
+            "synthetic data) or any timm model with feature maps (convnext_base, vit_base_patch14_dinov2, ...)."
+        },
     )
     output_stride: Optional[int] = field(
         default=None, metadata={"help": "8 (the method's) or 16 (default on synthetic data)."}
@@ -169,7 +174,7 @@ class ModelArguments:
             "(resnet101.tv_in1k, timm/resnet101.a1h_in1k), "
             "a local .pth / .safetensors file, or 'none'. Default: <backbone>.tv_in1k "
             "(torchvision's ImageNet weights, "
-            "the method's) on real data, none on synthetic data."
+            "the method's) on real data for a ResNet (other backbones need it), none on synthetic data."
         },
     )
     coco_init: Optional[str] = field(
@@ -595,6 +600,19 @@ def default_num_workers(device_type: str, num_processes: int) -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // max(1, local_processes)))
 
 
+def default_backbone_weights(backbone: str) -> str:
+    """The method's initialisation, torchvision's ImageNet weights (`<backbone>.tv_in1k`), for a ResNet backbone;
+    any other backbone has no default and needs ``--backbone_weights``."""
+    tag = f"{backbone}.tv_in1k"
+    if not timm.list_pretrained(tag):
+        tags = ", ".join(timm.list_pretrained(f"{backbone}.*")[:8]) or "none in timm: a Hub repo or a local file"
+        raise ConfigError(
+            f"--backbone {backbone} has no default initialisation (the method's, torchvision's ImageNet weights, "
+            f"exist for ResNets only): give --backbone_weights, e.g. one of timm's tags for it: {tags}; or 'none'"
+        )
+    return tag
+
+
 def resolve_run_config(
     data: DataArguments,
     model: ModelArguments,
@@ -623,9 +641,14 @@ def resolve_run_config(
         global_batch = defaults.global_batch_size if run.global_batch_size is None else run.global_batch_size
         per_device = per_device_batch_size(global_batch, num_processes, accumulation)
     base_lr = defaults.base_lr if run.lr is None else run.lr
+    output_stride = defaults.output_stride if model.output_stride is None else model.output_stride
+    try:
+        backbone_layout(backbone, output_stride)  # before any data work: --backbone / --output_stride can work
+    except ValueError as error:
+        raise ConfigError(f"--backbone {backbone} with --output_stride {output_stride}: {error}") from error
     weights = model.backbone_weights
     if weights is None:
-        weights = "none" if synthetic or model.coco_init is not None else f"{backbone}.tv_in1k"
+        weights = "none" if synthetic or model.coco_init is not None else default_backbone_weights(backbone)
     if not synthetic:
         if weights == "none" and model.coco_init is None:
             warnings.warn(
@@ -656,7 +679,7 @@ def resolve_run_config(
         hub_dataset={f.name: getattr(data, f.name) for f in dataclasses.fields(HubDataArguments)} if hub else None,
         model=model.model,
         backbone=backbone,
-        output_stride=defaults.output_stride if model.output_stride is None else model.output_stride,
+        output_stride=output_stride,
         backbone_weights=weights,
         coco_init=model.coco_init,
         backbone_weights_sha256=_file_content(weights) if weights.lower().endswith(WEIGHT_FILE_SUFFIXES) else None,

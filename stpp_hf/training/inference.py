@@ -125,7 +125,8 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, atol: float = 
     for name, module in modules.items():
         if isinstance(module, torch.nn.Conv2d):
             hooks.append(module.register_forward_hook(record_conv(name)))
-        elif isinstance(module, torch.nn.BatchNorm2d):
+        elif isinstance(module, torch.nn.BatchNorm2d) and type(module).forward is torch.nn.BatchNorm2d.forward:
+            # a BatchNorm that also does more (timm's BatchNormAct2d: + activation) is left as it is
             hooks.append(module.register_forward_pre_hook(record_bn(name)))
     # The class's forward, not the instance attribute: a model prepared for mixed precision has its
     # forward wrapped in autocast, and the check must compare fp32 results.

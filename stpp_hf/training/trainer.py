@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast, set_seed
+from timm.layers import convert_sync_batchnorm  # torch's converter drops the activation of timm's BatchNormAct2d
 
 from ..data.normalization import normalize_batch
 from ..disk_full import disk_full_errors, tensor_bytes
@@ -280,7 +281,7 @@ def _setup_stage(
         and accelerator.distributed_type == DistributedType.MULTI_GPU
         and accelerator.device.type == "cuda"
     ):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     if hparams.channels_last:
         model = model.to(memory_format=torch.channels_last)
     accumulation = accelerator.gradient_accumulation_steps

@@ -1,22 +1,18 @@
 """The fields and checks shared by the DeepLabV3+ and DeepLabV2 configurations."""
 
 from collections.abc import Iterable
+from typing import Any
 
-import timm
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .label_presets import IGNORE_INDEX, get_label_preset
+from .timm_backbones import BackboneLayout, backbone_layout
 
 logger = logging.get_logger(__name__)
 
 ALLOWED_OUTPUT_STRIDES = (8, 16)
-
-
-def resnet_family_backbones() -> list[str]:
-    """timm architecture names whose module is timm's ResNet family (resnet18 ... resnet152, resnet50d, ...)."""
-    return timm.list_models(module="resnet")
 
 
 def require_choice(field: str, value, allowed: Iterable):
@@ -58,14 +54,24 @@ class DeepLabConfig(PreTrainedConfig):
         num_labels (`int`, *optional*): number of classes; 21 (Pascal VOC) unless `id2label` is given. An explicit
             `num_labels` that disagrees with `id2label` wins, as in transformers (`from_pretrained(path,
             num_labels=5)` to fine-tune), with generic class names and a warning.
-        backbone (`str`): timm ResNet-family name ("resnet50", "resnet101", "resnet18", "resnet50d", ...).
-        output_stride (`int`): 8 (the method: layer3 / layer4 dilated) or 16 (faster).
+        backbone (`str`): timm architecture that yields feature maps: the method's ResNets ("resnet50",
+            "resnet101", ...) or another CNN ("convnext_base", "efficientnet_b3", ...) or a ViT
+            ("vit_base_patch14_dinov2"); see `timm_backbones.py`. Its weights are loaded explicitly afterwards.
+        output_stride (`int`): 8 (the method: layer3 / layer4 dilated) or 16 (faster). A ViT's maps are resampled
+            to it.
+        backbone_out_indices (`list[int]`, *optional*): timm feature levels (a ViT: blocks) of the [low-level,
+            high-level] maps; None = the level nearest stride 4 and the deepest (a ViT: the block at a quarter of
+            its depth and the last).
+        backbone_kwargs (`dict`, *optional*): further `timm.create_model` arguments of the backbone (JSON values,
+            e.g. `{"img_size": 224}`, `{"drop_path_rate": 0.1}`).
         head_lr_multiplier (`float`): learning-rate multiplier of everything but the backbone.
         semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss.
     """
 
     backbone: str = "resnet50"
     output_stride: int = 8
+    backbone_out_indices: list[int] | tuple[int, ...] | None = None
+    backbone_kwargs: dict[str, Any] | None = None
     head_lr_multiplier: float | int = 10.0
     semantic_loss_ignore_index: int = IGNORE_INDEX
 
@@ -87,10 +93,16 @@ class DeepLabConfig(PreTrainedConfig):
             raise ValueError(f"id2label keys must be 0..{len(self.id2label) - 1}, got {sorted(self.id2label)}")
         if self.label2id is None:
             self.label2id = {name: index for index, name in self.id2label.items()}
-        require_choice("backbone", self.backbone, resnet_family_backbones())
         require_choice("output_stride", self.output_stride, ALLOWED_OUTPUT_STRIDES)
+        if self.backbone_out_indices is not None:
+            self.backbone_out_indices = list(self.backbone_out_indices)
+        self.backbone_layout()  # checks the backbone now: a ValueError names the option that cannot work
         require_positive_number("head_lr_multiplier", self.head_lr_multiplier)
         self.head_lr_multiplier = float(self.head_lr_multiplier)
+
+    def backbone_layout(self) -> BackboneLayout:
+        """The backbone's feature levels and channels, from the backbone fields (cached; builds no weights)."""
+        return backbone_layout(self.backbone, self.output_stride, self.backbone_out_indices, self.backbone_kwargs)
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "DeepLabConfig":

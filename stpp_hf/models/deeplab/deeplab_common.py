@@ -1,4 +1,4 @@
-"""What DeepLabV3+ and DeepLabV2 share: the dilated timm ResNet backbone and the base `PreTrainedModel` (input
+"""What DeepLabV3+ and DeepLabV2 share: the timm backbone (`timm_backbones.py`) and the base `PreTrainedModel` (input
 checks, loss, test-time augmentation, sliding window, optimizer groups, backbone weight import).
 
 Only relative imports inside this folder: it is copied verbatim as remote code next to saved models.
@@ -7,7 +7,6 @@ Only relative imports inside this folder: it is copied verbatim as remote code n
 import os
 from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models import load_state_dict as timm_load_state_dict
@@ -18,7 +17,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .checkpointing import make_stages_checkpointable
 from .configuration_deeplab import require_positive_int
-from .small_map_conv import with_atrous_convs
+from .timm_backbones import classification_keys, create_backbone, to_backbone_keys
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -26,18 +25,6 @@ TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 def default_window_stride(window: int) -> int:
     """The sliding-window stride used with a `window`-pixel window: two thirds of it (at least 1)."""
     return max(1, 2 * window // 3)
-
-
-def build_resnet_backbone(name: str, output_stride: int) -> nn.Module:
-    """A timm ResNet returning the features [c1 (layer1), c4 (layer4)], dilated to `output_stride` (8 or 16).
-
-    Randomly initialised (timm's ResNet init); ImageNet weights come later via `load_backbone_weights`. Its stride-1
-    3x3 convs are `AtrousConv2d`s (`small_map_conv.py`: same parameters and keys, shortcuts on small maps).
-    """
-    backbone = timm.create_model(
-        name, pretrained=False, features_only=True, out_indices=(1, 4), output_stride=output_stride
-    )
-    return with_atrous_convs(backbone)
 
 
 def read_state_dict_file(path: str | os.PathLike, description: str) -> dict[str, torch.Tensor]:
@@ -81,7 +68,8 @@ def check_state_dict_matches(source: dict, target: dict, what: str):
 
 
 class DeepLabPreTrainedModel(PreTrainedModel):
-    """Base class: a dilated ResNet `backbone` and a head; subclasses build the head and define `_compute_logits`."""
+    """Base class: a timm `backbone` giving [low level, high level] maps (`timm_backbones.py`; the method's: a dilated
+    ResNet's layer1 and layer4) and a head; subclasses build the head and define `_compute_logits`."""
 
     main_input_name = "pixel_values"
     base_model_prefix = ""
@@ -89,10 +77,13 @@ class DeepLabPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True  # per backbone block (checkpointing.py)
 
     def _build_backbone(self, config) -> list[int]:
-        """Create `self.backbone`; returns the channel counts of [c1, c4] read from timm's feature_info."""
-        self.backbone = build_resnet_backbone(config.backbone, config.output_stride)
+        """Create `self.backbone` (random init; weights come later via `load_backbone_weights`); returns the channel
+        counts of [low level, high level] read from timm's feature_info."""
+        self.backbone = create_backbone(
+            config.backbone, config.output_stride, config.backbone_out_indices, config.backbone_kwargs
+        )
         make_stages_checkpointable(self.backbone, [info["module"] for info in self.backbone.feature_info.info])
-        return self.backbone.feature_info.channels()
+        return list(config.backbone_layout().channels)
 
     def _init_weights(self, module):
         # Head layers get PyTorch's default init, as in the reference. The backbone keeps timm's init or the weights
@@ -128,7 +119,7 @@ class DeepLabPreTrainedModel(PreTrainedModel):
 
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`): the input, for its size.
-            features (`list[torch.Tensor]`): the backbone's [c1, c4].
+            features (`list[torch.Tensor]`): the backbone's [low level (c1), high level (c4)].
 
         Returns:
             `torch.Tensor` of shape `(batch_size, num_labels, height, width)`: logits at the input resolution.
@@ -148,7 +139,8 @@ class DeepLabPreTrainedModel(PreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class ids;
                 `config.semantic_loss_ignore_index` (255) is ignored by the cross-entropy loss.
             output_hidden_states (`bool`, *optional*): also return the backbone features c1 `(batch_size, C1,
-                height / 4, width / 4)` and c4 `(batch_size, C4, height / output_stride, width / output_stride)`.
+                height / 4, width / 4)` and c4 `(batch_size, C4, height / output_stride, width / output_stride)`
+                (c1 at the backbone's level nearest stride 4).
             return_dict (`bool`, *optional*): `False` gives the tuple `(loss?, logits, hidden_states?)`.
 
         Returns:
@@ -272,8 +264,9 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         ]
 
     def load_backbone_weights(self, path: str | os.PathLike) -> None:
-        """Initialise the backbone from an ImageNet ResNet file of torchvision or timm layout (the same keys):
-        `.pth` / `.bin` (read with `weights_only=True`) or `.safetensors`, e.g. torchvision's `resnet50.pth`.
+        """Initialise the backbone from a timm classification state dict file of its architecture (for ResNets:
+        torchvision's layout, the same keys): `.pth` / `.bin` (read with `weights_only=True`) or `.safetensors`,
+        e.g. torchvision's `resnet50.pth`.
 
         `stpp_hf.models.backbone_weights.load_backbone_weights(model, spec)` also takes timm tags and Hub repos.
         """
@@ -282,14 +275,17 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         self.load_backbone_state_dict(state_dict, f"backbone weights file {path}")
 
     def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        """Load a ResNet classification state dict into the backbone (strict).
+        """Load a timm classification state dict of the backbone's architecture into the backbone (strict).
 
         Args:
-            state_dict (`dict[str, torch.Tensor]`): torchvision / timm ResNet keys; the classifier (`fc.*`) is
+            state_dict (`dict[str, torch.Tensor]`): timm keys (for ResNets also torchvision's); keys of the
+                classification model that the backbone does not hold (the classifier, e.g. `fc.*`, `head.*`) are
                 ignored, any other missing, unexpected or wrongly shaped key is a `ValueError`.
             source (`str`): names the weights in errors.
         """
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-        what = f"{source}, loaded into a {self.config.backbone} backbone,"
+        config = self.config
+        keys = classification_keys(config.backbone, config.output_stride, config.backbone_kwargs)
+        state_dict = to_backbone_keys(state_dict, self.backbone, keys)
+        what = f"{source}, loaded into a {config.backbone} backbone,"
         check_state_dict_matches(state_dict, self.backbone.state_dict(), what)
         self.backbone.load_state_dict(state_dict)

@@ -8,7 +8,6 @@ from transformers import initialization as init
 
 from .configuration_deeplabv2 import DeepLabV2Config
 from .deeplab_common import DeepLabPreTrainedModel
-from .small_map_conv import AtrousConv2d
 
 
 class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
@@ -23,7 +22,7 @@ class DeepLabV2ForSemanticSegmentation(DeepLabPreTrainedModel):
         super().__init__(config)
         _, high_level_in = self._build_backbone(config)
         self.classifier = nn.ModuleList(
-            AtrousConv2d(high_level_in, config.num_labels, 3, padding=rate, dilation=rate)
+            nn.Conv2d(high_level_in, config.num_labels, 3, padding=rate, dilation=rate)
             for rate in config.classifier_rates
         )
         self.post_init()

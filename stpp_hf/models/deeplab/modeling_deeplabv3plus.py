@@ -6,7 +6,6 @@ from torch import nn
 
 from .configuration_deeplabv3plus import DeepLabV3PlusConfig
 from .deeplab_common import DeepLabPreTrainedModel
-from .small_map_conv import AtrousConv2d
 
 
 class ConvNormAct(nn.Sequential):
@@ -14,8 +13,7 @@ class ConvNormAct(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
         super().__init__()
-        conv_class = AtrousConv2d if dilation > 1 else nn.Conv2d
-        self.conv = conv_class(
+        self.conv = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,
