@@ -7,13 +7,13 @@ mIoU of every stage and the final model, the pseudo labels' mIoU and the per-cla
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .file_io import json_text
 from .training.results import RunResults, StageSummary
 
 CARD_TEMPLATE_PATH = Path(__file__).parent / "hub_cards" / "stpp_model_card.md"
@@ -196,7 +196,7 @@ def build_model_card(
         pseudo_label_rows=pseudo_label_rows,
         iou_columns=iou_columns,
         iou_rows=iou_rows,
-        run_config=json.dumps(results.config, indent=2) if results.config is not None else None,
+        run_config=json_text(results.config, "the run config", indent=2) if results.config is not None else None,
     )
 
 

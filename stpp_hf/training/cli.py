@@ -6,11 +6,14 @@
 
 Relaunching the same command in the same ``--output_dir`` resumes the run; a relaunch with settings or
 data that differ from the saved ``run_config.json`` is refused before anything in the run directory changes.
+SIGTERM / SIGINT / SIGUSR1 stop it after saving what the relaunch resumes from, with exit code
+:data:`~stpp_hf.training.preemption.PREEMPTED_EXIT_CODE` (docs/preemption.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,7 +41,9 @@ from .config import (
     resolve_run_config,
 )
 from .distributed import check_shared_run_dir, create_accelerator
+from .divergence import NonFiniteError
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, install_stop_handlers
 from .pseudo_label_export import record_unlabeled_source
 from .results import results_table
 from .run_layout import RunLayout
@@ -321,6 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sliding_window=config.sliding_window_stride,
         channels_last=config.channels_last,
         sync_batchnorm=config.sync_bn,
+        save_steps=config.save_steps,
     )
     settings = RunSettings(
         run_dir=output_dir,
@@ -355,11 +361,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def console_main() -> None:
-    """The ``stpp-train`` console script: a bad option is one line naming it, not a traceback."""
+    """The ``stpp-train`` console script: a bad option or a diverged training is one line that names it, not a
+    traceback; a stop signal saves, prints one line and exits with :data:`PREEMPTED_EXIT_CODE`."""
+    exit_with_launcher()
+    install_stop_handlers()
     try:
         sys.exit(main())
-    except ConfigError as error:
+    except (ConfigError, NonFiniteError) as error:
         sys.exit(f"stpp-train: error: {error}")
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per process
+            print(
+                f"stpp-train: {stop}; relaunch the same command to resume (exit code {PREEMPTED_EXIT_CODE})",
+                flush=True,
+            )
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

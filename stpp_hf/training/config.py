@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -27,7 +28,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
-from ..file_io import atomic_write_json
+from ..file_io import atomic_write_json, json_text
 from ..models.deeplab.deeplab_common import default_window_stride
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
@@ -48,6 +49,7 @@ NON_RESULT_SETTINGS = frozenset(
         "hub_private",
         "push_stage_branches",
         "num_workers",
+        "save_steps",
         "dry_run",
         "redo_stage",
     }
@@ -195,6 +197,13 @@ class RunArguments:
         metadata={"help": "channels_last convolutions in training (default: on CUDA only; slower on CPU here)."},
     )
     seed: int = 0
+    save_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also save a step checkpoint every N optimizer steps inside an epoch (0: after each epoch only); "
+            "a stop signal always saves one (docs/preemption.md). Does not change results."
+        },
+    )
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
@@ -254,6 +263,7 @@ class RunConfig:
     channels_last: bool
     seed: int
     num_workers: int
+    save_steps: int
     output_dir: str
     report_to: str
     push_to_hub: bool
@@ -277,7 +287,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json_text(self.to_dict(), "the run config", indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
@@ -391,6 +401,11 @@ def _positive(name: str, value: Optional[int | float], minimum: int | float = 1)
 def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArguments) -> None:
     """Check every option (no data is read besides the existence of the files named); raises
     :class:`ConfigError` naming the option."""
+    for arguments in (data, model, run):
+        for option in dataclasses.fields(arguments):
+            value = getattr(arguments, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{option.name} must be a finite number, got {value}")
     for name in (
         "epochs",
         "global_batch_size",
@@ -407,6 +422,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         _positive(name, getattr(data, name))
     _positive("synthetic_image_size", data.synthetic_image_size, 16)
     _positive("num_workers", data.num_workers, 0)
+    _positive("save_steps", run.save_steps, 0)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -599,6 +615,7 @@ def resolve_run_config(
         channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
         seed=run.seed,
         num_workers=data.num_workers,
+        save_steps=run.save_steps,
         output_dir=run.output_dir,
         report_to=run.report_to,
         push_to_hub=run.push_to_hub,

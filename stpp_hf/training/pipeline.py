@@ -35,6 +35,7 @@ from ..data.splits import read_split, write_split
 from ..file_io import atomic_write_json, sha256_json
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir, rank_and_world_size
+from .divergence import check_finite_model
 from .evaluation import evaluate
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
@@ -284,6 +285,8 @@ class _Run:
         source_files = self.stage_layout(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
         snapshots = [self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs]
+        for epoch, snapshot in zip(epochs, snapshots):  # NaN predictions would be ranked like any others
+            check_finite_model(snapshot, f"the snapshot {source_files.snapshot(epoch)}")
         progress = progress_bar(
             total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process
         )
