@@ -25,7 +25,7 @@ def launch(run_dir, *extra, processes=1):
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(process, condition, timeout=300):
+def wait_for(process, condition, timeout=600):
     """Poll ``condition()`` until it holds; fails if ``process`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,8 +68,15 @@ def assert_same_final_model(reference, resumed):
     assert histories[0] == histories[1]
 
 
+def stop_lines(output):
+    """The lines the run printed about its stop (a progress bar may precede one on its line)."""
+    return [
+        "stpp-train: " + line.split("stpp-train: ", 1)[1] for line in output.splitlines() if "stpp-train: " in line
+    ]
+
+
 def assert_stopped_mid_epoch(completed_output, run_dir):
-    lines = [line for line in completed_output.splitlines() if "stpp-train: " in line]
+    lines = stop_lines(completed_output)
     assert len(lines) == 1 and "[1-suponly] stopped by SIGTERM after epoch 2 step " in lines[0], lines
     assert f"relaunch the same command to resume (exit code {PREEMPTED_EXIT_CODE})" in lines[0]
     progress = trainer_state(run_dir)["epoch_in_progress"]
@@ -79,13 +86,11 @@ def assert_stopped_mid_epoch(completed_output, run_dir):
 @pytest.mark.slow
 def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume_to_the_same_run(tmp_path):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert_ok(run_script(reference, *ARGS, "--framework", "st"))
-
     # 1) SIGTERM inside SupOnly's second epoch: a step checkpoint, one line, the requeue exit code
     process = launch(stopped, "--framework", "st", "--save_steps", "1")
     wait_for(process, lambda: in_second_epoch(stopped))
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=300)[0]
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert_stopped_mid_epoch(output, stopped)
     assert "Traceback" not in output
@@ -93,18 +98,19 @@ def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume
     process = launch(stopped, "--framework", "st")
     wait_for(process, lambda: any((stopped / "pseudo_labels").glob("label_all-*/labels/*.png")))
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=300)[0]
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert "resuming epoch 2 after step" in output
-    assert [line for line in output.splitlines() if "stpp-train: " in line] == [
+    assert stop_lines(output) == [
         f"stpp-train: stopped by SIGTERM; relaunch the same command to resume (exit code {PREEMPTED_EXIT_CODE})"
     ]
     state = json.loads((stopped / "state.json").read_text())
     assert set(state["stages"]) == {"suponly"}
     # 3) relaunch to the end: identical to the uninterrupted run
-    completed = run_script(stopped, *ARGS, "--framework", "st")
+    completed = run_script(stopped, *ARGS, "--framework", "st", timeout=900)
     assert_ok(completed)
     assert "[suponly] already finished: skipped" in completed.stdout
+    assert_ok(run_script(reference, *ARGS, "--framework", "st", timeout=900))
     assert_same_final_model(reference, stopped)
     for path in (stopped / "results.json", stopped / "state.json", stopped / "final" / "model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask(), path
@@ -113,20 +119,18 @@ def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes_to_the_same_run(tmp_path):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert_ok(run_script(reference, *ARGS, "--framework", "suponly", processes=2))
-
     process = launch(stopped, "--framework", "suponly", "--save_steps", "1", processes=2)
     wait_for(process, lambda: in_second_epoch(stopped))
     (rank_1,) = [worker for worker in workers(process) if worker.environ().get("RANK") == "1"]
     rank_1.send_signal(signal.SIGTERM)  # rank 0 learns of it through the all-reduce at the next step boundary
-    output = process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=300)[0]
     # the launcher reports its workers' codes: both processes stopped with the requeue code
     assert output.count(f"exitcode  : {PREEMPTED_EXIT_CODE}") == 2, output[-3000:]
     assert_stopped_mid_epoch(output, stopped)
     assert len(trainer_state(stopped)["epoch_in_progress"]["loss_sums"]) == 2
 
-    completed = run_script(stopped, *ARGS, "--framework", "suponly", processes=2)
-    assert_ok(completed)
+    assert_ok(run_script(stopped, *ARGS, "--framework", "suponly", processes=2, timeout=900))
+    assert_ok(run_script(reference, *ARGS, "--framework", "suponly", processes=2, timeout=900))
     assert_same_final_model(reference, stopped)
 
 
