@@ -28,6 +28,15 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(directory: str | os.PathLike) -> None:
+    """Give every file under ``directory`` the permissions an ordinary ``open`` would (``0o666`` less the umask):
+    some writers (safetensors) create owner-only files whatever the umask."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
 def temporary_sibling(path: str | os.PathLike) -> tuple[int, str]:
     """Create the hidden temporary file ``.<name>.<random>.tmp`` next to ``path``.
 

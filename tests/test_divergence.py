@@ -9,10 +9,12 @@ import stat
 import pytest
 import torch
 from helpers import run_script
+from safetensors.torch import save_file
 
 from stpp_hf.file_io import atomic_write_json, atomic_write_text, parse_json, sha256_json
 from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
 from stpp_hf.training.divergence import NonFiniteError, check_finite_model
+from stpp_hf.training.state import replace_directory
 
 
 def test_options_that_cannot_be_finite_or_positive_are_refused_naming_the_option():
@@ -45,9 +47,14 @@ def test_atomic_writes_get_the_permissions_of_the_umask(tmp_path, umask):
     try:
         atomic_write_json(tmp_path / "results.json", {"a": 1})
         atomic_write_text(tmp_path / "sub" / "ids.txt", "x\n")
+        model_dir = tmp_path / ".model.tmp"
+        save_file({"weight": torch.zeros(2)}, tmp_path / "weights.safetensors")  # safetensors writes 0600
+        model_dir.mkdir()
+        (tmp_path / "weights.safetensors").rename(model_dir / "model.safetensors")
+        replace_directory(model_dir, tmp_path / "model")
     finally:
         os.umask(previous)
-    for path in (tmp_path / "results.json", tmp_path / "sub" / "ids.txt"):
+    for path in (tmp_path / "results.json", tmp_path / "sub" / "ids.txt", tmp_path / "model" / "model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 

@@ -124,8 +124,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resu
     (rank_1,) = [worker for worker in workers(process) if worker.environ().get("RANK") == "1"]
     rank_1.send_signal(signal.SIGTERM)  # rank 0 learns of it through the all-reduce at the next step boundary
     output = process.communicate(timeout=300)[0]
-    # the launcher reports its workers' codes: both processes stopped with the requeue code
-    assert output.count(f"exitcode  : {PREEMPTED_EXIT_CODE}") == 2, output[-3000:]
+    # the launcher reports its workers' codes (once the first exits it sends SIGTERM to the others, which may
+    # still be ending); that both took part in the step checkpoint is checked below
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in output, output[-3000:]
     assert_stopped_mid_epoch(output, stopped)
     assert len(trainer_state(stopped)["epoch_in_progress"]["loss_sums"]) == 2
 

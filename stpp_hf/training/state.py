@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..file_io import atomic_write_json, sha256_file
+from ..file_io import atomic_write_json, honour_umask, sha256_file
 from ..log import get_logger
 from .config import check_same_config
 from .run_layout import RunLayout
@@ -98,8 +98,10 @@ def recover_directory(path: str | os.PathLike) -> None:
 
 
 def replace_directory(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Swap the finished directory ``temporary`` into ``path`` (old content moved aside first)."""
+    """Swap the finished directory ``temporary`` into ``path`` (old content moved aside first); its files get the
+    umask's permissions first (group members of a shared run directory can read the models)."""
     path = Path(path)
+    honour_umask(temporary)
     recover_directory(path)
     old = _old_name(path)
     if path.exists():
