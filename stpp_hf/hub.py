@@ -30,6 +30,7 @@ from .model_card import (
     selection_figure,
     stage_branch_name,
 )
+from .training.divergence import check_finite_model_dir
 from .training.results import RunResults
 
 
@@ -202,6 +203,7 @@ def push_run_to_hub(
     )
     for model_dir in [run_dir / results.final.model_dir, *stage_dirs.values()]:
         _model_files(model_dir)
+        check_finite_model_dir(model_dir)  # a diverged run is not published
     figure = selection_figure(results)
     pictures = {path: run_dir / path for path in card_files(results)}
     if figure is not None:

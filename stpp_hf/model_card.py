@@ -10,7 +10,6 @@ same val mIoU as the `.eval_results/*.yaml` entries of huggingface_hub. `stpp_hf
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
 
+from .file_io import json_text
 from .training.precision import DeviceFacts
 from .training.results import RunResults, StageSummary, final_model_note, stages_that_hurt
 
@@ -293,7 +293,7 @@ def build_model_card(
         pseudo_label_rows=pseudo_label_rows,
         iou_columns=iou_columns,
         iou_rows=iou_rows,
-        run_config=json.dumps(results.config, indent=2) if results.config is not None else None,
+        run_config=json_text(results.config, "the run config", indent=2) if results.config is not None else None,
     )
 
 

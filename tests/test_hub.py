@@ -574,3 +574,23 @@ def test_card_shows_the_aggregate_of_the_runs_the_model_belongs_to(tiny_run, in_
     with pytest.raises(ValueError, match="another backbone are not comparable"):
         push_run_to_hub(run_dirs[0], "tester/refused-aggregate", token=TOKEN, comparison_runs=[other])
     assert "tester/refused-aggregate" not in in_process_hub.repos
+
+
+@pytest.mark.parametrize("damage", ["nan_in_results", "nan_in_weights"])
+def test_push_refuses_a_run_with_non_finite_values_before_any_upload(tiny_run, in_process_hub, tmp_path, damage):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    if damage == "nan_in_results":  # as a diverged run written without strict JSON
+        results = (run_dir / "results.json").read_text().replace('"val_miou": 0.5234', '"val_miou": NaN')
+        (run_dir / "results.json").write_text(results)
+        expected = "results.json holds NaN"
+    else:
+        weights = load_file(run_dir / "final" / "model.safetensors")
+        next(tensor for tensor in weights.values() if tensor.is_floating_point()).fill_(float("nan"))
+        save_file(weights, run_dir / "final" / "model.safetensors")
+        expected = "model.safetensors holds non-finite weights in 1 of"
+    with pytest.raises((ValueError, RuntimeError), match=expected):
+        push_run_to_hub(run_dir, REPO_ID, token=TOKEN)
+    assert in_process_hub.repos == {}

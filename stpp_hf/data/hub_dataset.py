@@ -31,7 +31,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
 
-from ..file_io import atomic_write_bytes
+from ..file_io import atomic_write_bytes, json_text
 from ..models.deeplab.label_presets import IGNORE_INDEX, PASCAL_VOC_PALETTE, flat_palette
 from .images import MASK_MODES, open_image, undecoded
 from .sources.base import FEATURES, check_mask_values, read_id2label_file
@@ -333,7 +333,7 @@ def draw_partition(
         write_split(files["labeled"], with_label)
     # rows without a label are unlabeled too, in row order
     write_split(files["unlabeled"], [entry for entry in entries if entry.image not in labeled])
-    atomic_write_bytes(recorded_path, json.dumps(settings, indent=1).encode("utf-8"))
+    atomic_write_bytes(recorded_path, json_text(settings, str(recorded_path), indent=1).encode("utf-8"))
     return files
 
 
@@ -424,7 +424,7 @@ def load_hub_sources(
     _validate_rows(val, list(range(len(val))), columns, num_labels, val_split, "val", validated)
     if not streaming:
         _validate_rows(train, indices["unlabeled"], columns, num_labels, train_split, "unlabeled", validated)
-    atomic_write_bytes(validated_path, json.dumps(validated, indent=1).encode("utf-8"))
+    atomic_write_bytes(validated_path, json_text(validated, str(validated_path), indent=1).encode("utf-8"))
 
     labeled = columns.to_common(labeled_rows.select(labeled_positions), [entry.image for entry in parts["labeled"]])
     if streaming:

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from ..disk_full import disk_full_errors
-from ..file_io import atomic_write_bytes, sha256_bytes, sha256_file, temporary_sibling
+from ..file_io import atomic_write_bytes, json_text, sha256_bytes, sha256_file, temporary_sibling
 from ..log import get_logger
 from ..models.deeplab.label_presets import colorize
 
@@ -122,7 +122,7 @@ class PseudoLabelStore:
             self.fingerprint = self.fingerprint or meta.get("fingerprint")
         else:
             meta = {"version": STORE_VERSION, "fingerprint": self.fingerprint}
-            atomic_write_bytes(meta_path, json.dumps(meta).encode("utf-8"))
+            atomic_write_bytes(meta_path, json_text(meta, str(meta_path)).encode("utf-8"))
 
     # ---- paths and manifest ---------------------------------------------------------------------
     @staticmethod
@@ -234,7 +234,7 @@ class PseudoLabelStore:
             self._journal = self.directory / f"journal-{writer}.jsonl"
         # one short line per append: a crash can only tear the last line, which _read_entries tolerates
         with disk_full_errors(self._journal), open(self._journal, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry) + "\n")
+            stream.write(json_text(entry, "a pseudo-label journal entry") + "\n")
             stream.flush()
             os.fsync(stream.fileno())
 
@@ -280,7 +280,9 @@ class PseudoLabelStore:
             "fingerprint": self.fingerprint,
             "entries": dict(sorted(entries.items())),
         }
-        atomic_write_bytes(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+        atomic_write_bytes(
+            self.directory / MANIFEST_FILE, json_text(manifest, MANIFEST_FILE, indent=1).encode("utf-8")
+        )
 
     # ---- reading --------------------------------------------------------------------------------
     def file_path(self, image_id: str) -> Path:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..file_io import atomic_write_bytes
+from ..file_io import atomic_write_bytes, json_text
 from ..models.deeplab.label_presets import PASCAL_VOC_PALETTE, colorize, flat_palette
 from .splits import SplitEntry, write_split
 
@@ -218,7 +218,7 @@ def _write_dataset(root: Path, config: SyntheticConfig) -> None:
             entries.append(SplitEntry(f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"))
         write_split(root / "splits" / f"{part}.txt", entries)
     info = {"config": asdict(config), "id2label": {str(k): v for k, v in SYNTHETIC_ID2LABEL.items()}}
-    atomic_write_bytes(root / INFO_FILE, json.dumps(info, indent=2).encode("utf-8"))
+    atomic_write_bytes(root / INFO_FILE, json_text(info, str(root / INFO_FILE), indent=2).encode("utf-8"))
 
 
 def make_synthetic_dataset(output_dir: str | Path, seed: int = 0, **settings) -> SyntheticDataset:

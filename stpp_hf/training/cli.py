@@ -6,6 +6,8 @@
 
 Relaunching the same command in the same ``--output_dir`` resumes the run; a relaunch with settings or
 data that differ from the saved ``run_config.json`` is refused before anything in the run directory changes.
+SIGTERM / SIGINT / SIGUSR1 stop it after saving what the relaunch resumes from, with exit code
+:data:`~stpp_hf.training.preemption.PREEMPTED_EXIT_CODE` (docs/preemption.md).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from .config import (
 )
 from .data_identity import LocalData, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
+from .divergence import NonFiniteError
 from .heartbeat import start_heartbeat
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .precision import gather_precision_decision
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, install_stop_handlers
 from .pseudo_label_export import record_unlabeled_source
 from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
@@ -362,6 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         channels_last=config.channels_last,
         activation_checkpointing=config.activation_checkpointing,
         sync_batchnorm=config.sync_bn,
+        save_steps=config.save_steps,
     )
     settings = RunSettings(
         run_dir=output_dir,
@@ -399,11 +404,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def console_main() -> None:
-    """The ``stpp-train`` console script: a bad option is one line naming it, not a traceback."""
+    """The ``stpp-train`` console script: a bad option or a diverged training is one line that names it, not a
+    traceback; a stop signal saves, prints one line and exits with :data:`PREEMPTED_EXIT_CODE`."""
+    exit_with_launcher()
+    install_stop_handlers()
     try:
         sys.exit(main())
-    except ConfigError as error:
+    except (ConfigError, NonFiniteError) as error:
         sys.exit(f"stpp-train: error: {error}")
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per process
+            print(
+                f"stpp-train: {stop}; relaunch the same command to resume (exit code {PREEMPTED_EXIT_CODE})",
+                flush=True,
+            )
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -28,7 +29,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
-from ..file_io import atomic_write_json, sha256_file
+from ..file_io import atomic_write_json, json_text, sha256_file
 from ..log import get_logger
 from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
@@ -57,6 +58,7 @@ NON_RESULT_SETTINGS = frozenset(
         "hub_private",
         "push_stage_branches",
         "num_workers",
+        "save_steps",
         "dry_run",
         "redo_stage",
         # where the data lies: the data is identified by content (the ``data`` section), so it may move
@@ -260,6 +262,13 @@ class RunArguments:
             "lost) ends the run, named, within 1.1 x this time plus the launcher's 30 s grace (docs/processes.md)."
         },
     )
+    save_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also save a step checkpoint every N optimizer steps inside an epoch (0: after each epoch only); "
+            "a stop signal always saves one (docs/preemption.md). Does not change results."
+        },
+    )
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
@@ -330,6 +339,7 @@ class RunConfig:
     activation_checkpointing: bool
     seed: int
     num_workers: int
+    save_steps: int
     output_dir: str
     report_to: str
     push_to_hub: bool
@@ -354,7 +364,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json_text(self.to_dict(), "the run config", indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
@@ -468,6 +478,11 @@ def _positive(name: str, value: Optional[int | float], minimum: int | float = 1)
 def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArguments) -> None:
     """Check every option (no data is read besides the existence of the files named); raises
     :class:`ConfigError` naming the option."""
+    for arguments in (data, model, run):
+        for option in dataclasses.fields(arguments):
+            value = getattr(arguments, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{option.name} must be a finite number, got {value}")
     for name in (
         "epochs",
         "global_batch_size",
@@ -486,6 +501,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
     _positive("num_workers", data.num_workers, 0)
     _positive("label_next", run.label_next, 0)
     check_process_timeouts(run)
+    _positive("save_steps", run.save_steps, 0)
     if run.lr is not None and not run.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {run.lr}")
     if run.global_batch_size is not None and run.per_device_batch_size is not None:
@@ -705,6 +721,7 @@ def resolve_run_config(
         activation_checkpointing=run.activation_checkpointing,
         seed=run.seed,
         num_workers=default_num_workers(device_type, num_processes) if data.num_workers is None else data.num_workers,
+        save_steps=run.save_steps,
         output_dir=run.output_dir,
         report_to=run.report_to,
         push_to_hub=run.push_to_hub,

@@ -9,7 +9,6 @@ process tried to connect.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -20,7 +19,7 @@ import torch.distributed
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..file_io import atomic_write_text
+from ..file_io import atomic_write_text, json_text
 
 # The pipeline already relies on a file closed before a barrier being visible to every process right after
 # it; the wait only absorbs a slow attribute cache, so a few seconds are generous.
@@ -97,7 +96,7 @@ def check_shared_run_dir(accelerator, run_dir: str | os.PathLike, timeout_s: flo
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker(rank), json.dumps({"rank": rank, "host": report["host"], "pid": os.getpid()}))
+        atomic_write_text(marker(rank), json_text({"rank": rank, "host": report["host"], "pid": os.getpid()}))
     except OSError as error:
         report["error"] = f"{error.__class__.__name__}: {error}"
     accelerator.wait_for_everyone()  # every marker is written (or failed) before anyone looks

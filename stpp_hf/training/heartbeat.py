@@ -5,7 +5,7 @@ stopped (SIGSTOP, a swapped-out or frozen node). So each process also beats: a t
 beat file in the run directory (shared by every node) every ``timeout_s / 10`` seconds and reads the others'.
 A process whose file has not changed for ``timeout_s`` seconds, by the reader's own clock (the nodes' clocks
 need not agree), is reported on stderr by rank, host and pid, and the reader exits with
-:data:`STOPPED_PEER_EXIT_CODE`; the launcher then ends the rest (torchrun sends SIGTERM, and SIGKILL after
+:data:`PREEMPTED_EXIT_CODE`; the launcher then ends the rest (torchrun sends SIGTERM, and SIGKILL after
 30 s to a process that does not end, a stopped one included). A process whose main thread is stuck in a
 system call (a hung NFS read) still beats: the process-group timeout ends that case.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from ..file_io import atomic_write_text
+from .preemption import PREEMPTED_EXIT_CODE  # a run ended for a stopped process resumes when relaunched
 
-STOPPED_PEER_EXIT_CODE = 75
 BEATS_PER_TIMEOUT = 10
 # how long torchrun waits after SIGTERM before it sends SIGKILL to the processes that are left
 LAUNCHER_GRACE_S = 30
@@ -35,7 +35,7 @@ class Heartbeat:
     """Beats for process ``rank`` of ``world_size`` into ``directory`` and watches the other processes' beats.
 
     ``on_stopped(message)`` is called (in the watching thread) when another process has not beaten for
-    ``timeout_s``; by default it prints the message and ends this process with :data:`STOPPED_PEER_EXIT_CODE`.
+    ``timeout_s``; by default it prints the message and ends this process with :data:`PREEMPTED_EXIT_CODE`.
     """
 
     def __init__(self, directory, rank, world_size, token, timeout_s, on_stopped=None):
@@ -101,7 +101,7 @@ class Heartbeat:
 def _exit_naming(message: str) -> None:
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
-    os._exit(STOPPED_PEER_EXIT_CODE)  # the main thread may be blocked in a collective: end the whole process
+    os._exit(PREEMPTED_EXIT_CODE)  # the main thread may be blocked in a collective: end the whole process
 
 
 def start_heartbeat(accelerator, directory, timeout_s: float) -> Heartbeat | None:

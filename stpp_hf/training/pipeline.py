@@ -38,6 +38,7 @@ from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
 from .distributed import check_shared_run_dir, rank_and_world_size
+from .divergence import check_finite_model
 from .evaluation import evaluate
 from .label_next import DEFAULT_LABEL_NEXT, label_next_rows, write_label_next_csv
 from .plots import draw_run_figures
@@ -287,6 +288,8 @@ class _Run:
         source_files = self.stage_layout(stage.source)
         epochs = snapshot_epochs(self.settings.hparams.epochs)
         snapshots = [self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs]
+        for epoch, snapshot in zip(epochs, snapshots):  # NaN predictions would be ranked like any others
+            check_finite_model(snapshot, f"the snapshot {source_files.snapshot(epoch)}")
         progress = progress_bar(
             total=len(self.unlabeled_ids), desc=stage.name, disable=not self.accelerator.is_local_main_process
         )

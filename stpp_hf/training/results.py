@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..file_io import atomic_write_json
+from ..file_io import atomic_write_json, parse_json
 from .run_layout import RunLayout
 
 _NUMBER = (int, float)
@@ -262,7 +262,7 @@ class RunResults:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory?")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"), path)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_json(data, path)

@@ -14,11 +14,17 @@ same images (:mod:`~stpp_hf.training.sampling`). BatchNorm sees the per-device b
 :func:`train_stage` reads top to bottom: set up (fresh model, optimizer and loader, prepared), resume from the
 epoch checkpoint, then per epoch train, validate (:mod:`~stpp_hf.training.evaluation`), save the models and the
 checkpoint. What the steps share and update is one ``_StageRun``.
+
+A loss or weights that are not finite stop the stage with a :class:`~stpp_hf.training.divergence.NonFiniteError`
+before anything is saved. A stop signal (:mod:`~stpp_hf.training.preemption`) is honoured at the next optimizer
+step: a step checkpoint (the same directory, with the position in the epoch) is saved, and a relaunch skips the
+global batches already trained, so it ends as the uninterrupted stage would; ``save_steps`` saves one periodically.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +47,10 @@ from ..file_io import (
 from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
+from .divergence import DIVERGENCE_ADVICE, NonFiniteError, describe_nonfinite, nonfinite_tensors
 from .evaluation import evaluate
 from .inference import pins_memory
+from .preemption import Preempted, agreed_stop_signal, signal_name, stop_at_step_boundaries
 from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, scaled_lr, steps_per_epoch
 from .run_layout import StageLayout
 from .sampling import training_loader
@@ -72,6 +80,7 @@ class StageHyperParameters:
             (ignored elsewhere: SyncBatchNorm needs CUDA).
         logging_steps: optimizer steps between two read-backs of the training loss (each a host sync); the
             last interval of an epoch ends with the epoch.
+        save_steps: optimizer steps between two step checkpoints inside an epoch (0: after each epoch only).
     """
 
     epochs: int
@@ -85,10 +94,13 @@ class StageHyperParameters:
     activation_checkpointing: bool = False
     sync_batchnorm: bool = False
     logging_steps: int = 10
+    save_steps: int = 0
 
     def __post_init__(self):
         if self.logging_steps < 1:
             raise ValueError(f"logging_steps must be >= 1, got {self.logging_steps}")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> float:
@@ -132,6 +144,7 @@ class _StageRun:
 
     ``epoch`` counts finished epochs and ``step`` optimizer steps; ``history``, ``best_*`` and ``epoch`` are
     what ``trainer_state.json`` saves, so a resumed stage continues with the state the killed one had.
+    ``resumed_epoch`` is the ``epoch_in_progress`` of a step checkpoint until the epoch it interrupted continues.
     """
 
     accelerator: Accelerator
@@ -143,12 +156,14 @@ class _StageRun:
     loader: torch.utils.data.DataLoader
     lr: float
     epoch_steps: int
+    inputs: dict[str, str] = field(default_factory=dict)
     epoch: int = 0
     step: int = 0
     best_miou: float = -1.0
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    resumed_epoch: dict | None = None
 
     @property
     def layout(self) -> StageLayout:
@@ -162,16 +177,26 @@ class _StageRun:
     def total_steps(self) -> int:
         return self.epoch_steps * self.hparams.epochs
 
-    def trainer_state(self, inputs: dict[str, str]) -> dict:
-        """The ``trainer_state.json`` of the finished epochs (:data:`TRAINER_STATE_FIELDS` + ``inputs``)."""
-        return {
+    @property
+    def epoch_step(self) -> int:
+        """Optimizer steps done in the epoch in progress."""
+        return self.step - self.epoch * self.epoch_steps
+
+    def trainer_state(self, epoch_in_progress: dict | None = None) -> dict:
+        """The ``trainer_state.json`` of the finished epochs (:data:`TRAINER_STATE_FIELDS` + ``inputs``), and for a
+        step checkpoint ``epoch_in_progress``: ``{"epoch_step", "interval_steps", "loss_sums", "epoch_loss_sum"}``,
+        the steps done in the epoch and its loss accumulators (``loss_sums``: each process's, in rank order)."""
+        state = {
             "epoch": self.epoch,
             "best_miou": self.best_miou,
             "best_epoch": self.best_epoch,
             "history": self.history,
             "best_metrics": self.best_metrics,
-            "inputs": inputs,
+            "inputs": self.inputs,
         }
+        if epoch_in_progress is not None:
+            state["epoch_in_progress"] = epoch_in_progress
+        return state
 
     def record_epoch(self, loss: float, metrics: dict) -> bool:
         """Count the epoch just trained and validated; returns whether its val mIoU is the best so far."""
@@ -238,19 +263,25 @@ def train_stage(
         ``{"val_miou", "best_epoch", "per_class_iou", "pixel_accuracy", "history", "lr", "steps"}``: the best
         epoch's val metrics, ``[{"epoch", "loss", "val_miou"}]`` per epoch, the peak lr and the optimizer steps.
     """
-    inputs = inputs or {}
     run = _setup_stage(model_factory, train_dataset, accelerator, Path(stage_dir), hparams, stage_seed)
-    _resume_stage(run, inputs)
+    run.inputs = inputs or {}
+    _resume_stage(run)
     progress = _progress(accelerator, total=run.total_steps, initial=run.step, desc=run.stage_dir.name)
-    while run.epoch < hparams.epochs:
-        loss = _train_epoch(run, progress, log_prefix)
-        unwrapped = accelerator.unwrap_model(run.model)
-        metrics = _validate(run, unwrapped, val_dataset, num_classes, class_names)
-        improved = run.record_epoch(loss, metrics)
-        _report_epoch(run, metrics, log_prefix)
-        if accelerator.is_main_process:
-            _save_models(run, unwrapped, improved, snapshot_epochs, keep_last, image_processor)
-        _save_checkpoint(accelerator, run.checkpoint_dir, run.trainer_state(inputs))
+    with stop_at_step_boundaries():
+        while run.epoch < hparams.epochs:
+            loss = _train_epoch(run, progress, log_prefix)
+            unwrapped = accelerator.unwrap_model(run.model)
+            metrics = _validate(run, unwrapped, val_dataset, num_classes, class_names)
+            # after _validate's broadcast of the BatchNorm buffers: every process checks what the main one saves
+            _check_finite_weights(run, unwrapped)
+            improved = run.record_epoch(loss, metrics)
+            _report_epoch(run, metrics, log_prefix)
+            if accelerator.is_main_process:
+                _save_models(run, unwrapped, improved, snapshot_epochs, keep_last, image_processor)
+            _save_checkpoint(accelerator, run.checkpoint_dir, run.trainer_state())
+            stop_signal = agreed_stop_signal(accelerator.num_processes)
+            if stop_signal:
+                raise Preempted(_stopped_message(run, stop_signal))
     progress.close()
     accelerator.free_memory()
     return run.summary()
@@ -301,12 +332,12 @@ def _setup_stage(
     return _StageRun(accelerator, hparams, stage_dir, stage_seed, model, optimizer, loader, lr, epoch_steps)
 
 
-def _resume_stage(run: _StageRun, inputs: dict[str, str]) -> None:
-    """Load the stage's epoch checkpoint into ``run`` if there is one written for ``inputs``."""
+def _resume_stage(run: _StageRun) -> None:
+    """Load the stage's checkpoint into ``run`` if there is one written for ``run.inputs``."""
     saved = _read_trainer_state(run.checkpoint_dir)
     if saved is None:
         return
-    if saved.get("inputs", {}) != inputs:
+    if saved.get("inputs", {}) != run.inputs:
         logger.warning(
             "%s: the epoch checkpoint was written for other inputs: training from the start", run.stage_dir.name
         )
@@ -321,6 +352,14 @@ def _resume_stage(run: _StageRun, inputs: dict[str, str]) -> None:
     run.epoch, run.best_miou, run.best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
     run.history, run.best_metrics = saved["history"], saved["best_metrics"]
     run.step = run.epoch * run.epoch_steps
+    run.resumed_epoch = saved.get("epoch_in_progress")
+    if run.resumed_epoch is not None:
+        run.step += run.resumed_epoch["epoch_step"]
+        logger.info(
+            "%s: resuming epoch %d after step %d of %d (best mIoU %.4f)",
+            run.stage_dir.name, run.epoch + 1, run.epoch_step, run.epoch_steps, run.best_miou,
+        )  # fmt: skip
+        return
     logger.info("%s: resuming after epoch %d (best mIoU %.4f)", run.stage_dir.name, run.epoch, run.best_miou)
 
 
@@ -328,18 +367,33 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
     """Train epoch ``run.epoch`` (0-based); returns its mean global-batch loss.
 
     The loss stays on the device and is read back once per ``logging_steps`` optimizer steps and at the end of
-    the epoch: the tracker gets ``<prefix>/loss``, the mean global-batch loss of the steps since the last read.
+    the epoch: the tracker gets ``<prefix>/loss``, the mean global-batch loss of the steps since the last read,
+    and a loss that is not finite raises :class:`NonFiniteError`. An epoch resumed from a step checkpoint skips
+    the global batches it trained and continues with the accumulators and generator states the checkpoint saved.
+    After each optimizer step, a stop signal or ``save_steps`` saves a step checkpoint (a signal then raises
+    :class:`Preempted`).
     """
     accelerator, hparams = run.accelerator, run.hparams
     accumulation = accelerator.gradient_accumulation_steps
     # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
     epoch_seed = (run.stage_seed * 1000 + run.epoch) % 2**31
-    set_seed(epoch_seed, device_specific=True)
     run.loader.set_epoch(epoch_seed)
-    run.model.train()
+    resumed, run.resumed_epoch = run.resumed_epoch, None
     loss_sum = torch.zeros((), device=accelerator.device)  # this process's micro-batch losses since the last read
-    interval_steps, epoch_loss_sum = 0, 0.0
-    for batch in run.loader:
+    if resumed is None:
+        set_seed(epoch_seed, device_specific=True)
+        batches, interval_steps, epoch_loss_sum = run.loader, 0, 0.0
+    else:  # the generators are those the step checkpoint saved
+        batches = _resumed_batches(accelerator.skip_first_batches(run.loader, resumed["epoch_step"] * accumulation))
+        loss_sums = resumed["loss_sums"]
+        if len(loss_sums) == accelerator.num_processes:
+            loss_sum += loss_sums[accelerator.process_index]
+        elif accelerator.is_main_process:  # another process count: the interval's loss sum as a whole
+            loss_sum += sum(loss_sums)
+        interval_steps, epoch_loss_sum = resumed["interval_steps"], resumed["epoch_loss_sum"]
+    first_nonfinite_step = torch.full((), -1, device=accelerator.device)  # on the device: no sync per step
+    run.model.train()
+    for batch in batches:
         pixels, labels = _batch_tensors(batch)
         # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
         images, labels = normalize_batch(pixels), labels.long()
@@ -351,7 +405,11 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        loss = loss.detach()
+        loss_sum += loss
+        first_nonfinite_step = torch.where(
+            torch.isfinite(loss) | (first_nonfinite_step >= 0), first_nonfinite_step, run.step
+        )
         if not accelerator.sync_gradients:
             continue
         run.step += 1
@@ -360,12 +418,90 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
         if interval_steps == hparams.logging_steps or run.step % run.epoch_steps == 0:
             # the mean over the interval's global batches, each the mean of its micro-batches and processes
             interval_loss = accelerator.reduce(loss_sum / (accumulation * interval_steps), reduction="mean").item()
+            if not math.isfinite(interval_loss):  # the same on every process: all raise
+                raise _diverged(run, _nonfinite_steps(run, first_nonfinite_step), f"the loss is {interval_loss}")
             epoch_loss_sum += interval_loss * interval_steps
             progress.set_postfix(loss=f"{interval_loss:.3f}", lr=f"{current_lr:.2e}", refresh=False)
             accelerator.log({f"{log_prefix}/loss": interval_loss, f"{log_prefix}/lr": current_lr}, step=run.step)
             loss_sum.zero_()
             interval_steps = 0
+        stop_signal = agreed_stop_signal(accelerator.num_processes)
+        periodic = hparams.save_steps and run.step % hparams.save_steps == 0 and run.epoch_step < run.epoch_steps
+        if stop_signal or periodic:
+            nonfinite_steps = _nonfinite_steps(run, first_nonfinite_step)  # losses since the last read-back
+            if nonfinite_steps:
+                raise _diverged(run, nonfinite_steps, "the loss is not finite")
+            _check_finite_weights(run, accelerator.unwrap_model(run.model))
+            epoch_in_progress = {
+                "epoch_step": run.epoch_step,
+                "interval_steps": interval_steps,
+                "loss_sums": accelerator.gather(loss_sum[None]).tolist(),
+                "epoch_loss_sum": epoch_loss_sum,
+            }
+            _save_checkpoint(accelerator, run.checkpoint_dir, run.trainer_state(epoch_in_progress))
+        if stop_signal:
+            raise Preempted(_stopped_message(run, stop_signal))
     return epoch_loss_sum / run.epoch_steps
+
+
+def _resumed_batches(loader):
+    """``loader``'s batches with the process's CPU generator left as it was: starting a DataLoader iterator draws
+    from it, which the interrupted epoch did at its start and the step checkpoint's generator state includes."""
+    generator_state = torch.get_rng_state()
+    batches = iter(loader)
+    first = next(batches, None)  # the DataLoader's iterator starts here
+    torch.set_rng_state(generator_state)
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def _nonfinite_steps(run: _StageRun, first_nonfinite_step: torch.Tensor) -> list[int]:
+    """The first step (0-based) of each process whose loss was not finite, for those that had one (a collective:
+    every process gets the same list)."""
+    return [step for step in run.accelerator.gather(first_nonfinite_step[None]).tolist() if step >= 0]
+
+
+def _diverged(run: _StageRun, steps: list[int], problem: str) -> NonFiniteError:
+    """The error of a non-finite loss first seen at ``steps``: the stage, epoch and step, what is kept, what to try."""
+    if steps:
+        step = min(steps) + 1
+        where = f"step {step - run.epoch * run.epoch_steps} of {run.epoch_steps} (stage step {step})"
+    else:
+        where = f"one of the steps up to {run.epoch_step} of {run.epoch_steps}"
+    return NonFiniteError(
+        f"[{run.stage_dir.name}] training diverged: {problem} at epoch {run.epoch + 1}, {where}. "
+        f"{_kept_checkpoint(run)}; {DIVERGENCE_ADVICE}"
+    )
+
+
+def _check_finite_weights(run: _StageRun, unwrapped: torch.nn.Module) -> None:
+    """Raise :class:`NonFiniteError` on every process before a save when a parameter or buffer of any process is
+    not finite (BatchNorm buffers differ between processes inside an epoch)."""
+    state = unwrapped.state_dict()
+    bad = nonfinite_tensors(state)
+    counts = run.accelerator.gather(torch.tensor([len(bad)], device=run.accelerator.device))
+    if counts.any():
+        bad = bad or ["those of another process"]
+        raise NonFiniteError(
+            f"[{run.stage_dir.name}] training diverged: the weights after epoch {run.epoch + 1}, step "
+            f"{run.epoch_step} of {run.epoch_steps} hold non-finite values in {describe_nonfinite(bad, len(state))}. "
+            f"{_kept_checkpoint(run)}; {DIVERGENCE_ADVICE}"
+        )
+
+
+def _kept_checkpoint(run: _StageRun) -> str:
+    if (run.checkpoint_dir / TRAINER_STATE).is_file():
+        return f"Nothing of this epoch was saved: the last good checkpoint {run.checkpoint_dir} is kept"
+    return "Nothing of this stage was saved"
+
+
+def _stopped_message(run: _StageRun, stop_signal: int) -> str:
+    """The line a stopped stage prints: what stopped it, where, what was saved."""
+    return (
+        f"[{run.stage_dir.name}] stopped by {signal_name(stop_signal)} after epoch {run.epoch + 1} step "
+        f"{run.epoch_step} of {run.epoch_steps}; checkpoint saved in {run.checkpoint_dir}"
+    )
 
 
 def _validate(
@@ -434,6 +570,12 @@ TRAINER_STATE_FIELDS = {
     "history": list,
     "best_metrics": dict,
 }
+EPOCH_IN_PROGRESS_FIELDS = {
+    "epoch_step": int,
+    "interval_steps": int,
+    "loss_sums": list,
+    "epoch_loss_sum": (int, float),
+}
 
 
 def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
@@ -452,6 +594,12 @@ def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
         for key, kind in TRAINER_STATE_FIELDS.items()
         if not isinstance(saved, dict) or not isinstance(saved.get(key), kind)
     ]
+    in_progress = saved.get("epoch_in_progress") if isinstance(saved, dict) else None
+    if in_progress is not None and (
+        not isinstance(in_progress, dict)
+        or any(not isinstance(in_progress.get(key), kind) for key, kind in EPOCH_IN_PROGRESS_FIELDS.items())
+    ):
+        wrong.append("epoch_in_progress")
     if wrong:
         raise ValueError(f"{path} lacks or has malformed fields {wrong}; {advice}")
     return saved
