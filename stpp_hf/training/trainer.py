@@ -116,11 +116,29 @@ def build_optimizer(model: torch.nn.Module, lr: float, fused: bool = True) -> to
     """SGD (momentum 0.9, wd 1e-4) over ``model.optimizer_param_groups(lr)`` (backbone lr, head x10).
 
     ``fused`` uses the single-kernel SGD update (the same update rule as the per-parameter loop, fewer kernels).
+    The momentum buffers start at zero (in each parameter's memory layout) instead of at the first step: fused SGD
+    allocates them uninitialised and, when a GradScaler skips that step for inf / nan gradients, returns before
+    writing them, so the next step would add that memory to the weights. From zero the first step's buffer is the
+    gradient itself, as the lazy start makes it.
     """
     groups = model.optimizer_param_groups(lr)
     for group in groups:
         group["initial_lr"] = group["lr"]
-    return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    return optimizer
+
+
+def fresh_grad_scaler(accelerator: Accelerator) -> None:
+    """Give ``accelerator`` (fp16) a new GradScaler of the same kind, so a stage starts from the initial loss scale
+    and not from where the previous stage's scaler ended; the stage's checkpoint then saves and restores its own."""
+    if accelerator.scaler is None:
+        return
+    handler = accelerator.scaler_handler
+    kwargs = handler.to_kwargs() if handler is not None else {}
+    accelerator.scaler = type(accelerator.scaler)(accelerator.device.type, **kwargs)
 
 
 def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +321,7 @@ def _setup_stage(
         )
     lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
     optimizer = build_optimizer(model, lr)
+    fresh_grad_scaler(accelerator)  # before prepare: the prepared optimizer steps through it
     loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
