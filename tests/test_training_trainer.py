@@ -302,3 +302,24 @@ def test_each_stage_starts_from_a_fresh_grad_scaler(tmp_path, fresh_accelerator)
     run = trainer_module._setup_stage(make_model, toy_set(4, 0), accelerator, tmp_path / "stage", hparams, 1)
     assert accelerator.scaler.get_scale() == 65536.0
     assert run.optimizer.scaler is accelerator.scaler  # the prepared optimizer steps through the new one
+
+
+def test_cudnn_benchmark_is_on_for_training_only(tmp_path, fresh_accelerator):
+    """Fixed-size training crops let cuDNN time its algorithms once; evaluation sees images of many sizes."""
+    seen = []
+
+    def recording_model():
+        model = make_model()
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append((module.training, torch.backends.cudnn.benchmark)),
+            with_kwargs=True,
+        )
+        return model
+
+    hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
+    train_stage(
+        recording_model, toy_set(4, 0), toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, 2
+    )
+    assert {benchmark for training, benchmark in seen if training} == {True}
+    assert {benchmark for training, benchmark in seen if not training} == {False}  # the evaluation's inference copy
+    assert not torch.backends.cudnn.benchmark  # restored

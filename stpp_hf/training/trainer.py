@@ -33,6 +33,7 @@ from ..file_io import atomic_write_json
 from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
+from .backends import cudnn_benchmark
 from .config import per_device_batch_size
 from .evaluation import evaluate
 from .run_layout import StageLayout
@@ -272,7 +273,8 @@ def train_stage(
     _resume_stage(run, inputs)
     progress = _progress(accelerator, total=run.total_steps, initial=run.step, desc=run.stage_dir.name)
     while run.epoch < hparams.epochs:
-        loss = _train_epoch(run, progress, log_prefix)
+        with cudnn_benchmark(True):  # fixed-size crops: cuDNN's fastest algorithms, timed once; evaluation: off
+            loss = _train_epoch(run, progress, log_prefix)
         unwrapped = accelerator.unwrap_model(run.model)
         metrics = _validate(run, unwrapped, val_dataset, num_classes, class_names)
         improved = run.record_epoch(loss, metrics)
