@@ -1,5 +1,7 @@
 """Batched / sharded TTA pseudo-labeling equals the per-image spec procedure (docs/method.md §5)."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch.nn.functional as F
 from helpers import NUM_CLASSES, FakeShardAccelerator, images_of_mixed_sizes, tiny_model
 
 from stpp_hf.data import PseudoLabelStore
-from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou
+from stpp_hf.training import pseudo_labeling
+from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou, tta_images_per_pass, tta_pseudo_labels
 
 
 @torch.no_grad()
@@ -122,3 +125,71 @@ def test_bf16_labels_match_fp32_labels(tmp_path):
         top2 = model.predict_tta(torch.stack([image for image, _ in dataset])).topk(2, dim=1).values
     margin = (top2[:, 0] - top2[:, 1]).numpy()
     assert (margin[fp32 != bf16] < 0.05).all()
+
+
+def test_tta_passes_keep_the_largest_maps_under_the_kernel_limit():
+    """A Cityscapes batch of 8 at scale 2 with flips was 16 x 19 x 2048 x 4096 = 2.55e9 elements in one map, above
+    INT_MAX, which CUDA's channels-last bilinear upsample refuses: it is now labeled one image per pass."""
+    int_max = 2**31 - 1
+    per_pass = tta_images_per_pass(1024, 2048, 19)
+    assert per_pass == 1
+    assert 2 * per_pass * 19 * 2048 * 4096 < int_max // 4 + 1
+    assert tta_images_per_pass(500, 500, 21) >= 8  # a Pascal batch of --inference_batch_size 8 stays one pass
+    assert tta_images_per_pass(64, 64, 25) >= 25  # and the synthetic demo's
+    assert tta_images_per_pass(4096, 8192, 19) == 1  # never fewer than one image
+
+
+@pytest.mark.slow
+def test_labeling_in_tta_passes_equals_batches_of_that_size(tmp_path, monkeypatch):
+    model = tiny_model(3)
+    dataset = [(image, None) for image, _ in images_of_mixed_sizes(3)]  # sizes 32x40 x3, 28x44, 32x40, 28x44
+    ids = [f"img_{index}" for index in range(len(dataset))]
+    by_batches = PseudoLabelStore(tmp_path / "batches")
+    label_images(model, dataset, ids, by_batches, batch_size=2)
+    passes = []
+    original = type(model).predict_tta
+    monkeypatch.setattr(
+        type(model),
+        "predict_tta",
+        lambda self, images, **kwargs: passes.append(len(images)) or original(self, images, **kwargs),
+    )
+    # a budget of two 32x40 images (the largest scale doubles each side, the flip doubles the batch)
+    monkeypatch.setattr(pseudo_labeling, "TTA_ELEMENTS_BUDGET", 2 * 2 * NUM_CLASSES * 64 * 80)
+    by_passes = PseudoLabelStore(tmp_path / "passes")
+    label_images(model, dataset, ids, by_passes, batch_size=8)
+    assert passes == [2, 1, 1, 1, 1]  # batches [3 x 32x40], [28x44], [32x40], [28x44]; 28x44 is over 32x40's pixels
+    for image_id in ids:
+        assert np.array_equal(by_passes.get(image_id), by_batches.get(image_id))
+
+
+def test_argmax_maps_cross_to_the_host_as_8_bits():
+    model = tiny_model(4)
+    image, _ = images_of_mixed_sizes(4)[0]
+    labels = tta_pseudo_labels(model, image[None])
+    assert labels.dtype == torch.uint8 and labels.device.type == "cpu"
+    assert torch.equal(labels.long(), model.predict_tta(image[None]).argmax(dim=1))
+
+
+class FailingStore(PseudoLabelStore):
+    """A store whose disk fills up at its third label."""
+
+    def put(self, image_id, label_map):
+        assert threading.current_thread() is not threading.main_thread()  # written off the labeling loop
+        if len(self.entries(refresh=False)) == 2:
+            raise OSError(28, "No space left on device")
+        return super().put(image_id, label_map)
+
+
+@pytest.mark.slow
+def test_labels_are_written_off_the_loop_and_a_write_error_surfaces(tmp_path):
+    model = tiny_model(5)
+    dataset = [(image, None) for image, _ in images_of_mixed_sizes(5)]
+    ids = [f"img_{index}" for index in range(len(dataset))]
+    store = FailingStore(tmp_path / "store")
+    with pytest.raises(OSError, match="No space left on device"):
+        label_images(model, dataset, ids, store, batch_size=2)
+    # what was written is intact and journaled; the rest is pending, so a relaunch completes the store
+    reopened = PseudoLabelStore(tmp_path / "store")
+    assert reopened.pending(ids) == ids[2:]
+    assert label_images(model, dataset, ids, reopened, batch_size=2) == len(ids) - 2
+    reopened.verify(ids)

@@ -249,3 +249,28 @@ def test_relaunch_with_another_synthetic_seed_is_refused_before_the_data_is_rege
     assert {path: path.stat().st_mtime_ns for path in sorted(run.joinpath("synthetic_data").rglob("*"))} == before
     saved = json.loads((run / "run_config.json").read_text())
     assert saved["synthetic"]["seed"] == 0 and set(saved["data"]) == {"labeled", "unlabeled", "val", "id2label"}
+
+
+@pytest.mark.parametrize(
+    "argv, processes",
+    [
+        (["--per_device_batch_size", "1"], 1),
+        (["--global_batch_size", "16", "--gradient_accumulation_steps", "16"], 1),  # one GPU fitting Cityscapes
+        (["--global_batch_size", "2"], 2),  # 2 CPU processes: no SyncBatchNorm
+    ],
+)
+def test_one_image_per_device_without_syncbatchnorm_is_refused_before_the_run_directory(argv, processes, tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        resolve(argv, num_processes=processes)
+    for option in ("--per_device_batch_size", "--global_batch_size", "--gradient_accumulation_steps", "--sync_bn"):
+        assert option in str(refused.value)
+    assert "image-pooling BatchNorm" in str(refused.value)
+    if processes == 1:  # the command itself (one process here) stops before making the run directory
+        with pytest.raises(ConfigError, match="image-pooling BatchNorm"):
+            cli.main([*argv, "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+        assert not (tmp_path / "run").exists()
+
+
+def test_one_image_per_device_works_with_syncbatchnorm_or_deeplabv2():
+    assert resolve(["--global_batch_size", "2"], num_processes=2, device_type="cuda").sync_bn
+    assert resolve(["--per_device_batch_size", "1", "--model", "deeplabv2"]).per_device_batch_size == 1

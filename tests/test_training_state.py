@@ -1,4 +1,9 @@
+import errno
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +14,7 @@ from stpp_hf.file_io import (
     replace_directory,
     temporary_directory_for,
 )
+from stpp_hf.training import state as state_module
 from stpp_hf.training.recipe import poly_factor, scaled_lr
 from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
 from stpp_hf.training.state import RunState
@@ -118,3 +124,42 @@ def test_changed_inputs_redo_a_stage_and_redo_drops_records_once(tmp_path):
     redone.mark_done("label", ["ids.txt"], {}, inputs={"teacher": "4" * 64})
     redone.reload()
     assert redone.is_done("label", {"teacher": "4" * 64})
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A file system without flock (Lustre without ``-o flock``, NFS with ``nolock``): flock raises ENOLCK."""
+
+    def flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(state_module.fcntl, "flock", flock)
+    yield
+    state_module._held_locks.clear()
+
+
+def test_without_flock_the_lock_is_an_exclusively_created_file(tmp_path, no_flock):
+    run_dir = tmp_path / "run"
+    state_module.lock_run_directory(run_dir)  # raised OSError: [Errno 37] No locks available
+    lock_file = run_dir / "run.lock.held"
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started " in lock_file.read_text()
+    state_module.lock_run_directory(run_dir)  # this process holds it already
+    del state_module._held_locks[run_dir.resolve()]  # as another process sees it
+    with pytest.raises(state_module.RunDirectoryLocked) as refused:
+        state_module.lock_run_directory(run_dir)
+    message = str(refused.value)
+    assert f"pid {os.getpid()} on host" in message and str(lock_file) in message and "No locks available" in message
+    assert "no longer runs on this host" not in message  # this process is alive
+    state_module._remove_lock_file(lock_file, lock_file.read_bytes())  # what exiting does
+    assert not lock_file.exists()
+
+
+def test_a_lock_file_left_by_a_killed_launch_is_named_stale(tmp_path, no_flock):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.lock.held").write_text(f"pid {dead_pid} on host {socket.gethostname()}, started yesterday\n")
+    with pytest.raises(state_module.RunDirectoryLocked, match=f"pid {dead_pid} no longer runs on this host") as error:
+        state_module.lock_run_directory(run_dir)
+    assert f"delete {run_dir.resolve() / 'run.lock.held'} and relaunch" in str(error.value)

@@ -249,3 +249,78 @@ def test_sliding_window_evaluation_equals_window_by_window_prediction():
     assert metrics["miou"] == pytest.approx(manual.compute()["miou"], abs=1e-12)
     whole = evaluate(model, val, NUM_CLASSES, batch_size=2)
     assert whole["miou"] != metrics["miou"]  # the windows really were used
+
+
+def _scaled_steps(optimizer, parameters, gradients):
+    """One GradScaler step per entry of ``gradients`` (``{parameter: gradient}`` each), as fp16 training does."""
+    scaler = torch.amp.GradScaler("cpu")
+    for step_gradients in gradients:
+        loss = sum((parameter * step_gradients[index]).sum() for index, parameter in enumerate(parameters))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return scaler
+
+
+def test_a_step_the_grad_scaler_skips_leaves_fused_sgd_as_plain_sgd():
+    """fp16: the first step has an inf gradient and is skipped, the second is normal; fused SGD's momentum must
+    not hold uninitialised memory after the skip (it did: non-finite weights)."""
+    torch.manual_seed(0)
+    reference = make_model()
+    generator = torch.Generator().manual_seed(1)
+    shapes = [parameter.shape for parameter in reference.parameters()]
+    normal = [torch.randn(shape, generator=generator) for shape in shapes]
+    overflow = [
+        torch.full(shape, float("inf")) if index == 0 else torch.zeros(shape) for index, shape in enumerate(shapes)
+    ]
+    results = []
+    for make_optimizer in (
+        lambda model: trainer_module.build_optimizer(model, 0.01),  # fused
+        lambda model: torch.optim.SGD(
+            model.optimizer_param_groups(0.01), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=False
+        ),
+    ):
+        model = make_model()
+        model.load_state_dict(reference.state_dict())
+        parameters = list(model.parameters())
+        scaler = _scaled_steps(make_optimizer(model), parameters, [overflow, normal])
+        assert scaler.get_scale() == 65536.0 / 2  # the skipped step halved the scale
+        results.append([parameter.detach().clone() for parameter in parameters])
+    fused, plain = results
+    for fused_parameter, plain_parameter in zip(fused, plain):
+        torch.testing.assert_close(fused_parameter, plain_parameter, rtol=0, atol=1e-7)
+
+
+def test_each_stage_starts_from_a_fresh_grad_scaler(tmp_path, fresh_accelerator):
+    """The loss scale where one stage ended (or its checkpoint restored) is not the next stage's start."""
+    accelerator = fresh_accelerator()
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 on a GPU has; accelerate refuses fp16 on a CPU
+    accelerator.scaler.load_state_dict(  # a stage that ended (or was resumed) at loss scale 8
+        {"scale": 8.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
+    )
+    hparams = StageHyperParameters(epochs=1, global_batch_size=2, base_lr=0.01, channels_last=False)
+    run = trainer_module._setup_stage(make_model, toy_set(4, 0), accelerator, tmp_path / "stage", hparams, 1)
+    assert accelerator.scaler.get_scale() == 65536.0
+    assert run.optimizer.scaler is accelerator.scaler  # the prepared optimizer steps through the new one
+
+
+def test_cudnn_benchmark_is_on_for_training_only(tmp_path, fresh_accelerator):
+    """Fixed-size training crops let cuDNN time its algorithms once; evaluation sees images of many sizes."""
+    seen = []
+
+    def recording_model():
+        model = make_model()
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append((module.training, torch.backends.cudnn.benchmark)),
+            with_kwargs=True,
+        )
+        return model
+
+    hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
+    train_stage(
+        recording_model, toy_set(4, 0), toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, 2
+    )
+    assert {benchmark for training, benchmark in seen if training} == {True}
+    assert {benchmark for training, benchmark in seen if not training} == {False}  # the evaluation's inference copy
+    assert not torch.backends.cudnn.benchmark  # restored

@@ -683,6 +683,7 @@ def resolve_run_config(
     if sync_bn and not several_cuda:
         warnings.warn("--sync_bn needs several CUDA GPUs: off", stacklevel=2)
         sync_bn = False
+    _check_batchnorm_batch(model.model, per_device, num_processes, accumulation, sync_bn)
     files = split_files(data) if data.data_root is not None else {"labeled": None, "unlabeled": None, "val": None}
     return RunConfig(
         dataset=dataset,
@@ -739,6 +740,23 @@ def _file_content(path: str) -> Optional[str]:
     names it where the file is read)."""
     path = os.path.expanduser(path)
     return sha256_file(path) if os.path.isfile(path) else None
+
+
+def _check_batchnorm_batch(model: str, per_device: int, num_processes: int, accumulation: int, sync_bn: bool) -> None:
+    """Refuse a batch that DeepLabV3+'s image-pooling BatchNorm cannot train on: it normalises a ``[batch, 256, 1, 1]``
+    map, so it needs at least two values per channel, i.e. two images per device, or SyncBatchNorm over several
+    CUDA GPUs (DeepLabV2 has BatchNorm on spatial maps only)."""
+    batchnorm_batch = per_device * (num_processes if sync_bn else 1)
+    if model != "deeplabv3plus" or batchnorm_batch >= 2:
+        return
+    raise ConfigError(
+        f"--per_device_batch_size 1 (global batch {per_device * num_processes * accumulation} = 1 per device x "
+        f"{num_processes} processes x {accumulation} --gradient_accumulation_steps) leaves DeepLabV3+'s ASPP "
+        "image-pooling BatchNorm one value per channel, which BatchNorm cannot train on. Give each device at least 2 "
+        "images: --per_device_batch_size 2, or a --global_batch_size that is at least 2 x processes x accumulation "
+        "steps, or fewer --gradient_accumulation_steps (e.g. one GPU, global batch 16: --gradient_accumulation_steps 8"
+        "); or use SyncBatchNorm over several CUDA GPUs (--sync_bn, on by default there), or --model deeplabv2"
+    )
 
 
 def _synthetic_settings(data: DataArguments) -> dict:

@@ -152,6 +152,11 @@ class RunLayout:
         return self.run_dir / "run.lock"
 
     @property
+    def lock_file(self) -> Path:
+        """The lock of a file system without ``flock``: it exists while a launch holds the run directory."""
+        return self.run_dir / "run.lock.held"
+
+    @property
     def unlabeled_source(self) -> Path:
         """How to load the run's unlabeled images again (for exporting the pseudo labels)."""
         return self.run_dir / "unlabeled_source.json"

@@ -10,9 +10,11 @@ relaunch skips exactly the stages whose outputs are intact and whose inputs are 
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -26,7 +28,8 @@ from .run_layout import RunLayout
 logger = get_logger(__name__)
 
 STATE_VERSION = 1
-_held_locks: dict[Path, int] = {}  # run directory -> open locked descriptor, held for the process lifetime
+# run directory -> open flock-ed descriptor (or the created lock file), held for the process lifetime
+_held_locks: dict[Path, int | Path] = {}
 
 
 class RunDirectoryLocked(RuntimeError):
@@ -37,7 +40,10 @@ def lock_run_directory(run_dir: str | os.PathLike) -> None:
     """Take the exclusive lock of ``run_dir`` for the rest of this process's life (again: no-op).
 
     ``run_dir/run.lock`` is ``flock``-ed (released by the kernel when the process ends, even on
-    ``kill -9``) and holds the holder's pid, host and start time, which the refusal names.
+    ``kill -9``) and holds the holder's pid, host and start time, which the refusal names. On a file system
+    without ``flock`` (Lustre mounted without ``-o flock``, NFS with ``nolock``) the lock is instead the file
+    ``run.lock.held``, created exclusively with the same line and removed when the process exits; a killed launch
+    leaves it behind, and the refusal then says so when it can tell (a pid that no longer runs on this host).
 
     Raises:
         RunDirectoryLocked: another process holds the lock.
@@ -57,11 +63,66 @@ def lock_run_directory(run_dir: str | os.PathLike) -> None:
             f"{run_dir} is in use by another launch ({holder}, see {path}); wait for it to end or stop it, "
             "or use another --output_dir"
         ) from None
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    holder = f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode("utf-8")
+    except OSError as error:  # ENOLCK, ENOSYS, EOPNOTSUPP: this file system has no flock
+        os.close(descriptor)
+        _held_locks[run_dir] = _create_lock_file(run_dir, error)
+        return
     os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, holder, 0)
+    os.pwrite(descriptor, _holder_line(), 0)
     _held_locks[run_dir] = descriptor
+
+
+def _holder_line() -> bytes:
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode("utf-8")
+
+
+def _create_lock_file(run_dir: Path, flock_error: OSError) -> Path:
+    """Take the lock of ``run_dir`` as the exclusively created ``run.lock.held``; removed at exit."""
+    path = RunLayout(run_dir).lock_file
+    holder = _holder_line()
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        text = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
+        match = re.match(r"pid (\d+) on host (\S+),", text)
+        stale = match is not None and match[2] == socket.gethostname() and not _process_exists(int(match[1]))
+        state = (
+            f"pid {match[1]} no longer runs on this host, so the file is stale"
+            if stale
+            else "if that process no longer runs (a killed launch leaves the file behind), the file is stale"
+        )
+        raise RunDirectoryLocked(
+            f"{run_dir} is in use by another launch ({text}, see {path}; this file system has no flock: "
+            f"{flock_error.strerror}); {state}: delete {path} and relaunch; otherwise wait "
+            "for that launch to end or stop it, or use another --output_dir"
+        ) from None
+    try:
+        os.write(descriptor, holder)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    atexit.register(_remove_lock_file, path, holder)
+    logger.warning("%s: no flock on this file system (%s): locked by creating %s", run_dir, flock_error.strerror, path)
+    return path
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_lock_file(path: Path, holder: bytes) -> None:
+    try:
+        if path.read_bytes() == holder:  # still ours
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def artefact_checksums(run_dir: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> dict[str, str]:

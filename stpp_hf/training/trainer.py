@@ -47,6 +47,7 @@ from ..file_io import (
 from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
+from .backends import cudnn_benchmark
 from .divergence import DIVERGENCE_ADVICE, NonFiniteError, describe_nonfinite, nonfinite_tensors
 from .evaluation import evaluate
 from .inference import pins_memory
@@ -115,11 +116,29 @@ def build_optimizer(model: torch.nn.Module, lr: float, fused: bool = True) -> to
     """SGD (momentum 0.9, wd 1e-4) over ``model.optimizer_param_groups(lr)`` (backbone lr, head x10).
 
     ``fused`` uses the single-kernel SGD update (the same update rule as the per-parameter loop, fewer kernels).
+    The momentum buffers start at zero (in each parameter's memory layout) instead of at the first step: fused SGD
+    allocates them uninitialised and, when a GradScaler skips that step for inf / nan gradients, returns before
+    writing them, so the next step would add that memory to the weights. From zero the first step's buffer is the
+    gradient itself, as the lazy start makes it.
     """
     groups = model.optimizer_param_groups(lr)
     for group in groups:
         group["initial_lr"] = group["lr"]
-    return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    return optimizer
+
+
+def fresh_grad_scaler(accelerator: Accelerator) -> None:
+    """Give ``accelerator`` (fp16) a new GradScaler of the same kind, so a stage starts from the initial loss scale
+    and not from where the previous stage's scaler ended; the stage's checkpoint then saves and restores its own."""
+    if accelerator.scaler is None:
+        return
+    handler = accelerator.scaler_handler
+    kwargs = handler.to_kwargs() if handler is not None else {}
+    accelerator.scaler = type(accelerator.scaler)(accelerator.device.type, **kwargs)
 
 
 def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +288,8 @@ def train_stage(
     progress = _progress(accelerator, total=run.total_steps, initial=run.step, desc=run.stage_dir.name)
     with stop_at_step_boundaries():
         while run.epoch < hparams.epochs:
-            loss = _train_epoch(run, progress, log_prefix)
+            with cudnn_benchmark(True):  # fixed-size crops: cuDNN's fastest algorithms, timed once; evaluation: off
+                loss = _train_epoch(run, progress, log_prefix)
             unwrapped = accelerator.unwrap_model(run.model)
             metrics = _validate(run, unwrapped, val_dataset, num_classes, class_names)
             # after _validate's broadcast of the BatchNorm buffers: every process checks what the main one saves
@@ -325,6 +345,7 @@ def _setup_stage(
         )
     lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
     optimizer = build_optimizer(model, lr)
+    fresh_grad_scaler(accelerator)  # before prepare: the prepared optimizer steps through it
     pin_memory = pins_memory(accelerator.device)
     loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers, pin_memory)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
