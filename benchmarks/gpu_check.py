@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One command for a GPU session (sized for under 8 minutes on one CUDA GPU), whose numbers can be trusted:
+"""One command for a machine with a CUDA GPU (sized for under 8 minutes on one CUDA GPU), whose numbers can be trusted:
 every timing follows warm-up passes, each part runs on its own (one that fails is reported and the others still
 run), and every figure is printed with the hardware beside it and written to a JSON file as the parts finish.
 
@@ -35,16 +35,19 @@ import datetime
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench_recipe import reference_tta_label, smooth_images
 from bench_training import synchronize
 from hardware import beside, hardware, print_hardware
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the TF32 emulation the tests use too
+from tf32_emulation import emulated_tf32_convolutions  # noqa: E402
 
 from stpp_hf import build_model
 from stpp_hf.file_io import atomic_write_json
@@ -59,7 +62,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # training rows: (name, fp32 convolution / matmul precision, autocast dtype); None: the device's default
 TRAINING_PRECISIONS = (("fp32", "ieee", None), ("tf32", "tf32", None), ("bf16", None, "bf16"), ("fp16", None, "fp16"))
 NUM_LABELS = 21
-TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, TF32 10
 
 
 def recipe(tiny: bool) -> dict:
@@ -72,36 +74,6 @@ def recipe(tiny: bool) -> dict:
 
 
 # ---- fp32 precision: CUDA's settings, or TF32 emulated on a CPU ---------------------------------------------
-
-
-def round_to_tf32(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (float32) rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (as CUDA's
-    float-to-TF32 conversion); the exponent range is fp32's."""
-    bits = tensor.contiguous().view(torch.int32)
-    half = 1 << (TF32_DROPPED_BITS - 1)
-    return ((bits + half) & -(1 << TF32_DROPPED_BITS)).view(torch.float32)
-
-
-@contextlib.contextmanager
-def emulated_tf32():
-    """Inside: every fp32 ``F.conv2d`` outside autocast (``nn.Conv2d`` calls it) sees its input and weight rounded
-    to TF32, as cuDNN's TF32 convolutions do; gradients pass the rounding unchanged and the backward convolutions
-    stay fp32."""
-    exact = F.conv2d
-
-    def rounded(tensor):
-        return tensor + (round_to_tf32(tensor.detach()) - tensor).detach()
-
-    def conv2d(input, weight, *args, **kwargs):
-        if input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(input.device.type):
-            input, weight = rounded(input), rounded(weight)
-        return exact(input, weight, *args, **kwargs)
-
-    F.conv2d = conv2d
-    try:
-        yield
-    finally:
-        F.conv2d = exact
 
 
 @contextlib.contextmanager
@@ -122,7 +94,10 @@ def fp32_precision(device: torch.device, mode: str | None, emulate_default: bool
             for setting, value in zip(settings, before):
                 setting.fp32_precision = value
         return
-    with emulated_tf32() if mode == "tf32" or (mode is None and emulate_default) else contextlib.nullcontext():
+    # the emulation rounds while cuDNN's fp32 precision says "tf32" (the default): the folding check's full-fp32
+    # probes switch it to "ieee", as on CUDA
+    emulate = mode == "tf32" or (mode is None and emulate_default)
+    with emulated_tf32_convolutions() if emulate else contextlib.nullcontext():
         yield
 
 

@@ -24,13 +24,21 @@ def round_to_tf32(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def emulated_tf32_convolutions():
-    """Inside the block, fp32 ``F.conv2d`` calls round their input and weight to TF32 while cuDNN's fp32
-    convolution precision is ``"tf32"``, as CUDA does."""
+    """Inside the block, fp32 ``F.conv2d`` calls outside autocast (``nn.Conv2d`` calls it) round their input and
+    weight to TF32 while cuDNN's fp32 convolution precision is ``"tf32"``, as CUDA does. The rounding is
+    straight-through for autograd (gradients pass it unchanged; the backward convolutions stay fp32), so training
+    steps can run under it too."""
     original = F.conv2d
 
+    def rounded(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.requires_grad:
+            return round_to_tf32(tensor)
+        return tensor + (round_to_tf32(tensor.detach()) - tensor).detach()  # exact: the difference is representable
+
     def conv2d(input, weight, *args, **kwargs):
-        if input.dtype == torch.float32 and torch.backends.cudnn.conv.fp32_precision == "tf32":
-            input, weight = round_to_tf32(input), round_to_tf32(weight)
+        emulate = input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(input.device.type)
+        if emulate and torch.backends.cudnn.conv.fp32_precision == "tf32":
+            input, weight = rounded(input), rounded(weight)
         return original(input, weight, *args, **kwargs)
 
     F.conv2d = conv2d
