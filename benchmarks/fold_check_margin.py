@@ -17,20 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import trained_looking_batchnorm  # noqa: E402
 from tf32_emulation import emulated_tf32_convolutions  # noqa: E402
 
 from stpp_hf import build_model  # noqa: E402
 from stpp_hf.training.inference import FOLD_RTOL, fold_batchnorm, to_device_images  # noqa: E402
-
-
-def spread_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            size = module.num_features
-            module.running_mean.copy_(0.5 * torch.randn(size, generator=generator))
-            module.running_var.copy_(torch.randn(size, generator=generator).exp())
-            module.weight.data.copy_(0.1 + 1.5 * torch.rand(size, generator=generator))
-            module.bias.data.copy_(0.3 * torch.randn(size, generator=generator))
 
 
 @torch.no_grad()
@@ -44,8 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model("deeplabv3plus", backbone=args.backbone, output_stride=args.output_stride, num_labels=21)
-    spread_batchnorm(model, generator)
-    model.eval()
+    trained_looking_batchnorm(model, generator=generator)
     image = to_device_images(torch.randn(1, 3, args.size, args.size, generator=generator), torch.device("cpu"))
     folded = fold_batchnorm(model, image)  # checked in full fp32
     for name, precision in (("fp32", contextlib.nullcontext), ("TF32 (emulated)", emulated_tf32_convolutions)):

@@ -180,3 +180,17 @@ class FakeShardAccelerator:
 
     def autocast(self):  # what Accelerator(mixed_precision=...).autocast() does on CPU
         return torch.autocast("cpu", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+
+def trained_looking_batchnorm(model, seed=0, generator=None):
+    """Running statistics and affine parameters spread as in a trained network (a random init has mean 0, var 1),
+    drawn from ``generator`` (else one seeded with ``seed``); ``model`` in eval mode."""
+    generator = torch.Generator().manual_seed(seed) if generator is None else generator
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(0.5 * torch.randn(size, generator=generator))
+            module.running_var.copy_(torch.randn(size, generator=generator).exp())
+            module.weight.data.copy_(0.1 + 1.5 * torch.rand(size, generator=generator))
+            module.bias.data.copy_(0.3 * torch.randn(size, generator=generator))
+    return model.eval()

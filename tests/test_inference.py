@@ -3,24 +3,11 @@
 
 import pytest
 import torch
-from helpers import tiny_deeplab
+from helpers import tiny_deeplab, trained_looking_batchnorm
 from tf32_emulation import emulated_tf32_convolutions
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from stpp_hf.training.inference import fold_batchnorm, inference_model, to_device_images
-
-
-def trained_looking_batchnorm(model, seed=0):
-    """Running statistics and affine parameters spread as in a trained network (a random init has mean 0, var 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            size = module.num_features
-            module.running_mean.copy_(0.5 * torch.randn(size, generator=generator))
-            module.running_var.copy_(torch.randn(size, generator=generator).exp())
-            module.weight.data.copy_(0.1 + 1.5 * torch.rand(size, generator=generator))
-            module.bias.data.copy_(0.3 * torch.randn(size, generator=generator))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
