@@ -111,7 +111,7 @@ def test_a_hub_tag_downloads_once_then_loads_offline_from_the_cache(served, tmp_
     # offline with an empty cache: say how to get the weights, or which file to pass
     use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "empty_cache", offline=True)
     with pytest.raises(
-        FileNotFoundError, match=rf"`hf download {TAG_REPO}`.*--backbone_weights path/to/resnet18\.pth"
+        FileNotFoundError, match=rf"`hf download {TAG_REPO}`.*--backbone_weights path/to/resnet18\.safetensors"
     ):
         load_backbone_weights(build_model("deeplabv2", backbone="resnet18", num_labels=3), "tv_in1k")
 

@@ -95,7 +95,8 @@ def copy_run(finished_run, tmp_path):
 def test_the_run_directory_holds_what_run_layout_names_and_results_json_its_results(finished_run):
     run_dir, results = finished_run
     layout = RunLayout(run_dir)
-    expected = {layout.results, layout.state, layout.lock, layout.final}
+    expected = {layout.results, layout.state, layout.lock, layout.final, *layout.figures().values()}
+    expected |= {layout.label_next_csv, layout.label_next_figure}  # ST++: the images to annotate next
     for index, stage in enumerate(build_stages("stpp")):
         files = layout.stage(index, stage)
         if stage.kind == "train":
