@@ -46,7 +46,7 @@ from .divergence import NonFiniteError
 from .heartbeat import start_heartbeat
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .precision import gather_precision_decision
-from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, install_stop_handlers
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, stop_handlers
 from .pseudo_label_export import record_unlabeled_source
 from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
@@ -407,9 +407,9 @@ def console_main() -> None:
     """The ``stpp-train`` console script: a bad option or a diverged training is one line that names it, not a
     traceback; a stop signal saves, prints one line and exits with :data:`PREEMPTED_EXIT_CODE`."""
     exit_with_launcher()
-    install_stop_handlers()
     try:
-        sys.exit(main())
+        with stop_handlers():
+            sys.exit(main())
     except (ConfigError, NonFiniteError) as error:
         sys.exit(f"stpp-train: error: {error}")
     except Preempted as stop:

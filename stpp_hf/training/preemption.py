@@ -50,10 +50,17 @@ def _on_stop_signal(signal_number: int, frame) -> None:
         raise Preempted(f"stopped by {signal_name(signal_number)}")
 
 
-def install_stop_handlers() -> None:
-    """Handle :data:`STOP_SIGNALS` as the module docstring says (call from the main thread of the entry point)."""
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, _on_stop_signal)
+@contextlib.contextmanager
+def stop_handlers():
+    """Inside, :data:`STOP_SIGNALS` are handled as the module docstring says (enter from the main thread of the
+    entry point); the handlers before are put back on leaving, so a caller in the same process is not left with
+    them."""
+    before = {stop_signal: signal.signal(stop_signal, _on_stop_signal) for stop_signal in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop_signal, handler in before.items():
+            signal.signal(stop_signal, handler)
 
 
 def signal_name(signal_number: int) -> str:
