@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from stpp_hf import build_model
@@ -194,3 +196,17 @@ def trained_looking_batchnorm(model, seed=0, generator=None):
             module.weight.data.copy_(0.1 + 1.5 * torch.rand(size, generator=generator))
             module.bias.data.copy_(0.3 * torch.randn(size, generator=generator))
     return model.eval()
+
+
+def wait_for(process, condition, timeout: float, point: str = "the signal point") -> None:
+    """Poll ``condition()`` until it holds; fails if ``process`` (a launched run, stdout piped) ends first or
+    ``timeout`` seconds pass (then the run is killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {point}:\n{process.stdout.read()[-3000:]}")
+        time.sleep(0.01)
+    process.kill()
+    pytest.fail(f"{point} not reached in time")

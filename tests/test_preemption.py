@@ -6,11 +6,10 @@ import json
 import signal
 import stat
 import subprocess
-import time
 
 import psutil
 import pytest
-from helpers import REPO, assert_ok, run_script, script_command
+from helpers import REPO, assert_ok, run_script, script_command, wait_for
 from safetensors.torch import load_file
 
 from stpp_hf.file_io import current_umask
@@ -23,19 +22,6 @@ ARGS = ["--epochs", "2", "--synthetic_num_unlabeled", "16", "--inference_batch_s
 def launch(run_dir, *extra, processes=1):
     command, env = script_command(run_dir, *ARGS, *extra, processes=processes)
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(process, condition, timeout=600):
-    """Poll ``condition()`` until it holds; fails if ``process`` ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before the signal point:\n{process.stdout.read()[-3000:]}")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail("signal point not reached in time")
 
 
 def trainer_state(run_dir):
@@ -88,7 +74,7 @@ def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     # 1) SIGTERM inside SupOnly's second epoch: a step checkpoint, one line, the requeue exit code
     process = launch(stopped, "--framework", "st", "--save_steps", "1")
-    wait_for(process, lambda: in_second_epoch(stopped))
+    wait_for(process, lambda: in_second_epoch(stopped), timeout=600)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
@@ -96,7 +82,7 @@ def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume
     assert "Traceback" not in output
     # 2) relaunch (no --save_steps: it does not change results); SIGTERM while the pseudo labels are written
     process = launch(stopped, "--framework", "st")
-    wait_for(process, lambda: any((stopped / "pseudo_labels").glob("label_all-*/labels/*.png")))
+    wait_for(process, lambda: any((stopped / "pseudo_labels").glob("label_all-*/labels/*.png")), timeout=600)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
@@ -120,7 +106,7 @@ def test_sigterm_mid_epoch_and_in_labeling_exit_with_the_requeue_code_and_resume
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes_to_the_same_run(tmp_path):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     process = launch(stopped, "--framework", "suponly", "--save_steps", "1", processes=2)
-    wait_for(process, lambda: in_second_epoch(stopped))
+    wait_for(process, lambda: in_second_epoch(stopped), timeout=600)
     (rank_1,) = [worker for worker in workers(process) if worker.environ().get("RANK") == "1"]
     rank_1.send_signal(signal.SIGTERM)  # rank 0 learns of it through the all-reduce at the next step boundary
     output = process.communicate(timeout=300)[0]
@@ -140,7 +126,9 @@ def test_killing_the_launcher_ends_its_workers(tmp_path):
     run_dir = tmp_path / "run"
     process = launch(run_dir, "--framework", "suponly", "--epochs", "40", processes=2)
     try:
-        wait_for(process, lambda: len(workers(process)) == 2 and (run_dir / "stages" / "1-suponly").is_dir())
+        wait_for(
+            process, lambda: len(workers(process)) == 2 and (run_dir / "stages" / "1-suponly").is_dir(), timeout=600
+        )
         launched = workers(process)
         process.kill()  # SIGKILL: the launcher cannot forward anything
         process.wait()

@@ -3,10 +3,9 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
-from helpers import REPO, SCRIPT, TINY_ARGS, assert_ok, run_script, script_env
+from helpers import REPO, SCRIPT, TINY_ARGS, assert_ok, run_script, script_env, wait_for
 from safetensors.torch import load_file
 
 # more unlabeled images, labeled one at a time, so the labeling stages last long enough to be hit
@@ -27,17 +26,9 @@ def launch(run_dir):
 
 def kill_when(process, condition, timeout=240):
     """SIGKILL ``process`` as soon as ``condition()`` holds; fails if it ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            process.kill()
-            process.wait()
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before the kill point:\n{process.stdout.read()[-3000:]}")
-        time.sleep(0.01)
+    wait_for(process, condition, timeout, point="the kill point")
     process.kill()
-    pytest.fail("kill point not reached in time")
+    process.wait()
 
 
 def labeling_in_progress(run_dir):
