@@ -92,6 +92,7 @@ class JsonRecord:
     def from_json(cls, data: Any, source: str | os.PathLike = "JSON", where: str | None = None):
         """The record of the parsed JSON ``data``; errors name ``source`` (the file) and ``where`` in it (the field
         path of this record, ``RECORD_NAME`` by default)."""
+        prefix = "" if where is None else f"{where}."  # a nested record's fields are named from the top
         where = where or cls.RECORD_NAME
         if not isinstance(data, dict):
             raise ValueError(f"{source}: {where} must be an object, got {type(data).__name__}")
@@ -104,7 +105,7 @@ class JsonRecord:
         values, extra = {}, {}
         for name, value in data.items():
             if name in known:
-                values[name] = cls._field_from_json(known[name], value, name in required, source, where)
+                values[name] = cls._field_from_json(known[name], value, name in required, source, where, prefix)
             elif cls.EXTRA_FIELD is not None:
                 extra[name] = value
             else:
@@ -114,18 +115,21 @@ class JsonRecord:
         return cls(**values)
 
     @classmethod
-    def _field_from_json(cls, item: dataclasses.Field, value: Any, required: bool, source, where: str) -> Any:
+    def _field_from_json(
+        cls, item: dataclasses.Field, value: Any, required: bool, source, where: str, prefix: str
+    ) -> Any:
+        path = prefix + item.name
         records = _records_in(item.type)
         if records and isinstance(value, dict):
-            return records[0].from_json(value, source, item.name)
+            return records[0].from_json(value, source, path)
         if typing.get_origin(item.type) is tuple and isinstance(value, list):
             (element,) = _records_in(typing.get_args(item.type)[0]) or (None,)
             if element is not None:
-                return tuple(element.from_json(entry, source, f"{item.name}[{i}]") for i, entry in enumerate(value))
+                return tuple(element.from_json(entry, source, f"{path}[{i}]") for i, entry in enumerate(value))
             value = tuple(value)
         schema = item.metadata.get("schema")
         if schema is not None and value is not None:
-            schema.from_json(value, source, item.name)
+            schema.from_json(value, source, path)
         # a required field is never null; then the field's strict validators (its type's first), as construction
         try:
             if value is None and required:
