@@ -126,7 +126,6 @@ class JsonRecord:
             (element,) = _records_in(typing.get_args(item.type)[0]) or (None,)
             if element is not None:
                 return tuple(element.from_json(entry, source, f"{path}[{i}]") for i, entry in enumerate(value))
-            value = tuple(value)
         schema = item.metadata.get("schema")
         if schema is not None and value is not None:
             schema.from_json(value, source, path)
