@@ -92,7 +92,8 @@ def test_a_state_file_of_the_previous_version_loads_and_is_written_back_byte_for
 def test_a_trainer_state_of_the_previous_version_reads_back_and_is_written_the_same(tmp_path, in_progress):
     # the dict the previous version's trainer wrote with atomic_write_json (a step checkpoint: epoch_in_progress)
     old = {"epoch": 2, "best_miou": 0.25, "best_epoch": 1, "history": [{"epoch": 1, "loss": 1.5, "val_miou": 0.25}],
-           "best_metrics": {"miou": 0.25, "per_class_iou": {"background": 0.5, "disc": None}}, "inputs": {"ids": "1"}}  # fmt: skip
+           "best_metrics": {"miou": 0.25, "per_class_iou": {"background": 0.5, "disc": None}},
+           "inputs": {"ids": "1"}}  # fmt: skip
     if in_progress:
         old["epoch_in_progress"] = {"epoch_step": 3, "interval_steps": 1, "loss_sums": [0.5, 1], "epoch_loss_sum": 2}
     atomic_write_json(tmp_path / "old.json", old)
@@ -157,7 +158,7 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
         ('{"run_config": {}, "stages": {}}', r"state lacks the field\(s\) \['version'\]"),
         (
             '{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}',
-            r"field stages\['select'\].artefacts must be an object of \{path: SHA-256 string\}.*record of stage 'select'",
+            r"stages\['select'\].artefacts must be an object of \{path: SHA-256 string\}.*record of stage 'select'",
         ),
     ],
 )
