@@ -40,10 +40,18 @@ def pipeline_results() -> dict:
     }  # fmt: skip
 
 
+PRECISION = {"mixed_precision": "bf16", "native": False, "allow_emulated": True,
+             "devices": [{"processes": [0, 1], "kind": "cpu", "name": "AMD EPYC", "native": {"bf16": False},
+                          "cpu_capability": "AVX2"}]}  # fmt: skip
+
+
 def test_results_read_back_field_for_field_and_in_file_order():
-    data = pipeline_results()
+    data = {}  # precision after hub_dataset, where the pipeline writes it
+    for key, value in pipeline_results().items():
+        data.update({key: value, "precision": PRECISION} if key == "hub_dataset" else {key: value})
     results = RunResults.from_json(copy.deepcopy(data))
     assert json.dumps(results.to_json()) == json.dumps(data)  # same fields, values and order
+    assert results.precision == PRECISION  # kept as the JSON object it is, device facts included
     assert results.stages[1].teacher_miou == {"reliable": 0.6, "unreliable": 0.4}
     assert results.final.model_dir == "final" and results.extra == {"notes": "extra metadata is kept"}
     assert [index for index, _ in results.training_stages()] == [0, 3, 5]
@@ -52,7 +60,7 @@ def test_results_read_back_field_for_field_and_in_file_order():
 
 def test_a_minimal_hand_written_results_file_reads_back():
     # what a reader needs of each kind of stage, and nothing else (as the Hub tests write it)
-    data = {key: pipeline_results()[key] for key in RunResults.REQUIRED}
+    data = {key: pipeline_results()[key] for key in RunResults.required_fields({})}
     data["stages"] = [
         {"name": "suponly", "kind": "train", "val_miou": 0.4, "per_class_iou": {}, "model_dir": "m"},
         {"name": "select", "kind": "select", "num_reliable": 1, "num_unreliable": 2},
@@ -82,6 +90,12 @@ def test_a_run_without_metadata_leaves_the_description_out():
         (lambda data: data["stages"][0].update(val_mIoU=0.5), r"stages\[0\] has the unknown field 'val_mIoU'"),
         (lambda data: data.update(num_labeled="3"), r"field results.num_labeled must be an integer"),
         (lambda data: data.update(backbone_weights="tv_in1k"), "backbone_weights must be the dict of describe_"),
+        (
+            lambda data: data.update(precision={**PRECISION, "devices": [{"processes": [0], "kind": "cpu"}]}),
+            r"precision.devices\[0\] lacks the field\(s\) \['name', 'native'\]",
+        ),
+        (lambda data: data.update(precision={**PRECISION, "native": "yes"}), r"field precision.native must be true"),
+        (lambda data: data.update(precision={**PRECISION, "verdict": 1}), "precision has the unknown field 'verdict'"),
     ],
 )
 def test_a_bad_results_file_is_refused_naming_the_file_and_the_field(tmp_path, damage, message):

@@ -17,7 +17,7 @@ from stpp_hf.file_io import (
 from stpp_hf.training import state as state_module
 from stpp_hf.training.recipe import poly_factor, scaled_lr
 from stpp_hf.training.stages import build_stages, snapshot_epochs, stage_dir_name
-from stpp_hf.training.state import RunState
+from stpp_hf.training.state import RunState, TrainerState
 
 
 def test_stage_sequences_follow_the_spec():
@@ -69,6 +69,61 @@ def test_run_state_records_checksums_and_detects_changes(tmp_path):
         state.mark_done("x", ["missing.txt"], {})
 
 
+def test_a_state_file_of_the_previous_version_loads_and_is_written_back_byte_for_byte(tmp_path):
+    # as the previous version wrote it (atomic_write_json of plain dicts), and the oldest record without "inputs"
+    (tmp_path / "ids.txt").write_text("a\n")
+    checksum = "87428fc522803d31065e7bce3cf03fe475096631e5e07bbd7a0fde60c4cf25c7"  # sha256 of "a\n"
+    stages = {
+        "suponly": {"artefacts": {"ids.txt": checksum}, "inputs": {"ids": "1" * 64}, "summary": {"val_miou": 0.5}},
+        "select": {"artefacts": {"ids.txt": checksum}, "summary": {"num_reliable": 1}},
+    }
+    old = {"version": 1, "run_config": {"framework": "stpp", "epochs": 3}, "stages": stages}
+    atomic_write_json(tmp_path / "state.json", old)
+    state = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    assert state.is_done("suponly", {"ids": "1" * 64}) and state.is_done("select", {})
+    assert state.summary("select") == {"num_reliable": 1}
+    state.save()  # the same file, the oldest record now with its (empty) inputs
+    stages["select"] = {"artefacts": {"ids.txt": checksum}, "inputs": {}, "summary": {"num_reliable": 1}}
+    atomic_write_json(tmp_path / "expected.json", old)
+    assert (tmp_path / "state.json").read_bytes() == (tmp_path / "expected.json").read_bytes()
+
+
+@pytest.mark.parametrize("in_progress", [False, True])
+def test_a_trainer_state_of_the_previous_version_reads_back_and_is_written_the_same(tmp_path, in_progress):
+    # the dict the previous version's trainer wrote with atomic_write_json (a step checkpoint: epoch_in_progress)
+    old = {"epoch": 2, "best_miou": 0.25, "best_epoch": 1, "history": [{"epoch": 1, "loss": 1.5, "val_miou": 0.25}],
+           "best_metrics": {"miou": 0.25, "per_class_iou": {"background": 0.5, "disc": None}},
+           "inputs": {"ids": "1"}}  # fmt: skip
+    if in_progress:
+        old["epoch_in_progress"] = {"epoch_step": 3, "interval_steps": 1, "loss_sums": [0.5, 1], "epoch_loss_sum": 2}
+    atomic_write_json(tmp_path / "old.json", old)
+    saved = TrainerState.read(tmp_path / "old.json")
+    assert saved.best_miou == 0.25 and saved.history == old["history"]
+    assert (saved.epoch_in_progress.loss_sums == [0.5, 1]) if in_progress else saved.epoch_in_progress is None
+    saved.write(tmp_path / "new.json")
+    assert (tmp_path / "new.json").read_bytes() == (tmp_path / "old.json").read_bytes()
+    del old["inputs"]  # the oldest checkpoints: no inputs recorded
+    assert TrainerState.from_json(old).inputs == {}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data.update(epoch=2.0), r"field trainer_state.epoch must be an integer, got 2.0"),
+        (lambda data: data.update(best_miou=None), r"field trainer_state.best_miou must be a number, got None"),
+        (lambda data: data.update(epoch_in_progress={"epoch_step": 1}), r"epoch_in_progress lacks the field\(s\)"),
+        (lambda data: data.update(step=4), r"trainer_state has the unknown field 'step'"),
+    ],
+)
+def test_a_damaged_trainer_state_names_the_file_the_field_and_what_to_do(tmp_path, damage, message):
+    data = {"epoch": 2, "best_miou": 0.25, "best_epoch": 1, "history": [], "best_metrics": {}, "inputs": {}}
+    damage(data)
+    atomic_write_json(tmp_path / "trainer_state.json", data)
+    with pytest.raises(ValueError, match=f"{message}.*; delete it") as error:
+        TrainerState.read(tmp_path / "trainer_state.json", "delete it")
+    assert str(tmp_path / "trainer_state.json") in str(error.value)
+
+
 def test_corrupt_state_file_is_reported(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="state.json"):
@@ -97,12 +152,13 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("[1, 2]", "is not a run state"),
-        ('{"version": 1, "run_config": [], "stages": {}}', "is not a run state"),
-        ('{"version": 1, "run_config": {}, "stages": []}', "'stages' must be an object"),
+        ("[1, 2]", "state must be an object, got list"),
+        ('{"version": 1, "run_config": [], "stages": {}}', r"field state.run_config must be an object, got \[\]"),
+        ('{"version": 1, "run_config": {}, "stages": []}', r"field state.stages must be an object, got \[\]"),
+        ('{"run_config": {}, "stages": {}}', r"state lacks the field\(s\) \['version'\]"),
         (
             '{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}',
-            "record of stage 'select'",
+            r"stages\['select'\].artefacts must be an object of \{path: SHA-256 string\}.*record of stage 'select'",
         ),
     ],
 )

@@ -492,7 +492,7 @@ class _Run:
                 )
             else:
                 entry = {"name": stage.name, "kind": stage.kind, **summary}
-                stages.append(StageSummary.from_json(entry, f"the summary of stage {stage.name!r}", self.state.path))
+                stages.append(StageSummary.from_json(entry, self.state.path, f"the summary of stage {stage.name!r}"))
         pseudo = {
             stage.subset: self.state.summary(stage.name)["pseudo_label_miou"]
             for stage in self.stages

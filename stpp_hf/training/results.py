@@ -6,58 +6,52 @@ missing field or a value of the wrong type with an error that names the file and
 ARCHITECTURE.md). :func:`results_table` is the closing table of ``stpp-train``.
 """
 
-from __future__ import annotations
-
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
-from ..file_io import atomic_write_json, parse_json
+from huggingface_hub.dataclasses import strict
+
+from ..records import JsonRecord
 from .run_layout import RunLayout
 
-_NUMBER = (int, float)
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true / false", dict: "an object",
-               list: "a list", type(None): "null"}  # fmt: skip
-# fields whose expected value needs more words than its JSON type
-_EXPECTED = {"backbone_weights": "the dict of describe_backbone_weights (spec, kind, hub_id, path)"}
-# the ``precision`` record (PrecisionDecision.to_json): the verdict and each distinct device of the run
-PRECISION_TYPES = {"mixed_precision": (str,), "native": (bool,), "allow_emulated": (bool,), "devices": (list,)}
-PRECISION_DEVICE_TYPES = {"processes": (list,), "kind": (str,), "name": (str,), "native": (dict,), "*": ()}
+
+def _description(default=None, **metadata):
+    """A field of what a run says of itself (``RunSettings.metadata``)."""
+    return field(default=default, metadata={"description": True, **metadata})
 
 
-def _check_fields(
-    data: Any, types: Mapping[str, tuple[type, ...]], required: tuple[str, ...], where: str, source: str
-) -> dict:
-    """The entries of the JSON object ``data`` named in ``types``, each checked against its allowed types.
+@strict
+@dataclass(kw_only=True)
+class PrecisionDevice(JsonRecord):
+    """One distinct device of the ``precision`` record (``DeviceFacts.to_json``); its further facts are kept."""
 
-    Raises:
-        ValueError: ``data`` is not an object, lacks a ``required`` field, holds a field of another type, or
-            (``types`` without ``"*"``) a field not in ``types``; the message names ``source`` and ``where``.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: {where} must be an object, got {type(data).__name__}")
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ValueError(f"{source}: {where} lacks the field(s) {missing}")
-    for name, value in data.items():
-        if name not in types:
-            if "*" in types:
-                continue
-            raise ValueError(f"{source}: {where} has the unknown field {name!r} (known: {sorted(types)})")
-        allowed = types[name]
-        # JSON true / false are Python bools, which are ints too: a number field must not take one
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = [_TYPE_NAMES[kind] for kind in allowed if not (kind is int and float in allowed)]
-            expected = _EXPECTED.get(name, " or ".join(names))
-            raise ValueError(f"{source}: field {where}.{name} must be {expected}, got {value!r}")
-    return {name: data[name] for name in types if name in data}
+    processes: list
+    kind: str
+    name: str
+    native: dict
+    facts: dict = field(default_factory=dict)
+
+    EXTRA_FIELD = "facts"
 
 
-@dataclass(frozen=True)
-class StageSummary:
+@strict
+@dataclass(kw_only=True)
+class PrecisionRecord(JsonRecord):
+    """The schema of ``results.json``'s ``precision`` (``PrecisionDecision.to_json``): the verdict and each distinct
+    device of the run; the results keep it as the JSON object it is."""
+
+    mixed_precision: str
+    native: bool
+    allow_emulated: bool
+    devices: tuple[PrecisionDevice, ...]
+
+
+@strict
+@dataclass(kw_only=True)
+class StageSummary(JsonRecord):
     """One stage's entry in ``results.json``; which fields it has depends on ``kind``.
 
     train: ``val_miou`` (best epoch), ``per_class_iou`` ({class name: IoU or None for a class val lacks}),
@@ -70,24 +64,25 @@ class StageSummary:
     """
 
     name: str
-    kind: str
-    val_miou: float | None = None
-    per_class_iou: dict[str, float | None] | None = None
+    kind: Literal["train", "select", "label"]
+    val_miou: float | int | None = None
+    per_class_iou: dict | None = None
     best_epoch: int | None = None
     model_dir: str | None = None
-    history: list[dict] | None = None
+    history: list | None = None
     num_reliable: int | None = None
     num_unreliable: int | None = None
-    teacher_miou: dict[str, float] | None = None
+    teacher_miou: dict | None = None
     figure: str | None = None
     subset: str | None = None
     num_images: int | None = None
-    pseudo_label_miou: float | None = None
+    pseudo_label_miou: float | int | None = None
     teacher: str | None = None
     store_dir: str | None = None
-    confusion_matrix: list[list[int]] | None = None
+    confusion_matrix: list | None = None
 
-    # each kind's fields in file order, and those a reader cannot do without
+    RECORD_NAME = "stage"
+    # each kind's fields in file order, and those a reader cannot do without (a field no kind requires may be null)
     KIND_FIELDS = {
         "train": ("val_miou", "per_class_iou", "best_epoch", "model_dir", "history"),
         "select": ("num_reliable", "num_unreliable", "teacher_miou", "figure"),
@@ -98,13 +93,10 @@ class StageSummary:
         "select": ("num_reliable", "num_unreliable"),
         "label": ("num_images",),
     }
-    # a field that the stage's kind does not require may also be null
-    TYPES = {
-        "name": (str,), "kind": (str,), "val_miou": _NUMBER, "per_class_iou": (dict,), "best_epoch": (int,),
-        "model_dir": (str,), "history": (list,), "num_reliable": (int,), "num_unreliable": (int,),
-        "teacher_miou": (dict,), "figure": (str,), "subset": (str,), "num_images": (int,),
-        "pseudo_label_miou": _NUMBER, "teacher": (str,), "store_dir": (str,), "confusion_matrix": (list,),
-    }  # fmt: skip
+
+    @classmethod
+    def required_fields(cls, data: dict) -> tuple[str, ...]:
+        return ("name", "kind", *cls.REQUIRED.get(data.get("kind"), ()))
 
     def to_json(self) -> dict:
         """``name``, ``kind``, the kind's fields (None included: it says "not measured"), then any other field set."""
@@ -116,56 +108,27 @@ class StageSummary:
         }
         return {"name": self.name, "kind": self.kind, **own, **others}
 
-    @classmethod
-    def from_json(cls, data: Any, where: str = "stage", source: str | os.PathLike = "results.json") -> StageSummary:
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: {where} must be an object, got {type(data).__name__}")
-        kind = data.get("kind")
-        if kind not in cls.KIND_FIELDS:
-            raise ValueError(f"{source}: field {where}.kind must be one of {list(cls.KIND_FIELDS)}, got {kind!r}")
-        required = ("name", "kind", *cls.REQUIRED[kind])
-        types = {name: kinds if name in required else (*kinds, type(None)) for name, kinds in cls.TYPES.items()}
-        return cls(**_check_fields(data, types, required, where, source))
 
-
-@dataclass(frozen=True)
-class FinalSummary:
+@strict
+@dataclass(kw_only=True)
+class FinalSummary(JsonRecord):
     """The final model (a copy of the last training stage's best): val mIoU, per-class IoU, its directory, and
     its val confusion matrix (``[gt][pred]`` pixel counts; ``None`` in runs made before it was kept)."""
 
-    val_miou: float
-    per_class_iou: dict[str, float | None]
+    val_miou: float | int
+    per_class_iou: dict
     model_dir: str
-    confusion_matrix: list[list[int]] | None = None
+    confusion_matrix: list | None = None
 
-    TYPES = {"val_miou": _NUMBER, "per_class_iou": (dict,), "model_dir": (str,), "confusion_matrix": (list,)}
-    REQUIRED = ("val_miou", "per_class_iou", "model_dir")
-
-    def to_json(self) -> dict:
-        payload = {"val_miou": self.val_miou, "per_class_iou": self.per_class_iou, "model_dir": self.model_dir}
-        if self.confusion_matrix is not None:
-            payload["confusion_matrix"] = self.confusion_matrix
-        return payload
-
-    @classmethod
-    def from_json(cls, data: Any, source: str | os.PathLike = "results.json") -> FinalSummary:
-        types = {name: kinds if name in cls.REQUIRED else (*kinds, type(None)) for name, kinds in cls.TYPES.items()}
-        return cls(**_check_fields(data, types, cls.REQUIRED, "final", source))
+    RECORD_NAME = "final"
 
 
-# what a run says of itself (``RunSettings.metadata``), in file order; any other metadata is kept in ``extra``
-DESCRIPTION_TYPES = {
-    "dataset": (str,), "split": (str,), "model": (str,), "backbone": (str,), "output_stride": (int,),
-    "epochs": (int,), "batch_size": (int,), "lr": _NUMBER, "crop_size": (int,), "pretrained_backbone": (bool,),
-    "backbone_weights": (dict,), "hub_dataset": (dict,), "precision": (dict,),
-}  # fmt: skip
+@strict
+@dataclass(kw_only=True)
+class RunResults(JsonRecord):
+    """The whole ``results.json``, its fields in file order.
 
-
-@dataclass(frozen=True)
-class RunResults:
-    """The whole ``results.json``.
-
-    The description fields (``dataset`` ... ``hub_dataset``) are ``None`` when the run's metadata did not give
+    The description fields (``dataset`` ... ``precision``) are ``None`` when the run's metadata did not give
     them (``results.json`` then leaves them out); readers that need some ask with :meth:`require`.
     ``batch_size`` is the global batch, ``lr`` the base lr for a global batch of 16; ``config`` equals the run
     directory's ``run_config.json``; ``pseudo_label_miou`` is ``{subset: mIoU or None}`` of the label stages.
@@ -175,101 +138,67 @@ class RunResults:
     """
 
     framework: str
+    dataset: str | None = _description()
+    split: str | None = _description()
+    model: str | None = _description()
+    backbone: str | None = _description()
+    output_stride: int | None = _description()
+    epochs: int | None = _description()
+    batch_size: int | None = _description()
+    lr: float | int | None = _description()
+    crop_size: int | None = _description()
+    pretrained_backbone: bool | None = _description()
+    backbone_weights: dict | None = _description(
+        expected="the dict of describe_backbone_weights (spec, kind, hub_id, path)"
+    )
+    hub_dataset: dict | None = _description()
+    # the device of every process and whether it computes the mixed precision
+    precision: dict | None = _description(schema=PrecisionRecord)
+    extra: dict = field(default_factory=dict)  # further metadata, written as top-level fields
     num_labeled: int
     num_unlabeled: int
-    id2label: dict[str, str]
+    hardware: str | None = None
+    wall_time_s: float | int | None = None
+    id2label: dict
     stages: tuple[StageSummary, ...]
     final: FinalSummary
-    pseudo_label_miou: dict[str, float | None] = field(default_factory=dict)
-    hardware: str | None = None
-    wall_time_s: float | None = None
+    pseudo_label_miou: dict = field(default_factory=dict)
     config: dict | None = None
-    figures: dict[str, str] | None = None
+    figures: dict | None = None
     label_next: dict | None = None
-    dataset: str | None = None
-    split: str | None = None
-    model: str | None = None
-    backbone: str | None = None
-    output_stride: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    crop_size: int | None = None
-    pretrained_backbone: bool | None = None
-    backbone_weights: dict | None = None
-    hub_dataset: dict | None = None
-    precision: dict | None = None  # the device of every process and whether it computes the mixed precision
-    extra: dict = field(default_factory=dict)  # further metadata, written as top-level fields
-    source: str = field(default="results.json", compare=False)  # the file it was read from, for error messages
+    # the file it was read from, for error messages
+    source: str = field(default="results.json", compare=False, metadata={"json": False})
 
-    TYPES = {
-        "framework": (str,), "num_labeled": (int,), "num_unlabeled": (int,), "id2label": (dict,), "stages": (list,),
-        "final": (dict,), "pseudo_label_miou": (dict,), "hardware": (str,), "wall_time_s": _NUMBER,
-        "config": (dict,), "figures": (dict,), "label_next": (dict,), **DESCRIPTION_TYPES, "*": (),
-    }  # fmt: skip
-    REQUIRED = ("framework", "num_labeled", "num_unlabeled", "id2label", "stages", "final")
+    RECORD_NAME = "results"
+    EXTRA_FIELD = "extra"
 
-    @staticmethod
-    def split_metadata(metadata: Mapping[str, Any]) -> dict:
+    @classmethod
+    def split_metadata(cls, metadata: Mapping[str, Any]) -> dict:
         """``RunSettings.metadata`` as keyword arguments: the description fields, the rest in ``extra``."""
-        known = {key: value for key, value in metadata.items() if key in DESCRIPTION_TYPES}
-        return {**known, "extra": {key: value for key, value in metadata.items() if key not in DESCRIPTION_TYPES}}
-
-    def to_json(self) -> dict:
-        """The content of ``results.json`` (fields that are ``None`` and optional are left out)."""
-        description = {key: getattr(self, key) for key in DESCRIPTION_TYPES if getattr(self, key) is not None}
-        optional = {key: getattr(self, key) for key in ("hardware", "wall_time_s") if getattr(self, key) is not None}
-        payload = {
-            "framework": self.framework,
-            **description,
-            **self.extra,
-            "num_labeled": self.num_labeled,
-            "num_unlabeled": self.num_unlabeled,
-            **optional,
-            "id2label": self.id2label,
-            "stages": [stage.to_json() for stage in self.stages],
-            "final": self.final.to_json(),
-            "pseudo_label_miou": self.pseudo_label_miou,
-        }
-        if self.config is not None:
-            payload["config"] = self.config
-        for name in ("figures", "label_next"):
-            if getattr(self, name) is not None:
-                payload[name] = getattr(self, name)
-        return payload
+        described = {item.name for item in dataclasses.fields(cls) if item.metadata.get("description")}
+        known = {key: value for key, value in metadata.items() if key in described}
+        return {**known, "extra": {key: value for key, value in metadata.items() if key not in described}}
 
     @classmethod
-    def from_json(cls, data: Any, source: str | os.PathLike = "results.json") -> RunResults:
+    def from_json(
+        cls, data: Any, source: str | os.PathLike = "results.json", where: str | None = None
+    ) -> "RunResults":
         """Check and read the parsed ``results.json`` ``data``; errors name ``source`` and the field."""
-        source = str(source)
-        values = _check_fields(data, cls.TYPES, cls.REQUIRED, "results", source)
-        values["stages"] = tuple(
-            StageSummary.from_json(stage, f"stages[{index}]", source) for index, stage in enumerate(values["stages"])
-        )
-        values["final"] = FinalSummary.from_json(values["final"], source)
-        if values.get("precision") is not None:  # absent from the results of older versions
-            record = _check_fields(values["precision"], PRECISION_TYPES, tuple(PRECISION_TYPES), "precision", source)
-            for index, device in enumerate(record["devices"]):
-                where = f"precision.devices[{index}]"
-                _check_fields(device, PRECISION_DEVICE_TYPES, ("processes", "kind", "name", "native"), where, source)
-        extra = {key: value for key, value in data.items() if key not in cls.TYPES}
-        return cls(**values, extra=extra, source=source)
+        results = super().from_json(data, source, where)
+        results.source = str(source)
+        return results
 
     @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> RunResults:
+    def read(cls, run_dir: str | os.PathLike) -> "RunResults":
         """The ``results.json`` of the finished run in ``run_dir``."""
         path = RunLayout(run_dir).results
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory?")
-        try:
-            data = parse_json(path.read_text(encoding="utf-8"), path)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_json(data, path)
+        return super().read(path)
 
     def write(self, run_dir: str | os.PathLike) -> None:
         """Write ``results.json`` into ``run_dir`` atomically."""
-        atomic_write_json(RunLayout(run_dir).results, self.to_json())
+        super().write(RunLayout(run_dir).results)
 
     def require(self, *names: str) -> None:
         """Raise naming the file and the fields when any description field in ``names`` is missing."""

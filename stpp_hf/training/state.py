@@ -8,8 +8,6 @@ relaunch skips exactly the stages whose outputs are intact and whose inputs are 
 :func:`~stpp_hf.file_io.temporary_path_for` are safe: only one launch at a time writes there).
 """
 
-from __future__ import annotations
-
 import atexit
 import fcntl
 import json
@@ -17,11 +15,15 @@ import os
 import re
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..file_io import atomic_write_json, sha256_file
+from huggingface_hub.dataclasses import strict
+
+from ..file_io import sha256_file
 from ..log import get_logger
+from ..records import JsonRecord
 from .config import check_same_config
 from .run_layout import RunLayout
 
@@ -140,11 +142,70 @@ def artefact_checksums(run_dir: str | os.PathLike, paths: Iterable[str | os.Path
     return checksums
 
 
+@strict
+@dataclass(kw_only=True)
+class StageRecord(JsonRecord):
+    """A finished stage in ``state.json``: ``{relpath: sha256}`` of its artefacts, ``{name: fingerprint}`` of its
+    inputs (absent in the oldest files: none recorded), and its summary."""
+
+    RECORD_NAME = "stage record"
+
+    artefacts: dict[str, str] = field(metadata={"expected": "an object of {path: SHA-256 string}"})
+    inputs: dict = field(default_factory=dict)
+    summary: dict
+
+
+@strict
+@dataclass(kw_only=True)
+class StateFile(JsonRecord):
+    """The whole ``state.json``; the stage records are read one by one (:meth:`RunState.reload` drops those that
+    are redone before reading them)."""
+
+    RECORD_NAME = "state"
+
+    version: int
+    run_config: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+
+@strict
+@dataclass(kw_only=True)
+class EpochInProgress(JsonRecord):
+    """Where a step checkpoint cut its epoch: the optimizer steps done in it, those since the last loss read-back,
+    each process's loss sum since then (in rank order) and the epoch's loss sum so far."""
+
+    RECORD_NAME = "epoch_in_progress"
+
+    epoch_step: int
+    interval_steps: int
+    loss_sums: list[float | int]
+    epoch_loss_sum: float | int
+
+
+@strict
+@dataclass(kw_only=True)
+class TrainerState(JsonRecord):
+    """A stage checkpoint's ``trainer_state.json``: the finished epochs, the best val mIoU so far (``-1.0`` before
+    the first), its epoch and metrics, the history, the inputs the stage was trained for, and for a step checkpoint
+    its ``epoch_in_progress``."""
+
+    RECORD_NAME = "trainer_state"
+
+    epoch: int
+    best_miou: float | int
+    best_epoch: int
+    history: list
+    best_metrics: dict
+    inputs: dict = field(default_factory=dict)  # absent in the oldest files
+    epoch_in_progress: EpochInProgress | None = None
+
+
 class RunState:
     """The ``state.json`` of a run directory.
 
     Layout: ``{"version", "run_config": {...}, "stages": {name: {"artefacts": {relpath: sha256},
-    "inputs": {name: fingerprint}, "summary": {...}}}}``. ``run_config`` holds the settings that change
+    "inputs": {name: fingerprint}, "summary": {...}}}}`` (:class:`StateFile`, :class:`StageRecord`).
+    ``run_config`` holds the settings that change
     results; relaunching in the same directory with different ones is refused instead of mixing two runs.
     ``inputs`` fingerprints what a stage read (teacher weights, upstream labels, id lists): a stage whose
     inputs changed since it finished is redone. ``redo`` names stages whose records are dropped on
@@ -161,22 +222,23 @@ class RunState:
 
     def reload(self) -> None:
         """Read ``state.json`` again (other processes call this after the main process wrote it)."""
-        if self.path.exists():
+        self.stages: dict[str, StageRecord] = {}
+        if not self.path.exists():
+            return
+        saved = StateFile.read(self.path, self._restart_advice())
+        if saved.version != STATE_VERSION:
+            raise ValueError(f"{self.path} has version {saved.version}, expected {STATE_VERSION}")
+        check_same_config(self.run_dir, saved.run_config, self.run_config)
+        for name, record in saved.stages.items():
+            if name in self.redo:
+                continue
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{self.path} is not valid JSON ({error}); {self._restart_advice()}") from error
-            if not isinstance(data, dict) or not isinstance(data.get("run_config", {}), dict):
+                self.stages[name] = StageRecord.from_json(record, self.path, f"stages[{name!r}]")
+            except ValueError as error:
                 raise ValueError(
-                    f"{self.path} is not a run state (expected an object with 'version', 'run_config' and "
-                    f"'stages'); {self._restart_advice()}"
-                )
-            if data.get("version") != STATE_VERSION:
-                raise ValueError(f"{self.path} has version {data.get('version')}, expected {STATE_VERSION}")
-            check_same_config(self.run_dir, data.get("run_config", {}), self.run_config)
-            self.stages: dict[str, dict] = self._checked_stages(data.get("stages", {}))
-        else:
-            self.stages = {}
+                    f"{error}: the record of stage {name!r} is malformed; redo that stage and the ones after it "
+                    f"with --redo_stage {name}, or {self._restart_advice()}"
+                ) from None
 
     def _restart_advice(self) -> str:
         return (
@@ -184,40 +246,18 @@ class RunState:
             "continue from their epoch checkpoints where they have one)"
         )
 
-    def _checked_stages(self, stages: Any) -> dict[str, dict]:
-        """The stage records of ``state.json`` minus those in ``self.redo``; a malformed one is an error."""
-        if not isinstance(stages, dict):
-            raise ValueError(f"{self.path}: 'stages' must be an object of stage records; {self._restart_advice()}")
-        for name, record in stages.items():
-            if name in self.redo:
-                continue
-            well_formed = (
-                isinstance(record, dict)
-                and isinstance(record.get("artefacts"), dict)
-                and all(isinstance(value, str) for value in record["artefacts"].values())
-                and isinstance(record.get("inputs", {}), dict)
-                and isinstance(record.get("summary"), dict)
-            )
-            if not well_formed:
-                raise ValueError(
-                    f"{self.path}: the record of stage {name!r} is malformed (expected 'artefacts', 'inputs' and "
-                    f"'summary' objects); redo that stage and the ones after it with --redo_stage {name}, or "
-                    f"{self._restart_advice()}"
-                )
-        return {name: record for name, record in stages.items() if name not in self.redo}
-
     def is_done(self, name: str, inputs: Mapping[str, str] | None = None) -> bool:
         """True when ``name`` finished, all its artefacts still match their checksums, and (when given)
         its ``inputs`` fingerprints are the ones it finished with."""
         record = self.stages.get(name)
         if record is None:
             return False
-        if inputs is not None and record.get("inputs", {}) != dict(inputs):
-            recorded = record.get("inputs", {})
+        if inputs is not None and record.inputs != dict(inputs):
+            recorded = record.inputs
             changed = sorted(key for key in set(recorded) | set(inputs) if recorded.get(key) != inputs.get(key))
             logger.warning("inputs of finished stage %r changed (%s): redoing the stage", name, ", ".join(changed))
             return False
-        for relative, expected in record["artefacts"].items():
+        for relative, expected in record.artefacts.items():
             file = self.run_dir / relative
             if not file.is_file() or sha256_file(file) != expected:
                 logger.warning("artefact %s of finished stage %r is missing or changed: redoing the stage", file, name)
@@ -225,7 +265,7 @@ class RunState:
         return True
 
     def summary(self, name: str) -> dict:
-        return self.stages[name]["summary"]
+        return self.stages[name].summary
 
     def mark_done(
         self,
@@ -236,12 +276,10 @@ class RunState:
     ) -> None:
         """Record ``name`` as finished with checksums of ``artefacts`` and the fingerprints of its
         ``inputs`` (call on the main process)."""
-        self.stages[name] = {
-            "artefacts": artefact_checksums(self.run_dir, artefacts),
-            "inputs": dict(inputs or {}),
-            "summary": dict(summary),
-        }
+        self.stages[name] = StageRecord(
+            artefacts=artefact_checksums(self.run_dir, artefacts), inputs=dict(inputs or {}), summary=dict(summary)
+        )
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"version": STATE_VERSION, "run_config": self.run_config, "stages": self.stages})
+        StateFile(version=STATE_VERSION, run_config=self.run_config, stages=self.stages).write(self.path)

@@ -23,7 +23,6 @@ global batches already trained, so it ends as the uninterrupted stage would; ``s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from timm.layers import convert_sync_batchnorm  # torch's converter drops the ac
 from ..data.normalization import normalize_batch
 from ..disk_full import disk_full_errors, tensor_bytes
 from ..file_io import (
-    atomic_write_json,
     recover_directory,
     replace_directory,
     temporary_directory_for,
@@ -55,6 +53,7 @@ from .preemption import Preempted, agreed_stop_signal, signal_name, stop_at_step
 from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, scaled_lr, steps_per_epoch
 from .run_layout import StageLayout
 from .sampling import training_loader
+from .state import EpochInProgress, TrainerState
 
 logger = get_logger(__name__)
 
@@ -182,7 +181,7 @@ class _StageRun:
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
-    resumed_epoch: dict | None = None
+    resumed_epoch: EpochInProgress | None = None
 
     @property
     def layout(self) -> StageLayout:
@@ -201,21 +200,17 @@ class _StageRun:
         """Optimizer steps done in the epoch in progress."""
         return self.step - self.epoch * self.epoch_steps
 
-    def trainer_state(self, epoch_in_progress: dict | None = None) -> dict:
-        """The ``trainer_state.json`` of the finished epochs (:data:`TRAINER_STATE_FIELDS` + ``inputs``), and for a
-        step checkpoint ``epoch_in_progress``: ``{"epoch_step", "interval_steps", "loss_sums", "epoch_loss_sum"}``,
-        the steps done in the epoch and its loss accumulators (``loss_sums``: each process's, in rank order)."""
-        state = {
-            "epoch": self.epoch,
-            "best_miou": self.best_miou,
-            "best_epoch": self.best_epoch,
-            "history": self.history,
-            "best_metrics": self.best_metrics,
-            "inputs": self.inputs,
-        }
-        if epoch_in_progress is not None:
-            state["epoch_in_progress"] = epoch_in_progress
-        return state
+    def trainer_state(self, epoch_in_progress: EpochInProgress | None = None) -> TrainerState:
+        """The ``trainer_state.json`` of the finished epochs, and for a step checkpoint the ``epoch_in_progress``."""
+        return TrainerState(
+            epoch=self.epoch,
+            best_miou=self.best_miou,
+            best_epoch=self.best_epoch,
+            history=self.history,
+            best_metrics=self.best_metrics,
+            inputs=self.inputs,
+            epoch_in_progress=epoch_in_progress,
+        )
 
     def record_epoch(self, loss: float, metrics: dict) -> bool:
         """Count the epoch just trained and validated; returns whether its val mIoU is the best so far."""
@@ -358,7 +353,7 @@ def _resume_stage(run: _StageRun) -> None:
     saved = _read_trainer_state(run.checkpoint_dir)
     if saved is None:
         return
-    if saved.get("inputs", {}) != run.inputs:
+    if saved.inputs != run.inputs:
         logger.warning(
             "%s: the epoch checkpoint was written for other inputs: training from the start", run.stage_dir.name
         )
@@ -370,12 +365,12 @@ def _resume_stage(run: _StageRun) -> None:
             f"cannot load the epoch checkpoint {run.checkpoint_dir} ({type(error).__name__}: {error}); "
             f"{_restart_stage_advice(run.checkpoint_dir)}"
         ) from error
-    run.epoch, run.best_miou, run.best_epoch = saved["epoch"], saved["best_miou"], saved["best_epoch"]
-    run.history, run.best_metrics = saved["history"], saved["best_metrics"]
+    run.epoch, run.best_miou, run.best_epoch = saved.epoch, saved.best_miou, saved.best_epoch
+    run.history, run.best_metrics = saved.history, saved.best_metrics
     run.step = run.epoch * run.epoch_steps
-    run.resumed_epoch = saved.get("epoch_in_progress")
+    run.resumed_epoch = saved.epoch_in_progress
     if run.resumed_epoch is not None:
-        run.step += run.resumed_epoch["epoch_step"]
+        run.step += run.resumed_epoch.epoch_step
         logger.info(
             "%s: resuming epoch %d after step %d of %d (best mIoU %.4f)",
             run.stage_dir.name, run.epoch + 1, run.epoch_step, run.epoch_steps, run.best_miou,
@@ -405,13 +400,13 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
         set_seed(epoch_seed, device_specific=True)
         batches, interval_steps, epoch_loss_sum = run.loader, 0, 0.0
     else:  # the generators are those the step checkpoint saved
-        batches = _resumed_batches(accelerator.skip_first_batches(run.loader, resumed["epoch_step"] * accumulation))
-        loss_sums = resumed["loss_sums"]
+        batches = _resumed_batches(accelerator.skip_first_batches(run.loader, resumed.epoch_step * accumulation))
+        loss_sums = resumed.loss_sums
         if len(loss_sums) == accelerator.num_processes:
             loss_sum += loss_sums[accelerator.process_index]
         elif accelerator.is_main_process:  # another process count: the interval's loss sum as a whole
             loss_sum += sum(loss_sums)
-        interval_steps, epoch_loss_sum = resumed["interval_steps"], resumed["epoch_loss_sum"]
+        interval_steps, epoch_loss_sum = resumed.interval_steps, resumed.epoch_loss_sum
     first_nonfinite_step = torch.full((), -1, device=accelerator.device)  # on the device: no sync per step
     run.model.train()
     for batch in batches:
@@ -453,12 +448,12 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
             if nonfinite_steps:
                 raise _diverged(run, nonfinite_steps, "the loss is not finite")
             _check_finite_weights(run, accelerator.unwrap_model(run.model))
-            epoch_in_progress = {
-                "epoch_step": run.epoch_step,
-                "interval_steps": interval_steps,
-                "loss_sums": accelerator.gather(loss_sum[None]).tolist(),
-                "epoch_loss_sum": epoch_loss_sum,
-            }
+            epoch_in_progress = EpochInProgress(
+                epoch_step=run.epoch_step,
+                interval_steps=interval_steps,
+                loss_sums=accelerator.gather(loss_sum[None]).tolist(),
+                epoch_loss_sum=epoch_loss_sum,
+            )
             _save_checkpoint(accelerator, run.checkpoint_dir, run.trainer_state(epoch_in_progress))
         if stop_signal:
             raise Preempted(_stopped_message(run, stop_signal))
@@ -584,49 +579,14 @@ def _restart_stage_advice(checkpoint_dir: Path) -> str:
     )
 
 
-TRAINER_STATE_FIELDS = {
-    "epoch": int,
-    "best_miou": (int, float),
-    "best_epoch": int,
-    "history": list,
-    "best_metrics": dict,
-}
-EPOCH_IN_PROGRESS_FIELDS = {
-    "epoch_step": int,
-    "interval_steps": int,
-    "loss_sums": list,
-    "epoch_loss_sum": (int, float),
-}
-
-
-def _read_trainer_state(checkpoint_dir: Path) -> dict | None:
+def _read_trainer_state(checkpoint_dir: Path) -> TrainerState | None:
     """``checkpoint_dir/trainer_state.json`` (``None`` without one); a torn or malformed one is an error
     that names it and says how to restart only this stage."""
     path = checkpoint_dir / TRAINER_STATE
-    if not path.is_file():
-        return None
-    advice = _restart_stage_advice(checkpoint_dir)
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {advice}") from error
-    wrong = [
-        key
-        for key, kind in TRAINER_STATE_FIELDS.items()
-        if not isinstance(saved, dict) or not isinstance(saved.get(key), kind)
-    ]
-    in_progress = saved.get("epoch_in_progress") if isinstance(saved, dict) else None
-    if in_progress is not None and (
-        not isinstance(in_progress, dict)
-        or any(not isinstance(in_progress.get(key), kind) for key, kind in EPOCH_IN_PROGRESS_FIELDS.items())
-    ):
-        wrong.append("epoch_in_progress")
-    if wrong:
-        raise ValueError(f"{path} lacks or has malformed fields {wrong}; {advice}")
-    return saved
+    return TrainerState.read(path, _restart_stage_advice(checkpoint_dir)) if path.is_file() else None
 
 
-def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> None:
+def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: TrainerState) -> None:
     """``accelerator.save_state`` + ``trainer_state.json`` into a temporary dir, swapped in atomically."""
     # Every process writes its RNG state into the same directory: the main process creates it.
     if accelerator.is_main_process:
@@ -637,7 +597,7 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, trainer_state: dict) -> 
         accelerator.save_state(str(temporary), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(temporary / TRAINER_STATE, trainer_state)
+        trainer_state.write(temporary / TRAINER_STATE)
         replace_directory(temporary, checkpoint_dir)
     accelerator.wait_for_everyone()
 
