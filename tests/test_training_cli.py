@@ -9,7 +9,7 @@ import warnings
 import pytest
 from helpers import REPO
 
-from stpp_hf.training import cli
+from stpp_hf.training import cli, dry_run
 from stpp_hf.training.config import (
     ConfigError,
     RunConfig,
@@ -168,14 +168,14 @@ def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the DeepLabV2 recipes warn when their COCO file is absent
             config = resolve(argv, num_processes=processes)
-        summary = cli.recipe_summary(config)
+        summary = dry_run.recipe_summary(config)
         assert config.per_device_batch_size * processes == config.global_batch_size == 16
         summaries.append(
             (config.global_batch_size, config.lr, summary["lr"], summary["steps"], summary["total_steps"])
         )
         assert summary["total_steps"] > 0
     assert summaries[0] == summaries[1] == summaries[2]
-    text = cli.describe_recipe(config, parse_arguments(argv)[3])
+    text = dry_run.describe_recipe(config, parse_arguments(argv)[3])
     assert "for a global batch of 16" in text and "published mIoU" in text and "snapshot epochs" in text
     assert "per device x 8 processes" in text
 

@@ -28,7 +28,6 @@ from ..data import (
 )
 from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
 from ..data.splits import resolve_split_file
-from ..data.training_sets import retrain_length, suponly_length
 from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
 from .config import (
@@ -36,144 +35,21 @@ from .config import (
     RunConfig,
     check_and_record_run_config,
     check_process_timeouts,
-    describe_stages,
     parse_arguments,
     resolve_run_config,
 )
 from .data_identity import LocalData, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
 from .divergence import NonFiniteError
+from .dry_run import describe_recipe
 from .heartbeat import start_heartbeat
 from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
 from .precision import gather_precision_decision
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, stop_handlers
 from .pseudo_label_export import record_unlabeled_source
-from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
 from .run_layout import RunLayout
-from .selection import split_by_reliability
-from .stages import build_stages, snapshot_epochs
 from .trainer import StageHyperParameters
-
-# ---- the recipe, without data ----------------------------------------------------------------------
-
-
-def dataset_sizes(config: RunConfig) -> dict[str, int] | None:
-    """``{"labeled", "unlabeled", "val": number of images}`` from the split files' lines (no image is read);
-    ``None`` for a ``--dataset_name`` run, whose sizes are known once the dataset is loaded."""
-    if config.hub_dataset is not None:
-        return None
-    if config.is_synthetic:
-        return {part: config.synthetic[f"num_{part}"] for part in ("labeled", "unlabeled", "val")}
-    paths = {"labeled": config.labeled_id_path, "unlabeled": config.unlabeled_id_path, "val": config.val_id_path}
-    return {part: len(read_split(path)) for part, path in paths.items()}
-
-
-def stage_steps(config: RunConfig, sizes: dict[str, int]) -> dict[str, int]:
-    """Optimizer steps per epoch of each training stage, from the dataset sizes."""
-    unlabeled = [str(index) for index in range(sizes["unlabeled"])]
-    reliable, unreliable = split_by_reliability(dict.fromkeys(unlabeled, 0.0), unlabeled)
-    subset_size = {"all": len(unlabeled), "reliable": len(reliable), "unreliable": len(unreliable)}
-    stages = build_stages(config.framework)
-    subset_of = {stage.name: stage.subset for stage in stages if stage.kind == "label"}
-    steps = {}
-    for stage in stages:
-        if stage.kind != "train":
-            continue
-        if stage.pseudo_label_stages:
-            pseudo = sum(subset_size[subset_of[name]] for name in stage.pseudo_label_stages)
-            items = retrain_length(sizes["labeled"], pseudo)
-        else:
-            items = suponly_length(sizes["labeled"])
-        steps[stage.name] = steps_per_epoch(items, config.global_batch_size)
-    return steps
-
-
-def recipe_summary(config: RunConfig) -> dict:
-    """The numbers of the resolved recipe: batches, lr of each parameter group, steps, snapshots."""
-    sizes = dataset_sizes(config)
-    head_multiplier = MODEL_REGISTRY[config.model][0]().head_lr_multiplier
-    per_stage = stage_steps(config, sizes) if sizes is not None else {}
-    return {
-        "dataset_sizes": sizes,
-        "global_batch_size": config.global_batch_size,
-        "per_device_batch_size": config.per_device_batch_size,
-        "lr": {"backbone": config.lr, "head": config.lr * head_multiplier},
-        "steps_per_epoch": per_stage,
-        "steps": {name: steps * config.epochs for name, steps in per_stage.items()},
-        "total_steps": sum(per_stage.values()) * config.epochs if sizes is not None else None,
-        "snapshot_epochs": list(snapshot_epochs(config.epochs)) if config.framework == "stpp" else [],
-    }
-
-
-def describe_initialisation(config: RunConfig) -> str:
-    """Where the weights a training stage starts from come from."""
-    if config.coco_init is not None:
-        return f"COCO-pretrained DeepLabV2 checkpoint {config.coco_init} (the paper's)"
-    if config.backbone_weights == "none":
-        return "none (random backbone)"
-    described = describe_backbone_weights(config.backbone_weights, config.backbone)
-    where = {"hub": f"Hub {described.get('hub_id')}", "file": f"file {described.get('path')}", "none": "random init"}
-    return f"{config.backbone_weights} ({where.get(described['kind'], described['kind'])})"
-
-
-def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
-    """The printed ``--dry_run`` recipe."""
-    summary = recipe_summary(config)
-    sizes = summary["dataset_sizes"]
-    if config.hub_dataset is not None:
-        hub = config.hub_dataset
-        labeled = hub["num_labeled"] if hub["num_labeled"] is not None else f"a fraction {hub['labeled_fraction']} of"
-        data_line = (
-            f"dataset: {hub['dataset_name']} (`datasets`), {labeled} {hub['train_split']} rows labeled "
-            f"(partition seed {hub['partition_seed']}), val split {hub['val_split']}; image counts once it is loaded"
-        )
-    else:
-        data_line = (
-            f"dataset: {config.dataset} ({config.data_root or 'generated in the run directory'}), split "
-            f"{config.split or '-'}: {sizes['labeled']} labeled, {sizes['unlabeled']} unlabeled, "
-            f"{sizes['val']} val images"
-        )
-    if sizes is not None:
-        steps_line = (
-            f"epochs per stage: {config.epochs}; steps per epoch / per stage: "
-            + ", ".join(
-                f"{name} {summary['steps_per_epoch'][name]} / {summary['steps'][name]}" for name in summary["steps"]
-            )
-            + f"; total {summary['total_steps']}"
-        )
-    else:
-        steps_line = f"epochs per stage: {config.epochs}; steps follow from the image counts"
-    lines = [
-        data_line,
-        f"model: {config.model}, backbone {config.backbone}, output stride {config.output_stride}",
-        f"initialisation: {describe_initialisation(config)}",
-        f"framework: {config.framework}, teacher: the {config.teacher} model of its stage",
-        *(f"  {line}" for line in describe_stages(config)),
-        f"global batch: {config.global_batch_size} = {config.per_device_batch_size} per device x "
-        f"{config.num_processes} processes x {config.gradient_accumulation_steps} accumulation steps",
-        f"lr: base {config.base_lr:g} for a global batch of {REFERENCE_BATCH_SIZE} -> backbone "
-        f"{summary['lr']['backbone']:g}, head {summary['lr']['head']:g} ({describe_optimizer()})",
-        steps_line,
-    ]
-    if summary["snapshot_epochs"]:
-        lines.append(f"snapshot epochs (selection): {', '.join(map(str, summary['snapshot_epochs']))}")
-    window = config.sliding_window_stride
-    lines += [
-        f"crop {config.crop_size}, resize base {config.base_size}; val batch {config.val_batch_size}"
-        + (f", sliding window {window[0]} stride {window[1]}" if window else ", whole images"),
-        f"precision {config.mixed_precision}, SyncBatchNorm {'on' if config.sync_bn else 'off'}, "
-        f"activation checkpointing {'on' if config.activation_checkpointing else 'off'}, seed {config.seed}",
-    ]
-    if paper:
-        published = paper.get("published_miou")
-        lines.append(
-            f"paper: {paper.get('table', '')} published mIoU "
-            + (f"{published}" if published is not None else "not stated in this recipe")
-            + (f" ({paper['note']})" if paper.get("note") else "")
-        )
-    return "\n".join(lines)
-
 
 # ---- data and model -------------------------------------------------------------------------------
 

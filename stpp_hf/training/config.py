@@ -36,15 +36,12 @@ from ..models.deeplab.deeplab_common import default_window_stride
 from ..models.deeplab.timm_backbones import backbone_layout
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
-from .recipe import per_device_batch_size, scaled_lr
+from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
 from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
 
 logger = get_logger(__name__)
 
-DATASETS = ("pascal", "cityscapes", "folder")
-SYNTHETIC = "synthetic"
-HUB = "hub"  # a `datasets` dataset named by --dataset_name
 # what a recipe file may hold besides options: where its published number comes from
 RECIPE_INFO_KEY = "paper"
 RECIPE_INFO_KEYS = ("published_miou", "table", "note")
@@ -83,45 +80,12 @@ ADDED_SETTINGS = {
 }
 
 
-@dataclass(frozen=True)
-class RecipeDefaults:
-    """The defaults of one dataset (docs/method.md §2). ``base_lr`` is for a global batch of 16."""
-
-    epochs: int
-    base_lr: float
-    crop_size: int
-    base_size: int
-    val_batch_size: int
-    global_batch_size: int = 16
-    backbone: str = "resnet50"
-    output_stride: int = 8
-
-
-RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
-    "pascal": RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
-    "cityscapes": RecipeDefaults(epochs=240, base_lr=0.004, crop_size=721, base_size=2048, val_batch_size=4),
-    "folder": RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
-    HUB: RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
-    # small images, a ResNet-18 from scratch at output stride 16, global batch 8 and 6 epochs: minutes on 2 CPU cores
-    SYNTHETIC: RecipeDefaults(
-        epochs=6,
-        base_lr=0.02,
-        crop_size=48,
-        base_size=64,
-        val_batch_size=25,
-        global_batch_size=8,
-        backbone="resnet18",
-        output_stride=16,
-    ),
-}
 # an hour: above the longest phase one process works alone at the method's scale (building Cityscapes' dataset
 # caches, downloading a Hub dataset), while the heartbeat ends a run with a stopped process much sooner
 COLLECTIVE_TIMEOUT_S = 3600.0
 HEARTBEAT_TIMEOUT_S = 120.0
 # DataLoader workers per process by default on CUDA: decoding keeps a GPU busy with a few, more only cost memory
 MAX_DEFAULT_WORKERS = 8
-# the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
-DEEPLABV2_BACKBONE = "resnet101"
 
 
 @dataclass
@@ -875,20 +839,3 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
         saved, merged = None, dict(record)
     if write and json.loads(json.dumps(merged)) != saved:  # an unchanged record is not rewritten
         atomic_write_json(path, merged)
-
-
-def describe_stages(config: RunConfig) -> list[str]:
-    """One line per stage: what it trains on / labels and with which teacher."""
-    lines = []
-    for stage in build_stages(config.framework):
-        if stage.kind == "train":
-            data = " + ".join(["labeled", *(f"pseudo labels of {name}" for name in stage.pseudo_label_stages)])
-            lines.append(f"{stage.name}: train a fresh model on {data}")
-        elif stage.kind == "select":
-            lines.append(f"{stage.name}: reliable / unreliable halves from the snapshots of {stage.source}")
-        else:
-            lines.append(
-                f"{stage.name}: TTA pseudo labels of the {stage.subset} unlabeled images "
-                f"by {stage.source}'s {config.teacher} model"
-            )
-    return lines
