@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .file_io import atomic_write_json, atomic_write_text
-from .training.config import NON_RESULT_SETTINGS
 from .training.plots import plot_comparison, stage_title
 from .training.results import RunResults
+from .training.run_record import NON_RESULT_SETTINGS
 
 STD_NAME = "sample standard deviation (ddof=1)"
 # what runs must share to be compared: (name, how to read it from a run)

@@ -16,11 +16,11 @@ from stpp_hf.data.hub_dataset import class_label_names, load_hub_sources, rarest
 from stpp_hf.data.images import open_image
 from stpp_hf.training.config import (
     ConfigError,
-    config_differences,
     parse_arguments,
     resolve_run_config,
     validate_arguments,
 )
+from stpp_hf.training.run_record import config_differences
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ from stpp_hf.data.splits import read_split_text
 from stpp_hf.training import cli
 from stpp_hf.training.config import (
     ConfigError,
-    check_and_record_run_config,
-    config_differences,
     parse_arguments,
     resolve_run_config,
 )
+from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 
 SYNTHETIC = ["--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4", "--synthetic_num_val", "2",
              "--synthetic_image_size", "32", "--report_to", "none"]  # fmt: skip
@@ -35,7 +34,7 @@ class Killed(Exception):
 def killed_before_training(monkeypatch):
     """``cli.main`` with the stages replaced by a kill: a launch that built its data and checked the run directory."""
 
-    def kill(*args):
+    def kill(*args, **kwargs):
         raise Killed()
 
     monkeypatch.setattr(cli, "run_pipeline", kill)

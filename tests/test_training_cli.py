@@ -13,11 +13,10 @@ from stpp_hf.training import cli, dry_run
 from stpp_hf.training.config import (
     ConfigError,
     RunConfig,
-    check_and_record_run_config,
-    config_differences,
     parse_arguments,
     resolve_run_config,
 )
+from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 
 RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
 
@@ -236,7 +235,7 @@ def test_relaunch_with_another_synthetic_seed_is_refused_before_the_data_is_rege
     ]
     # stand in for a first launch killed after building its data (before training)
     original = cli.run_pipeline
-    cli.run_pipeline = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+    cli.run_pipeline = lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
     try:
         with pytest.raises(KeyboardInterrupt):
             cli.main(common)

@@ -22,62 +22,25 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import timm
 import yaml
 from transformers import HfArgumentParser
 
 from ..data.hub_dataset import HubDataArguments
-from ..file_io import atomic_write_json, json_text, sha256_file
-from ..log import get_logger
+from ..file_io import json_text, sha256_file
 from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
 from ..models.deeplab.timm_backbones import backbone_layout
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
 from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
-from .run_layout import RunLayout
 from .stages import build_stages, snapshot_epochs
-
-logger = get_logger(__name__)
 
 # what a recipe file may hold besides options: where its published number comes from
 RECIPE_INFO_KEY = "paper"
 RECIPE_INFO_KEYS = ("published_miou", "table", "note")
-# settings that cannot change the trained weights or the reported numbers: a relaunch may change them
-NON_RESULT_SETTINGS = frozenset(
-    {
-        "output_dir",
-        "report_to",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_private",
-        "push_stage_branches",
-        "num_workers",
-        "save_steps",
-        "dry_run",
-        "redo_stage",
-        # where the data lies: the data is identified by content (the ``data`` section), so it may move
-        "data_root",
-        "labeled_id_path",
-        "unlabeled_id_path",
-        "val_id_path",
-        "label_next",
-        "activation_checkpointing",  # the same loss, gradients and BatchNorm buffers bit for bit
-        "allow_emulated_precision",
-    }
-)
-# how the global batch is laid out on the hardware: a relaunch may change it (a preempted job requeued onto
-# fewer GPUs) as long as the global batch and the lr stay, which keeps every step's images and updates; only the
-# BatchNorm batch (per device, or across devices with SyncBatchNorm) then differs, and a warning says so
-BATCH_LAYOUT_SETTINGS = frozenset({"num_processes", "per_device_batch_size", "gradient_accumulation_steps", "sync_bn"})
-BATCH_SETTINGS = ("global_batch_size", "lr")
-# settings an earlier version did not record: a run directory without them resumes (they cannot be checked)
-ADDED_SETTINGS = {
-    "backbone_weights_sha256": "--backbone_weights",
-    "coco_init_sha256": "--coco_init",
-}
 
 
 # an hour: above the longest phase one process works alone at the method's scale (building Cityscapes' dataset
@@ -732,110 +695,3 @@ def _synthetic_settings(data: DataArguments) -> dict:
         "num_val": data.synthetic_num_val,
         "image_size": data.synthetic_image_size,
     }
-
-
-# ---- the record of a run directory --------------------------------------------------------------
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``[(setting, saved value, new value)]`` of the result-changing settings that differ, nested keys
-    dotted (``data.val``). A top-level section that only one side has yet (``data``, known once the
-    sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are, nor the
-    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` that
-    ``saved`` lacks."""
-    saved, new = json.loads(json.dumps(dict(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
-    for section in set(saved) ^ set(new):
-        if isinstance(saved.get(section, new.get(section)), dict):
-            saved.pop(section, None), new.pop(section, None)
-    flat_saved, flat_new = _flatten(saved), _flatten(new)
-    missing = object()
-    differences = []
-    same_batch = all(flat_saved.get(key, missing) == flat_new.get(key, missing) for key in BATCH_SETTINGS)
-    for key in sorted(set(flat_saved) | set(flat_new)):
-        if key.split(".")[0] in NON_RESULT_SETTINGS or (same_batch and key in BATCH_LAYOUT_SETTINGS):
-            continue
-        if key in ADDED_SETTINGS and key not in flat_saved:
-            continue
-        before, after = flat_saved.get(key, missing), flat_new.get(key, missing)
-        if before != after:
-            differences.append((key, None if before is missing else before, None if after is missing else after))
-    return differences
-
-
-def check_same_config(run_dir: str | os.PathLike, saved: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-    """Raise a :class:`ConfigError` listing every differing setting (saved -> new) of ``run_dir``."""
-    differences = config_differences(saved, new)
-    if differences:
-        details = "\n".join(
-            f"  {key}: {before!r} -> {after!r}" + _what_changed(key, new) for key, before, after in differences
-        )
-        raise ConfigError(
-            f"{run_dir} already holds a run with other settings (saved -> new):\n{details}\n"
-            "use another --output_dir, or the saved settings to resume"
-        )
-
-
-def _what_changed(key: str, new: Mapping[str, Any]) -> str:
-    """What a differing setting means, where its name alone does not say."""
-    if key in ADDED_SETTINGS:
-        option = ADDED_SETTINGS[key]
-        return f" (the file {new.get(option.removeprefix('--'))} given as {option} has other content than the run's)"
-    return ""
-
-
-def batch_layout_change(saved: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[str]:
-    """A warning when the same global batch is laid out otherwise on the hardware (processes, per-device batch,
-    accumulation, SyncBatchNorm) than in ``saved``; ``None`` when the layout is the same."""
-    if all(saved.get(key) == new.get(key) for key in BATCH_LAYOUT_SETTINGS):
-        return None
-
-    def layout(config: Mapping[str, Any]) -> str:
-        across = config.get("num_processes", 1) if config.get("sync_bn") else 1
-        bn_batch = config.get("per_device_batch_size", 0) * across
-        return (
-            f"{config.get('per_device_batch_size')} per device x {config.get('num_processes')} processes x "
-            f"{config.get('gradient_accumulation_steps')} accumulation steps, BatchNorm batch {bn_batch}"
-            + (" (SyncBatchNorm)" if config.get("sync_bn") else "")
-        )
-
-    return (
-        f"the global batch of {new.get('global_batch_size')} was {layout(saved)} and is now {layout(new)}: the steps "
-        "and lr are the same, but BatchNorm normalises over the BatchNorm batch and keeps its running statistics "
-        "per process, so the run continues with BatchNorm statistics that differ from an uninterrupted run's"
-    )
-
-
-def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str, Any], write: bool = True) -> None:
-    """Compare ``record`` with the run directory's ``run_config.json`` (if any), then (``write``) write it there.
-
-    Call it before anything in ``run_dir`` is made or replaced (with the settings only), and again once
-    the sources are built (with their ``data`` section). A run directory from an older version, with
-    ``state.json`` but no ``run_config.json``, cannot be checked and is refused.
-    """
-    layout = RunLayout(run_dir)
-    run_dir, path = layout.run_dir, layout.run_config
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON ({error}); restore it or use another --output_dir") from None
-        check_same_config(run_dir, saved, record)
-        if write and (change := batch_layout_change(saved, record)):
-            logger.warning("%s: %s", run_dir, change)
-        merged = {**saved, **record}  # keep the data section of the first check until the second one
-    elif layout.state.is_file():
-        raise ConfigError(f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir")
-    else:
-        saved, merged = None, dict(record)
-    if write and json.loads(json.dumps(merged)) != saved:  # an unchanged record is not rewritten
-        atomic_write_json(path, merged)

@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping
 
 from ..file_io import atomic_write_json, sha256_file
 from ..log import get_logger
-from .config import check_same_config
 from .run_layout import RunLayout
+from .run_record import check_same_config
 
 logger = get_logger(__name__)
 
