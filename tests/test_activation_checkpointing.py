@@ -195,4 +195,4 @@ def test_the_option_reaches_the_run_config_and_a_relaunch_may_change_it():
 
     plain, checkpointed = resolved(), resolved("--activation_checkpointing")
     assert (plain.activation_checkpointing, checkpointed.activation_checkpointing) == (False, True)
-    assert config_differences(plain.to_dict(), checkpointed.to_dict()) == []
+    assert config_differences(plain.record(), checkpointed.record()) == []

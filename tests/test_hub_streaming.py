@@ -173,7 +173,7 @@ def test_a_relaunch_must_keep_streaming():
     configs = []
     for extra in ([], ["--streaming", "true"]):
         data, model, run, _ = parse_arguments(["--dataset_name", "owner/name", "--num_labeled", "2", *extra])
-        configs.append(json.loads(resolve_run_config(data, model, run, 1, "cpu").to_json()))
+        configs.append(json.loads(json.dumps(resolve_run_config(data, model, run, 1, "cpu").record())))
     assert config_differences(*configs) == [("hub_dataset.streaming", False, True)]
 
 

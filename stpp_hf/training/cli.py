@@ -19,10 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, check_process_timeouts, parse_arguments, resolve_run_config
+from .config import resolve_run_config
 from .distributed import create_accelerator
 from .divergence import NonFiniteError
 from .dry_run import describe_recipe
+from .errors import ConfigError
+from .options import parse_arguments
 from .pipeline import run_pipeline
 from .precision import gather_precision_decision
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, stop_handlers
@@ -34,26 +36,25 @@ from .run_layout import RunLayout
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), then print the recipe (``--dry_run``) or train; returns 0."""
-    data_args, model_args, run_args, paper = parse_arguments(argv)
-    check_process_timeouts(run_args)  # the process group is made with them
+    data_args, model_args, run_args, paper = parse_arguments(argv)  # checks each option
     accelerator = _accelerator(run_args)
-    # validates every option: a bad one fails here, before any data work
+    # checks the options against each other: a bad one fails here, before any data work
     config = resolve_run_config(data_args, model_args, run_args, accelerator.num_processes, accelerator.device.type)
     # the precision must suit the device of every process, known before any data work or run directory
-    precision = gather_precision_decision(accelerator, config.allow_emulated_precision)
-    if config.dry_run:
+    precision = gather_precision_decision(accelerator, config.run.allow_emulated_precision)
+    if config.run.dry_run:
         if accelerator.is_main_process:
             print(describe_recipe(config, paper))
             print("\n".join(precision.describe()))
         return 0
     precision.check()
-    output_dir = Path(config.output_dir)
-    heartbeat = open_run_directory(accelerator, output_dir, config.to_dict(), run_args.heartbeat_timeout_s)
+    output_dir = Path(config.run.output_dir)
+    heartbeat = open_run_directory(accelerator, output_dir, config.record(), config.run.heartbeat_timeout_s)
     data, record, data_metadata = load_run_data(accelerator, config, output_dir)
     settings = run_settings(config, output_dir, data, record, {"precision": precision.to_json(), **data_metadata})
-    if config.report_to != "none":
+    if config.run.report_to != "none":
         # TensorBoard's hparams accept only scalars and strings
-        scalars = {key: value for key, value in config.to_dict().items() if isinstance(value, (int, float, str, bool))}
+        scalars = {key: value for key, value in config.record().items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("stpp", config=scalars)
     results = run_pipeline(accelerator, data, settings, claimed=True)
     if heartbeat is not None:  # every process is here: the main process may push alone from now on
@@ -62,11 +63,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if accelerator.is_main_process:
         print(results_table(results))
         print(f"run directory: {output_dir} (final model in {RunLayout(output_dir).final})")
-        if config.push_to_hub:
+        if config.run.push_to_hub:
             from stpp_hf.hub import push_run_to_hub
 
             url = push_run_to_hub(
-                output_dir, config.hub_model_id, private=config.hub_private, push_stages=config.push_stage_branches
+                output_dir,
+                config.run.hub_model_id,
+                private=config.run.hub_private,
+                push_stages=config.run.push_stage_branches,
             )
             print(f"pushed to {url}")
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..convert_original import load_coco_init
 from ..data import check_label_file_names, check_split_overlap, load_source, read_split
-from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
+from ..data.hub_dataset import hub_split_name, load_hub_run_sources
 from ..data.splits import resolve_split_file
 from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
@@ -33,9 +33,8 @@ def build_run_data(
     """
     layout = RunLayout(output_dir)
     if local is None:
-        hub_args = HubDataArguments(**config.hub_dataset)
-        sources, id2label, palette, name = load_hub_run_sources(hub_args, layout.partition, accelerator)
-        unlabeled_source = {"kind": "hub", **config.hub_dataset}
+        sources, id2label, palette, name = load_hub_run_sources(config.data, layout.partition, accelerator)
+        unlabeled_source = {"kind": "hub", **config.record()["hub_dataset"]}
         data_metadata = {
             "dataset": name,
             "split": hub_split_name(sources["metadata"]),
@@ -53,8 +52,8 @@ def build_run_data(
         id2label=id2label,
         unlabeled_entries=unlabeled_entries,
         palette=palette,
-        base_size=config.base_size,
-        crop_size=config.crop_size,
+        base_size=config.run.base_size,
+        crop_size=config.run.crop_size,
     )
     # a streamed unlabeled part is compared by id only: its images are not read before the stages
     check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
@@ -96,15 +95,18 @@ def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dic
 def model_factory(config: RunConfig, id2label: dict[int, str]):
     """A fresh model of the recipe with its initial weights, once per training stage."""
     config_kwargs = dict(
-        backbone=config.backbone, output_stride=config.output_stride, num_labels=len(id2label), id2label=id2label
+        backbone=config.model.backbone,
+        output_stride=config.model.output_stride,
+        num_labels=len(id2label),
+        id2label=id2label,
     )
 
     def factory():
-        model = build_model(config.model, **config_kwargs)
-        if config.coco_init is not None:
-            load_coco_init(model, config.coco_init)
-        elif config.backbone_weights != "none":
-            load_backbone_weights(model, config.backbone_weights)
+        model = build_model(config.model.model, **config_kwargs)
+        if config.model.coco_init is not None:
+            load_coco_init(model, config.model.coco_init)
+        elif config.model.backbone_weights != "none":
+            load_backbone_weights(model, config.model.backbone_weights)
         return model
 
     return factory
@@ -114,7 +116,7 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
     """The run's data once it is the run directory's: ``(data, the run config record with its data section, what
     results.json says of the data besides the options)``. Local data is compared by content before any cache is
     built (a refused launch changes nothing); a ``datasets`` dataset by its fingerprints once loaded."""
-    local = None if config.hub_dataset is not None else local_data(config, output_dir, accelerator)
+    local = None if config.is_hub else local_data(config, output_dir, accelerator)
     if local is not None:
         data_section, file_hashes = identify_local_data(local, output_dir, accelerator)
 
@@ -122,9 +124,9 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
             check_local_data(run_dir, local, section, file_hashes, write)
 
         check_run_record(accelerator, output_dir, data_section, check=check_data)
-        check_run_record(accelerator, output_dir, {**config.to_dict(), "data": data_section})
+        check_run_record(accelerator, output_dir, {**config.record(), "data": data_section})
     data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
-    record = {**config.to_dict(), "data": data_record(data) if local is None else data_section}
+    record = {**config.record(), "data": data_record(data) if local is None else data_section}
     check_run_record(accelerator, output_dir, record)
     if accelerator.is_main_process:
         if local is not None:
@@ -136,43 +138,43 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
 def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dict, extra: dict) -> RunSettings:
     """How the pipeline runs ``config`` on ``data``; ``extra`` goes into ``results.json`` too."""
     metadata = {
-        "dataset": config.dataset,
-        "split": config.split or ("synthetic" if config.is_synthetic else "custom"),
-        "model": config.model,
-        "backbone": config.backbone,
-        "output_stride": config.output_stride,
-        "epochs": config.epochs,
-        "batch_size": config.global_batch_size,
-        "lr": config.base_lr,
-        "crop_size": config.crop_size,
-        "pretrained_backbone": config.backbone_weights != "none" or config.coco_init is not None,
-        "backbone_weights": describe_backbone_weights(config.backbone_weights, config.backbone),
+        "dataset": config.derived.dataset,
+        "split": config.data.split or ("synthetic" if config.is_synthetic else "custom"),
+        "model": config.model.model,
+        "backbone": config.model.backbone,
+        "output_stride": config.model.output_stride,
+        "epochs": config.run.epochs,
+        "batch_size": config.run.global_batch_size,
+        "lr": config.run.lr,
+        "crop_size": config.run.crop_size,
+        "pretrained_backbone": config.model.backbone_weights != "none" or config.model.coco_init is not None,
+        "backbone_weights": describe_backbone_weights(config.model.backbone_weights, config.model.backbone),
         **extra,
     }
     hparams = StageHyperParameters(
-        epochs=config.epochs,
-        global_batch_size=config.global_batch_size,
-        base_lr=config.base_lr,
-        val_batch_size=config.val_batch_size,
-        num_workers=config.num_workers,
-        seed=config.seed,
+        epochs=config.run.epochs,
+        global_batch_size=config.run.global_batch_size,
+        base_lr=config.run.lr,
+        val_batch_size=config.run.val_batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
         sliding_window=config.sliding_window_stride,
-        channels_last=config.channels_last,
-        activation_checkpointing=config.activation_checkpointing,
-        sync_batchnorm=config.sync_bn,
-        save_steps=config.save_steps,
+        channels_last=config.run.channels_last,
+        activation_checkpointing=config.run.activation_checkpointing,
+        sync_batchnorm=config.run.sync_bn,
+        save_steps=config.run.save_steps,
     )
     return RunSettings(
         run_dir=output_dir,
-        framework=config.framework,
+        framework=config.run.framework,
         hparams=hparams,
         model_factory=model_factory(config, data.id2label),
-        model_class=MODEL_REGISTRY[config.model][1],
+        model_class=MODEL_REGISTRY[config.model.model][1],
         image_processor=DeepLabImageProcessor(),
-        teacher=config.teacher,
-        inference_batch_size=config.inference_batch_size,
+        teacher=config.run.teacher,
+        inference_batch_size=config.run.inference_batch_size,
         metadata=metadata,
         run_config=record,
-        redo_stage=config.redo_stage,
-        label_next=config.label_next,
+        redo_stage=config.run.redo_stage,
+        label_next=config.run.label_next,
     )

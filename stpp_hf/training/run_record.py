@@ -1,16 +1,20 @@
-"""The record of a run directory, ``run_config.json``: every setting that can change results, stored once, compared
-with a relaunch's (:func:`config_differences`) except the :data:`NON_RESULT_SETTINGS`, with a warning when the same
-global batch is laid out otherwise on the hardware."""
+"""The record of a run directory, ``run_config.json``: every setting of the resolved
+:class:`~stpp_hf.training.config.RunConfig` (:func:`settings_record`), stored once, compared with a relaunch's
+(:func:`config_differences`) except the :data:`NON_RESULT_SETTINGS`, with a warning when the same global batch is
+laid out otherwise on the hardware. A record of an earlier version is read in today's names (:func:`migrate_record`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, fields
 from typing import Any, Mapping, Optional
 
 from ..file_io import atomic_write_json
 from ..log import get_logger
 from .errors import ConfigError
+from .options import HubDataArguments
 from .run_layout import RunLayout
 
 logger = get_logger(__name__)
@@ -50,6 +54,46 @@ ADDED_SETTINGS = {
 }
 
 
+# options that are no setting of the run: how long the processes of a launch wait for each other
+UNRECORDED_OPTIONS = frozenset({"collective_timeout_s", "heartbeat_timeout_s"})
+SYNTHETIC_PREFIX = "synthetic_"
+# an earlier version's names: ``base_lr`` was the --lr option, and ``lr`` the lr used (``scaled_lr`` now)
+RENAMED_SETTINGS = {"lr": "scaled_lr", "base_lr": "lr"}
+
+
+def settings_record(config) -> dict:
+    """The settings of ``config`` (a :class:`~stpp_hf.training.config.RunConfig`) as ``run_config.json`` holds them:
+    every option by its name, the synthetic data's options in a ``synthetic`` section and the ``datasets`` options in
+    a ``hub_dataset`` section (each ``None`` where that data is not used), ``dataset`` the kind of data, and the
+    facts that follow from the options (``num_processes``, ``scaled_lr``, the initialisation files' hashes)."""
+    hub_names = [option.name for option in fields(HubDataArguments)]
+    options = {**asdict(config.data), **asdict(config.model), **asdict(config.run)}
+    record = {
+        name: value
+        for name, value in options.items()
+        if name not in UNRECORDED_OPTIONS and name not in hub_names and not name.startswith(SYNTHETIC_PREFIX)
+    }
+    synthetic = {
+        name.removeprefix(SYNTHETIC_PREFIX): value
+        for name, value in options.items()
+        if name.startswith(SYNTHETIC_PREFIX)
+    }
+    record["synthetic"] = synthetic if config.is_synthetic else None
+    record["hub_dataset"] = {name: options[name] for name in hub_names} if config.is_hub else None
+    return {**record, **asdict(config.derived)}
+
+
+def migrate_record(record: Mapping[str, Any]) -> dict:
+    """``record`` in today's names (:data:`RENAMED_SETTINGS`): a record written by an earlier version, where ``lr``
+    was the lr used and ``base_lr`` the option, reads as ``scaled_lr`` and ``lr``."""
+    if not isinstance(record, Mapping):
+        return record  # not a record: the comparison names what is wrong with it
+    record = dict(record)
+    if "base_lr" in record:
+        record = {RENAMED_SETTINGS.get(key, key): value for key, value in record.items()}
+    return record
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in values.items():
@@ -66,7 +110,7 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are, nor the
     :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` that
     ``saved`` lacks."""
-    saved, new = json.loads(json.dumps(dict(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
+    saved, new = json.loads(json.dumps(migrate_record(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
     for section in set(saved) ^ set(new):
         if isinstance(saved.get(section, new.get(section)), dict):
             saved.pop(section, None), new.pop(section, None)
@@ -139,9 +183,10 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
     run_dir, path = layout.run_dir, layout.run_config
     if path.is_file():
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            on_disk = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error}); restore it or use another --output_dir") from None
+        saved = migrate_record(on_disk)
         check_same_config(run_dir, saved, record)
         if write and (change := batch_layout_change(saved, record)):
             logger.warning("%s: %s", run_dir, change)
@@ -149,6 +194,6 @@ def check_and_record_run_config(run_dir: str | os.PathLike, record: Mapping[str,
     elif layout.state.is_file():
         raise ConfigError(f"{run_dir} holds a run without {path.name} (an older version): use another --output_dir")
     else:
-        saved, merged = None, dict(record)
-    if write and json.loads(json.dumps(merged)) != saved:  # an unchanged record is not rewritten
+        on_disk, merged = None, dict(record)
+    if write and json.loads(json.dumps(merged)) != on_disk:  # an unchanged record is not rewritten
         atomic_write_json(path, merged)
