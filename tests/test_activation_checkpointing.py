@@ -194,5 +194,5 @@ def test_the_option_reaches_the_run_config_and_a_relaunch_may_change_it():
         return resolve_run_config(data, model, run)
 
     plain, checkpointed = resolved(), resolved("--activation_checkpointing")
-    assert (plain.activation_checkpointing, checkpointed.activation_checkpointing) == (False, True)
+    assert (plain.run.activation_checkpointing, checkpointed.run.activation_checkpointing) == (False, True)
     assert config_differences(plain.record(), checkpointed.record()) == []

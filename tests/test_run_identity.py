@@ -242,3 +242,20 @@ def test_a_run_directory_with_the_earlier_names_resumes_and_is_recorded_in_today
     (run / "state.json").write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="lr: 0.04 -> 0.02"):
         RunState(run, config)
+
+
+def test_a_launch_claims_its_run_directory_once(tmp_path, monkeypatch):
+    """The shared-directory check and the lock run once per launch: the pipeline does not repeat the command's."""
+    from stpp_hf.training import pipeline, run_directory
+
+    claims = []
+    monkeypatch.setattr(run_directory, "check_shared_run_dir", lambda accelerator, run_dir: claims.append(run_dir))
+    monkeypatch.setattr(pipeline, "claim_run_directory", lambda accelerator, run_dir: claims.append(run_dir))
+
+    def stop(self):
+        raise Killed()
+
+    monkeypatch.setattr(pipeline._Run, "run", stop)  # after the pipeline has set up (and would have claimed)
+    with pytest.raises(Killed):
+        cli.main(["--output_dir", str(tmp_path / "run"), *SYNTHETIC])
+    assert len(claims) == 1

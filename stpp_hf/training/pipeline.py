@@ -83,8 +83,9 @@ class RunSettings:
     """How to run: framework, teacher, hyper-parameters, model factory, where to write.
 
     ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...). ``run_config``
-    is every setting that can change results (the resolved :class:`~stpp_hf.training.config.RunConfig`
-    plus :func:`data_record`): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
+    is every setting that can change results (the record of the resolved
+    :class:`~stpp_hf.training.config.RunConfig`, :func:`~stpp_hf.training.run_record.settings_record`, with its
+    ``data`` section): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
     """
 
     run_dir: Path
