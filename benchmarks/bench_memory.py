@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from stpp_hf import build_model
-from stpp_hf.training.config import DEEPLABV2_BACKBONE, RECIPE_DEFAULTS
+from stpp_hf.training.recipe import DEEPLABV2_BACKBONE, RECIPE_DEFAULTS
 from stpp_hf.training.trainer import build_optimizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"

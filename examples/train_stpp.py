@@ -6,7 +6,7 @@
         --output_dir runs/voc-1_16                                            # a paper recipe + overrides
     python examples/train_stpp.py examples/recipes/pascal-1_16-r50.yaml --data_root VOC2012 --dry_run
 
-Options: ``python examples/train_stpp.py --help`` (they live in ``stpp_hf/training/config.py``).
+Options: ``python examples/train_stpp.py --help`` (they live in ``stpp_hf/training/options.py``).
 Relaunching the same command in the same ``--output_dir`` resumes the run.
 """
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .file_io import atomic_write_json, atomic_write_text
-from .training.config import NON_RESULT_SETTINGS
 from .training.plots import plot_comparison, stage_title
 from .training.results import RunResults
+from .training.run_record import NON_RESULT_SETTINGS, migrate_record
 
 STD_NAME = "sample standard deviation (ddof=1)"
 # what runs must share to be compared: (name, how to read it from a run)
@@ -81,7 +81,8 @@ def _settings(results: RunResults) -> dict[str, Any]:
     """The settings of a run that can change its numbers: its recorded configuration, else its description."""
     if results.config is None:
         return {name: getattr(results, name) for name in DESCRIPTION_SETTINGS}
-    settings = {key: value for key, value in _flatten(results.config).items() if key not in NON_RESULT_SETTINGS}
+    config = migrate_record(results.config)  # an earlier version's run compares in today's names
+    settings = {key: value for key, value in _flatten(config).items() if key not in NON_RESULT_SETTINGS}
     if results.config.get("synthetic") is not None:  # its settings say what the data is; file fingerprints differ
         settings = {key: value for key, value in settings.items() if not key.startswith("data.")}
     return settings

@@ -186,12 +186,13 @@ def test_a_training_stage_ends_bit_for_bit_the_same_with_checkpointing(tmp_path,
 
 
 def test_the_option_reaches_the_run_config_and_a_relaunch_may_change_it():
-    from stpp_hf.training.config import config_differences, parse_arguments, resolve_run_config
+    from stpp_hf.training.config import parse_arguments, resolve_run_config
+    from stpp_hf.training.run_record import config_differences
 
     def resolved(*argv):
         data, model, run, _ = parse_arguments(["--output_dir", "runs/x", *argv])
         return resolve_run_config(data, model, run)
 
     plain, checkpointed = resolved(), resolved("--activation_checkpointing")
-    assert (plain.activation_checkpointing, checkpointed.activation_checkpointing) == (False, True)
-    assert config_differences(plain.to_dict(), checkpointed.to_dict()) == []
+    assert (plain.run.activation_checkpointing, checkpointed.run.activation_checkpointing) == (False, True)
+    assert config_differences(plain.record(), checkpointed.record()) == []

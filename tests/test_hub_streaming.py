@@ -16,11 +16,11 @@ from stpp_hf.data.hub_dataset import class_label_names, load_hub_sources, rarest
 from stpp_hf.data.images import open_image
 from stpp_hf.training.config import (
     ConfigError,
-    config_differences,
     parse_arguments,
     resolve_run_config,
     validate_arguments,
 )
+from stpp_hf.training.run_record import config_differences
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_a_relaunch_must_keep_streaming():
     configs = []
     for extra in ([], ["--streaming", "true"]):
         data, model, run, _ = parse_arguments(["--dataset_name", "owner/name", "--num_labeled", "2", *extra])
-        configs.append(json.loads(resolve_run_config(data, model, run, 1, "cpu").to_json()))
+        configs.append(json.loads(json.dumps(resolve_run_config(data, model, run, 1, "cpu").record())))
     assert config_differences(*configs) == [("hub_dataset.streaming", False, True)]
 
 

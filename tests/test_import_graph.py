@@ -79,7 +79,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
-    assert "stpp_hf.training.run_layout" in graph["stpp_hf.training.config"]
+    assert "stpp_hf.training.run_layout" in graph["stpp_hf.training.run_record"]
     assert "stpp_hf.models.deeplab.label_presets" in graph["stpp_hf.data.sources.pascal"]
 
 

@@ -127,7 +127,7 @@ def test_the_cli_goes_on_with_a_native_device_or_the_override(tmp_path, monkeypa
     def stop(*args, **kwargs):
         raise ReachedTheRunDirectory
 
-    monkeypatch.setattr(cli, "check_shared_run_dir", stop)
+    monkeypatch.setattr(cli, "open_run_directory", stop)
     argv = ["--output_dir", str(tmp_path / "run"), "--mixed_precision", "bf16", "--report_to", "none"]
     for facts, extra in ((AVX512_BF16_CPU, []), (AVX2_CPU, [OVERRIDE_OPTION])):
         _inject(monkeypatch, facts)

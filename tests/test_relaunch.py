@@ -11,8 +11,9 @@ from helpers import tiny_deeplab
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
-from stpp_hf.training.pipeline import RunData, RunSettings, lock_run, run_pipeline
+from stpp_hf.training.pipeline import RunData, RunSettings, run_pipeline
 from stpp_hf.training.results import RunResults
+from stpp_hf.training.run_directory import lock_run
 from stpp_hf.training.run_layout import RunLayout
 from stpp_hf.training.stages import build_stages, snapshot_epochs
 from stpp_hf.training.state import RunDirectoryLocked, lock_run_directory

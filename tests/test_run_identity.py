@@ -17,11 +17,11 @@ from stpp_hf.data.splits import read_split_text
 from stpp_hf.training import cli
 from stpp_hf.training.config import (
     ConfigError,
-    check_and_record_run_config,
-    config_differences,
     parse_arguments,
     resolve_run_config,
 )
+from stpp_hf.training.run_record import check_and_record_run_config, config_differences
+from stpp_hf.training.state import STATE_VERSION, RunState
 
 SYNTHETIC = ["--synthetic_num_labeled", "4", "--synthetic_num_unlabeled", "4", "--synthetic_num_val", "2",
              "--synthetic_image_size", "32", "--report_to", "none"]  # fmt: skip
@@ -35,7 +35,7 @@ class Killed(Exception):
 def killed_before_training(monkeypatch):
     """``cli.main`` with the stages replaced by a kill: a launch that built its data and checked the run directory."""
 
-    def kill(*args):
+    def kill(*args, **kwargs):
         raise Killed()
 
     monkeypatch.setattr(cli, "run_pipeline", kill)
@@ -169,8 +169,8 @@ def resolve(argv, num_processes=1, device_type="cpu"):
 
 
 def test_another_process_count_with_the_same_global_batch_is_accepted_with_a_batchnorm_warning(tmp_path, caplog):
-    two_gpus = resolve(["--global_batch_size", "8"], num_processes=2, device_type="cuda").to_dict()
-    one_gpu = resolve(["--global_batch_size", "8", "--gradient_accumulation_steps", "2"], device_type="cuda").to_dict()
+    two_gpus = resolve(["--global_batch_size", "8"], num_processes=2, device_type="cuda").record()
+    one_gpu = resolve(["--global_batch_size", "8", "--gradient_accumulation_steps", "2"], device_type="cuda").record()
     assert two_gpus["sync_bn"] and not one_gpu["sync_bn"]
     assert config_differences(two_gpus, one_gpu) == []
     check_and_record_run_config(tmp_path, two_gpus)
@@ -178,26 +178,26 @@ def test_another_process_count_with_the_same_global_batch_is_accepted_with_a_bat
         check_and_record_run_config(tmp_path, one_gpu)
     assert "BatchNorm batch 8 (SyncBatchNorm)" in caplog.text and "BatchNorm batch 4" in caplog.text
     # another global batch changes the steps and the lr: refused, listing the layout too
-    other = resolve(["--global_batch_size", "4"]).to_dict()
+    other = resolve(["--global_batch_size", "4"]).record()
     differing = [key for key, _, _ in config_differences(two_gpus, other)]
-    assert {"global_batch_size", "lr", "num_processes"} <= set(differing)
+    assert {"global_batch_size", "scaled_lr", "num_processes"} <= set(differing)
 
 
 def test_a_replaced_backbone_weights_file_is_refused_naming_the_option_and_file(tmp_path):
     weights = tmp_path / "resnet18.pth"
     weights.write_bytes(b"first weights")
     argv = ["--backbone_weights", str(weights)]
-    check_and_record_run_config(tmp_path / "run", resolve(argv).to_dict())
-    check_and_record_run_config(tmp_path / "run", resolve(argv).to_dict())  # the same content: resumes
+    check_and_record_run_config(tmp_path / "run", resolve(argv).record())
+    check_and_record_run_config(tmp_path / "run", resolve(argv).record())  # the same content: resumes
     weights.write_bytes(b"other weights")
     with pytest.raises(ConfigError, match="backbone_weights_sha256") as refused:
-        check_and_record_run_config(tmp_path / "run", resolve(argv).to_dict())
+        check_and_record_run_config(tmp_path / "run", resolve(argv).record())
     assert f"the file {weights} given as --backbone_weights has other content" in str(refused.value)
     # a run directory of an earlier version, which did not record the content, resumes
-    earlier = resolve(argv).to_dict()
+    earlier = resolve(argv).record()
     earlier.pop("backbone_weights_sha256"), earlier.pop("coco_init_sha256")
     check_and_record_run_config(tmp_path / "earlier", earlier)
-    check_and_record_run_config(tmp_path / "earlier", resolve(argv).to_dict())
+    check_and_record_run_config(tmp_path / "earlier", resolve(argv).record())
 
 
 @pytest.mark.slow
@@ -214,3 +214,48 @@ def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(tmp
     assert "2 per device x 2 processes x 1 accumulation steps, BatchNorm batch 2" in resumed.stderr
     assert "2 per device x 1 processes x 2 accumulation steps, BatchNorm batch 2" in resumed.stderr
     assert json.loads((run / "run_config.json").read_text())["num_processes"] == 1
+
+
+def earlier_names(record):
+    """``record`` as an earlier version wrote it: ``lr`` the lr used, ``base_lr`` the --lr option."""
+    renamed = {"lr": "base_lr", "scaled_lr": "lr"}
+    return {renamed.get(key, key): value for key, value in record.items()}
+
+
+def test_a_run_directory_with_the_earlier_names_resumes_and_is_recorded_in_todays(tmp_path, killed_before_training):
+    run = tmp_path / "run"
+    killed_before_training(run, "--global_batch_size", "2")
+    config = json.loads((run / "run_config.json").read_text())
+    assert (config["lr"], config["scaled_lr"]) == (0.02, 0.02 / 16 * 2) and "base_lr" not in config
+    (run / "run_config.json").write_text(json.dumps(earlier_names(config)))
+    killed_before_training(run, "--global_batch_size", "2")  # accepted: the same settings in earlier names
+    assert json.loads((run / "run_config.json").read_text()) == config  # rewritten in today's names
+    # state.json: its run_config is read in today's names too
+    state = {"version": STATE_VERSION, "run_config": earlier_names(config), "stages": {}}
+    (run / "state.json").write_text(json.dumps(state))
+    RunState(run, config)
+    # an earlier record with other settings is still refused, named in today's names
+    (run / "run_config.json").write_text(json.dumps({**earlier_names(config), "base_lr": 0.04}))
+    with pytest.raises(ConfigError, match="lr: 0.04 -> 0.02"):
+        killed_before_training(run, "--global_batch_size", "2")
+    state["run_config"]["base_lr"] = 0.04
+    (run / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="lr: 0.04 -> 0.02"):
+        RunState(run, config)
+
+
+def test_a_launch_claims_its_run_directory_once(tmp_path, monkeypatch):
+    """The shared-directory check and the lock run once per launch: the pipeline does not repeat the command's."""
+    from stpp_hf.training import pipeline, run_directory
+
+    claims = []
+    monkeypatch.setattr(run_directory, "check_shared_run_dir", lambda accelerator, run_dir: claims.append(run_dir))
+    monkeypatch.setattr(pipeline, "claim_run_directory", lambda accelerator, run_dir: claims.append(run_dir))
+
+    def stop(self):
+        raise Killed()
+
+    monkeypatch.setattr(pipeline._Run, "run", stop)  # after the pipeline has set up (and would have claimed)
+    with pytest.raises(Killed):
+        cli.main(["--output_dir", str(tmp_path / "run"), *SYNTHETIC])
+    assert len(claims) == 1

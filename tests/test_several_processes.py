@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO, TINY_ARGS, launch_command
 
 from stpp_hf.data import load_source, make_synthetic_dataset
-from stpp_hf.training.cli import cache_build_processes
 from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
+from stpp_hf.training.run_data import cache_build_processes
 
 
 @pytest.mark.parametrize("option", ["--collective_timeout_s", "--heartbeat_timeout_s"])
@@ -28,7 +28,7 @@ ALONE_SCRIPT = """
 import os, sys, time
 from stpp_hf.training import cli
 
-def build_run_data(config, output_dir, accelerator, *data):
+def load_run_data(accelerator, *args):
     if accelerator.is_main_process:
         time.sleep(float(sys.argv[1]))
         print("the main process has done its work", flush=True)
@@ -36,7 +36,7 @@ def build_run_data(config, output_dir, accelerator, *data):
     print(f"process {accelerator.process_index} passed the barrier", flush=True)
     os._exit(0)
 
-cli.build_run_data = build_run_data
+cli.load_run_data = load_run_data
 cli.main(sys.argv[2:])
 """
 

@@ -9,15 +9,13 @@ import warnings
 import pytest
 from helpers import REPO
 
-from stpp_hf.training import cli
+from stpp_hf.training import cli, dry_run
 from stpp_hf.training.config import (
     ConfigError,
-    RunConfig,
-    check_and_record_run_config,
-    config_differences,
     parse_arguments,
     resolve_run_config,
 )
+from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 
 RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
 
@@ -124,40 +122,59 @@ def test_bad_settings_are_named(tmp_path):
 def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
     # the synthetic demo keeps its recipe: global batch 8 on one process, base lr 0.02 for a global batch of 16
     demo = resolve([])
-    assert (demo.global_batch_size, demo.per_device_batch_size, demo.base_lr, demo.lr) == (8, 8, 0.02, 0.01)
-    assert (demo.backbone, demo.output_stride, demo.backbone_weights, demo.sync_bn) == ("resnet18", 16, "none", False)
+    assert (demo.run.global_batch_size, demo.run.per_device_batch_size, demo.run.lr, demo.derived.scaled_lr) == (
+        8,
+        8,
+        0.02,
+        0.01,
+    )
+    assert (demo.model.backbone, demo.model.output_stride, demo.model.backbone_weights, demo.run.sync_bn) == (
+        "resnet18",
+        16,
+        "none",
+        False,
+    )
     # an explicit lr is the base lr: scaled with the global batch like the default
-    assert resolve(["--lr", "0.04", "--global_batch_size", "32"]).lr == pytest.approx(0.08)
+    assert resolve(["--lr", "0.04", "--global_batch_size", "32"]).derived.scaled_lr == pytest.approx(0.08)
     # per-device batch instead of the global one
     two = resolve(["--per_device_batch_size", "4", "--gradient_accumulation_steps", "2"], num_processes=2)
-    assert (two.global_batch_size, two.lr) == (16, pytest.approx(0.02))
+    assert (two.run.global_batch_size, two.derived.scaled_lr) == (16, pytest.approx(0.02))
     # real data: the paper's defaults, ImageNet weights from the Hub, SyncBatchNorm on several CUDA GPUs
     real = ["--data_root", str(tmp_path), "--split", "1_16/split_0"]
     pascal = resolve(real, num_processes=4, device_type="cuda")
-    assert (pascal.global_batch_size, pascal.per_device_batch_size, pascal.lr, pascal.epochs) == (16, 4, 0.001, 80)
-    assert pascal.crop_size == 321
-    assert (pascal.backbone, pascal.backbone_weights, pascal.output_stride, pascal.sync_bn) == (
+    run = pascal.run
+    assert (run.global_batch_size, run.per_device_batch_size, pascal.derived.scaled_lr, run.epochs) == (
+        16,
+        4,
+        0.001,
+        80,
+    )
+    assert pascal.run.crop_size == 321
+    assert (pascal.model.backbone, pascal.model.backbone_weights, pascal.model.output_stride, pascal.run.sync_bn) == (
         "resnet50",
         "resnet50.tv_in1k",
         8,
         True,
     )
-    assert not resolve(real, num_processes=1, device_type="cuda").sync_bn
+    assert not resolve(real, num_processes=1, device_type="cuda").run.sync_bn
     with pytest.warns(UserWarning, match="not the method's recipe"):
         resolve([*real, "--backbone_weights", "none"])
     with pytest.warns(UserWarning, match="COCO"):
         v2 = resolve([*real, "--model", "deeplabv2"])
-    assert (v2.backbone, v2.backbone_weights) == ("resnet101", "resnet101.tv_in1k")
+    assert (v2.model.backbone, v2.model.backbone_weights) == ("resnet101", "resnet101.tv_in1k")
     coco = tmp_path / "coco.pth"
     coco.write_bytes(b"")
     v2 = resolve([*real, "--model", "deeplabv2", "--coco_init", str(coco)])
-    assert (v2.backbone_weights, v2.coco_init) == ("none", str(coco))
+    assert (v2.model.backbone_weights, v2.model.coco_init) == ("none", str(coco))
     with pytest.raises(ConfigError, match="--global_batch_size 16 is not divisible by 3 processes"):
         resolve(real, num_processes=3)
-    assert RunConfig.from_json(pascal.to_json()) == pascal
     # the Cityscapes recipe: its own base lr (for a global batch of 16), resolved at batch 16
     cityscapes = resolve(["--dataset", "cityscapes", "--data_root", str(tmp_path), "--split", "1_30/split_0"])
-    assert (cityscapes.base_lr, cityscapes.lr, cityscapes.crop_size) == (0.004, pytest.approx(0.004), 721)
+    assert (cityscapes.run.lr, cityscapes.derived.scaled_lr, cityscapes.run.crop_size) == (
+        0.004,
+        pytest.approx(0.004),
+        721,
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
@@ -168,14 +185,20 @@ def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the DeepLabV2 recipes warn when their COCO file is absent
             config = resolve(argv, num_processes=processes)
-        summary = cli.recipe_summary(config)
-        assert config.per_device_batch_size * processes == config.global_batch_size == 16
+        summary = dry_run.recipe_summary(config)
+        assert config.run.per_device_batch_size * processes == config.run.global_batch_size == 16
         summaries.append(
-            (config.global_batch_size, config.lr, summary["lr"], summary["steps"], summary["total_steps"])
+            (
+                config.run.global_batch_size,
+                config.derived.scaled_lr,
+                summary["lr"],
+                summary["steps"],
+                summary["total_steps"],
+            )
         )
         assert summary["total_steps"] > 0
     assert summaries[0] == summaries[1] == summaries[2]
-    text = cli.describe_recipe(config, parse_arguments(argv)[3])
+    text = dry_run.describe_recipe(config, parse_arguments(argv)[3])
     assert "for a global batch of 16" in text and "published mIoU" in text and "snapshot epochs" in text
     assert "per device x 8 processes" in text
 
@@ -196,9 +219,9 @@ def test_dry_run_prints_the_recipe_and_trains_nothing(tmp_path, monkeypatch, cap
 
 
 def test_relaunch_differences_list_every_setting_with_both_values(tmp_path):
-    saved = {**resolve([]).to_dict(), "data": {"val": {"fingerprint": "a", "num_images": 3}}}
+    saved = {**resolve([]).record(), "data": {"val": {"fingerprint": "a", "num_images": 3}}}
     new = {
-        **resolve(["--synthetic_seed", "1", "--epochs", "7", "--num_workers", "2", "--output_dir", "o"]).to_dict(),
+        **resolve(["--synthetic_seed", "1", "--epochs", "7", "--num_workers", "2", "--output_dir", "o"]).record(),
         "data": {"val": {"fingerprint": "b", "num_images": 3}},
     }
     assert config_differences(saved, new) == [
@@ -207,7 +230,7 @@ def test_relaunch_differences_list_every_setting_with_both_values(tmp_path):
         ("synthetic.seed", 0, 1),
     ]
     # the settings alone (before the data is built) are compared without the data section
-    assert config_differences(saved, resolve([]).to_dict()) == []
+    assert config_differences(saved, resolve([]).record()) == []
     check_and_record_run_config(tmp_path, saved)
     with pytest.raises(ConfigError, match=r"synthetic.seed: 0 -> 1") as error:
         check_and_record_run_config(tmp_path, new)
@@ -236,7 +259,7 @@ def test_relaunch_with_another_synthetic_seed_is_refused_before_the_data_is_rege
     ]
     # stand in for a first launch killed after building its data (before training)
     original = cli.run_pipeline
-    cli.run_pipeline = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+    cli.run_pipeline = lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
     try:
         with pytest.raises(KeyboardInterrupt):
             cli.main(common)
@@ -272,5 +295,5 @@ def test_one_image_per_device_without_syncbatchnorm_is_refused_before_the_run_di
 
 
 def test_one_image_per_device_works_with_syncbatchnorm_or_deeplabv2():
-    assert resolve(["--global_batch_size", "2"], num_processes=2, device_type="cuda").sync_bn
-    assert resolve(["--per_device_batch_size", "1", "--model", "deeplabv2"]).per_device_batch_size == 1
+    assert resolve(["--global_batch_size", "2"], num_processes=2, device_type="cuda").run.sync_bn
+    assert resolve(["--per_device_batch_size", "1", "--model", "deeplabv2"]).run.per_device_batch_size == 1

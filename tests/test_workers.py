@@ -183,6 +183,6 @@ def test_workers_default_to_the_cores_per_process_on_cuda_and_to_none_on_cpu(mon
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 8 processes, 2 on this node
     assert default_num_workers("cuda", 8) == 8
     arguments = parse_arguments([])[:3]
-    assert resolve_run_config(*arguments, 1, "cuda").num_workers == 8
-    assert resolve_run_config(*arguments, 1, "cpu").num_workers == 0
-    assert resolve_run_config(*parse_arguments(["--num_workers", "3"])[:3], 1, "cuda").num_workers == 3
+    assert resolve_run_config(*arguments, 1, "cuda").data.num_workers == 8
+    assert resolve_run_config(*arguments, 1, "cpu").data.num_workers == 0
+    assert resolve_run_config(*parse_arguments(["--num_workers", "3"])[:3], 1, "cuda").data.num_workers == 3

@@ -2,7 +2,7 @@
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
 from .fast_transforms import FastTrainTransform
-from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
+from .hub_dataset import HubSources, load_hub_sources
 from .normalization import normalize_batch
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
@@ -38,7 +38,6 @@ __all__ = [
     "UnlabeledStream",
     "EvalTransform",
     "FastTrainTransform",
-    "HubDataArguments",
     "HubSources",
     "PseudoLabelStore",
     "RetrainDataset",

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, IterableDataset, load_dataset
@@ -42,38 +42,6 @@ ID2LABEL_FILE = "id2label.json"
 PARTITION_FILE = "partition.json"
 VALIDATED_FILE = "validated.json"
 LABEL_COLUMN_FALLBACK = "annotation"  # the column name of many Hub segmentation datasets (e.g. scene_parse_150)
-
-
-@dataclass
-class HubDataArguments:
-    """Train on a ``datasets`` segmentation dataset (the flags of the transformers semantic-segmentation examples)."""
-
-    dataset_name: Optional[str] = field(
-        default=None, metadata={"help": "Hub dataset id (OWNER/NAME) or a local directory load_dataset reads."}
-    )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
-    image_column: str = field(default="image", metadata={"help": "Column of the images."})
-    label_column: str = field(
-        default="label",
-        metadata={"help": "Column of the class-index masks ('annotation' is used when 'label' is absent)."},
-    )
-    train_split: str = field(default="train", metadata={"help": "Split partitioned into labeled and unlabeled rows."})
-    val_split: str = field(default="validation", metadata={"help": "Split the stages are evaluated on."})
-    num_labeled: Optional[int] = field(default=None, metadata={"help": "Labeled rows of the train split."})
-    labeled_fraction: Optional[str] = field(
-        default=None, metadata={"help": "Labeled fraction of the train split, e.g. '1/16' or 0.0625."}
-    )
-    partition_seed: int = field(default=0, metadata={"help": "Seed of the labeled / unlabeled draw."})
-    id2label: Optional[str] = field(
-        default=None, metadata={"help": "JSON file {'0': 'name', ...} (default: the dataset's id2label.json)."}
-    )
-    streaming: bool = field(
-        default=False,
-        metadata={
-            "help": "Read the dataset lazily, without downloading it first: selection streams the unlabeled rows, "
-            "each label stage copies the images it labels into the run directory (retraining reads them there)."
-        },
-    )
 
 
 @dataclass
@@ -521,10 +489,9 @@ def hub_split_name(metadata: dict) -> str:
     return f"{partition['train_split']}: {amount} labeled, seed {partition['partition_seed']}"
 
 
-def load_hub_run_sources(
-    args: HubDataArguments, partition_dir: str | os.PathLike, accelerator
-) -> tuple[dict, dict, list, str]:
-    """What ``train_stpp.py`` needs from ``args``: ``(sources, id2label, palette, name)``, ``sources`` holding
+def load_hub_run_sources(args, partition_dir: str | os.PathLike, accelerator) -> tuple[dict, dict, list, str]:
+    """What ``train_stpp.py`` needs from ``args`` (an object with the Hub data options as attributes, such as
+    :class:`~stpp_hf.training.options.HubDataArguments`): ``(sources, id2label, palette, name)``, ``sources`` holding
     ``labeled``, ``unlabeled``, ``val``, ``unlabeled_entries`` and ``metadata`` (for ``results.json``).
 
     The partition lives in ``partition_dir`` (a run's ``RunLayout.partition``); the main process draws it (and

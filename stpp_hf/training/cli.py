@@ -19,388 +19,80 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from ..convert_original import load_coco_init
-from ..data import (
-    check_label_file_names,
-    check_split_overlap,
-    load_source,
-    read_split,
-)
-from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
-from ..data.splits import resolve_split_file
-from ..data.training_sets import retrain_length, suponly_length
-from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
-from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
-from .config import (
-    ConfigError,
-    RunConfig,
-    check_and_record_run_config,
-    check_process_timeouts,
-    describe_stages,
-    parse_arguments,
-    resolve_run_config,
-)
-from .data_identity import LocalData, check_local_data, identify_local_data, local_data
-from .distributed import check_shared_run_dir, create_accelerator
+from .config import resolve_run_config
+from .distributed import create_accelerator
 from .divergence import NonFiniteError
-from .heartbeat import start_heartbeat
-from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
+from .dry_run import describe_recipe
+from .errors import ConfigError
+from .options import parse_arguments
+from .pipeline import run_pipeline
 from .precision import gather_precision_decision
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, stop_handlers
-from .pseudo_label_export import record_unlabeled_source
-from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
+from .run_data import load_run_data, run_settings
+from .run_directory import open_run_directory
 from .run_layout import RunLayout
-from .selection import split_by_reliability
-from .stages import build_stages, snapshot_epochs
-from .trainer import StageHyperParameters
-
-# ---- the recipe, without data ----------------------------------------------------------------------
-
-
-def dataset_sizes(config: RunConfig) -> dict[str, int] | None:
-    """``{"labeled", "unlabeled", "val": number of images}`` from the split files' lines (no image is read);
-    ``None`` for a ``--dataset_name`` run, whose sizes are known once the dataset is loaded."""
-    if config.hub_dataset is not None:
-        return None
-    if config.is_synthetic:
-        return {part: config.synthetic[f"num_{part}"] for part in ("labeled", "unlabeled", "val")}
-    paths = {"labeled": config.labeled_id_path, "unlabeled": config.unlabeled_id_path, "val": config.val_id_path}
-    return {part: len(read_split(path)) for part, path in paths.items()}
-
-
-def stage_steps(config: RunConfig, sizes: dict[str, int]) -> dict[str, int]:
-    """Optimizer steps per epoch of each training stage, from the dataset sizes."""
-    unlabeled = [str(index) for index in range(sizes["unlabeled"])]
-    reliable, unreliable = split_by_reliability(dict.fromkeys(unlabeled, 0.0), unlabeled)
-    subset_size = {"all": len(unlabeled), "reliable": len(reliable), "unreliable": len(unreliable)}
-    stages = build_stages(config.framework)
-    subset_of = {stage.name: stage.subset for stage in stages if stage.kind == "label"}
-    steps = {}
-    for stage in stages:
-        if stage.kind != "train":
-            continue
-        if stage.pseudo_label_stages:
-            pseudo = sum(subset_size[subset_of[name]] for name in stage.pseudo_label_stages)
-            items = retrain_length(sizes["labeled"], pseudo)
-        else:
-            items = suponly_length(sizes["labeled"])
-        steps[stage.name] = steps_per_epoch(items, config.global_batch_size)
-    return steps
-
-
-def recipe_summary(config: RunConfig) -> dict:
-    """The numbers of the resolved recipe: batches, lr of each parameter group, steps, snapshots."""
-    sizes = dataset_sizes(config)
-    head_multiplier = MODEL_REGISTRY[config.model][0]().head_lr_multiplier
-    per_stage = stage_steps(config, sizes) if sizes is not None else {}
-    return {
-        "dataset_sizes": sizes,
-        "global_batch_size": config.global_batch_size,
-        "per_device_batch_size": config.per_device_batch_size,
-        "lr": {"backbone": config.lr, "head": config.lr * head_multiplier},
-        "steps_per_epoch": per_stage,
-        "steps": {name: steps * config.epochs for name, steps in per_stage.items()},
-        "total_steps": sum(per_stage.values()) * config.epochs if sizes is not None else None,
-        "snapshot_epochs": list(snapshot_epochs(config.epochs)) if config.framework == "stpp" else [],
-    }
-
-
-def describe_initialisation(config: RunConfig) -> str:
-    """Where the weights a training stage starts from come from."""
-    if config.coco_init is not None:
-        return f"COCO-pretrained DeepLabV2 checkpoint {config.coco_init} (the paper's)"
-    if config.backbone_weights == "none":
-        return "none (random backbone)"
-    described = describe_backbone_weights(config.backbone_weights, config.backbone)
-    where = {"hub": f"Hub {described.get('hub_id')}", "file": f"file {described.get('path')}", "none": "random init"}
-    return f"{config.backbone_weights} ({where.get(described['kind'], described['kind'])})"
-
-
-def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
-    """The printed ``--dry_run`` recipe."""
-    summary = recipe_summary(config)
-    sizes = summary["dataset_sizes"]
-    if config.hub_dataset is not None:
-        hub = config.hub_dataset
-        labeled = hub["num_labeled"] if hub["num_labeled"] is not None else f"a fraction {hub['labeled_fraction']} of"
-        data_line = (
-            f"dataset: {hub['dataset_name']} (`datasets`), {labeled} {hub['train_split']} rows labeled "
-            f"(partition seed {hub['partition_seed']}), val split {hub['val_split']}; image counts once it is loaded"
-        )
-    else:
-        data_line = (
-            f"dataset: {config.dataset} ({config.data_root or 'generated in the run directory'}), split "
-            f"{config.split or '-'}: {sizes['labeled']} labeled, {sizes['unlabeled']} unlabeled, "
-            f"{sizes['val']} val images"
-        )
-    if sizes is not None:
-        steps_line = (
-            f"epochs per stage: {config.epochs}; steps per epoch / per stage: "
-            + ", ".join(
-                f"{name} {summary['steps_per_epoch'][name]} / {summary['steps'][name]}" for name in summary["steps"]
-            )
-            + f"; total {summary['total_steps']}"
-        )
-    else:
-        steps_line = f"epochs per stage: {config.epochs}; steps follow from the image counts"
-    lines = [
-        data_line,
-        f"model: {config.model}, backbone {config.backbone}, output stride {config.output_stride}",
-        f"initialisation: {describe_initialisation(config)}",
-        f"framework: {config.framework}, teacher: the {config.teacher} model of its stage",
-        *(f"  {line}" for line in describe_stages(config)),
-        f"global batch: {config.global_batch_size} = {config.per_device_batch_size} per device x "
-        f"{config.num_processes} processes x {config.gradient_accumulation_steps} accumulation steps",
-        f"lr: base {config.base_lr:g} for a global batch of {REFERENCE_BATCH_SIZE} -> backbone "
-        f"{summary['lr']['backbone']:g}, head {summary['lr']['head']:g} ({describe_optimizer()})",
-        steps_line,
-    ]
-    if summary["snapshot_epochs"]:
-        lines.append(f"snapshot epochs (selection): {', '.join(map(str, summary['snapshot_epochs']))}")
-    window = config.sliding_window_stride
-    lines += [
-        f"crop {config.crop_size}, resize base {config.base_size}; val batch {config.val_batch_size}"
-        + (f", sliding window {window[0]} stride {window[1]}" if window else ", whole images"),
-        f"precision {config.mixed_precision}, SyncBatchNorm {'on' if config.sync_bn else 'off'}, "
-        f"activation checkpointing {'on' if config.activation_checkpointing else 'off'}, seed {config.seed}",
-    ]
-    if paper:
-        published = paper.get("published_miou")
-        lines.append(
-            f"paper: {paper.get('table', '')} published mIoU "
-            + (f"{published}" if published is not None else "not stated in this recipe")
-            + (f" ({paper['note']})" if paper.get("note") else "")
-        )
-    return "\n".join(lines)
-
-
-# ---- data and model -------------------------------------------------------------------------------
-
-
-def build_run_data(
-    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None
-) -> tuple[RunData, dict, dict]:
-    """The sources of the run as :class:`RunData` (``local``: of the synthetic data or a ``--data_root`` layout,
-    else of the Hub dataset), what ``results.json`` says of the data besides the options (the Hub dataset and its
-    partition), and how to load the unlabeled images again (for ``unlabeled_source.json``).
-
-    Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
-    directory's file system cannot hold, before any training.
-    """
-    layout = RunLayout(output_dir)
-    if local is None:
-        hub_args = HubDataArguments(**config.hub_dataset)
-        sources, id2label, palette, name = load_hub_run_sources(hub_args, layout.partition, accelerator)
-        unlabeled_source = {"kind": "hub", **config.hub_dataset}
-        data_metadata = {
-            "dataset": name,
-            "split": hub_split_name(sources["metadata"]),
-            "hub_dataset": sources["metadata"],
-        }
-        unlabeled_entries = sources["unlabeled_entries"]
-    else:
-        sources, unlabeled_source = _local_sources(local, output_dir, accelerator)
-        id2label, palette, data_metadata = local.id2label, local.palette, {}
-        unlabeled_entries = read_split(local.split_files["unlabeled"])
-    data = RunData(
-        labeled=sources["labeled"],
-        unlabeled=sources["unlabeled"],
-        val=sources["val"],
-        id2label=id2label,
-        unlabeled_entries=unlabeled_entries,
-        palette=palette,
-        base_size=config.base_size,
-        crop_size=config.crop_size,
-    )
-    # a streamed unlabeled part is compared by id only: its images are not read before the stages
-    check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
-    if accelerator.is_main_process:
-        check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
-    return data, data_metadata, unlabeled_source
-
-
-# below this many images per process, starting a process costs more than it saves
-CACHE_IMAGES_PER_PROCESS = 500
-
-
-def cache_build_processes(num_images: int) -> int | None:
-    """Processes that build (decode and validate) a dataset cache of ``num_images`` images while the other ranks
-    wait for it: one per :data:`CACHE_IMAGES_PER_PROCESS` images, at most the cores this process may use; ``None``
-    (this process alone) below two. The cache is the same for any number (rows in split order, same fingerprint)."""
-    processes = min(len(os.sched_getaffinity(0)), num_images // CACHE_IMAGES_PER_PROCESS)
-    return processes if processes > 1 else None
-
-
-def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
-    """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
-    sources = {}
-    with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
-        for part in ("labeled", "unlabeled", "val"):
-            sources[part] = load_source(
-                local.source,
-                local.root,
-                local.split_files[part],
-                require_masks=part != "unlabeled",
-                cache_dir=RunLayout(output_dir).datasets_cache,
-                num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
-            )
-    unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
-    unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
-    return sources, unlabeled_source
-
-
-def model_factory(config: RunConfig, id2label: dict[int, str]):
-    """A fresh model of the recipe with its initial weights, once per training stage."""
-    config_kwargs = dict(
-        backbone=config.backbone, output_stride=config.output_stride, num_labels=len(id2label), id2label=id2label
-    )
-
-    def factory():
-        model = build_model(config.model, **config_kwargs)
-        if config.coco_init is not None:
-            load_coco_init(model, config.coco_init)
-        elif config.backbone_weights != "none":
-            load_backbone_weights(model, config.backbone_weights)
-        return model
-
-    return factory
-
-
-def _check_run_dir(
-    accelerator, output_dir: Path, record: dict, check=check_and_record_run_config, write: bool = True
-) -> None:
-    """Every process compares ``record`` with the saved one (``check``); then (``write``) the main process records
-    it."""
-    check(output_dir, record, write=False)
-    accelerator.wait_for_everyone()
-    if write and accelerator.is_main_process:
-        check(output_dir, record, write=True)
-    accelerator.wait_for_everyone()
-
-
-# ---- main -----------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), then print the recipe (``--dry_run``) or train; returns 0."""
-    data_args, model_args, run_args, paper = parse_arguments(argv)
-
-    import transformers
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    check_process_timeouts(run_args)  # the process group is made with them
-
-    output_dir = Path(run_args.output_dir)
-    layout = RunLayout(output_dir)
-    accelerator = create_accelerator(
-        mixed_precision=run_args.mixed_precision,
-        gradient_accumulation_steps=run_args.gradient_accumulation_steps,
-        log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(layout.logs)),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run_args.collective_timeout_s))],
-    )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
-    transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
-    # validates every option: a bad one fails here, before any data work
+    data_args, model_args, run_args, paper = parse_arguments(argv)  # checks each option
+    accelerator = _accelerator(run_args)
+    # checks the options against each other: a bad one fails here, before any data work
     config = resolve_run_config(data_args, model_args, run_args, accelerator.num_processes, accelerator.device.type)
     # the precision must suit the device of every process, known before any data work or run directory
-    precision = gather_precision_decision(accelerator, config.allow_emulated_precision)
-    if config.dry_run:
+    precision = gather_precision_decision(accelerator, config.run.allow_emulated_precision)
+    if config.run.dry_run:
         if accelerator.is_main_process:
             print(describe_recipe(config, paper))
             print("\n".join(precision.describe()))
         return 0
     precision.check()
-
-    # before anything is written there: all processes see one run directory, one launch at a time holds it,
-    # and the settings are those of the run it holds (the data is compared once built)
-    check_shared_run_dir(accelerator, output_dir)
-    lock_run(accelerator, output_dir)
-    # from here a process that stops answering ends the run (a process that raises stops beating too)
-    heartbeat = start_heartbeat(accelerator, layout.heartbeats, run_args.heartbeat_timeout_s)
-    # the settings are recorded now in a new run directory only: a relaunch records them once the data matches too
-    _check_run_dir(accelerator, output_dir, config.to_dict(), write=not layout.run_config.is_file())
-    # local data is compared by content before any cache is built: a refused launch changes nothing
-    local = None if config.hub_dataset is not None else local_data(config, output_dir, accelerator)
-    if local is not None:
-        data_section, file_hashes = identify_local_data(local, output_dir, accelerator)
-
-        def check_data(run_dir, section, write):
-            check_local_data(run_dir, local, section, file_hashes, write)
-
-        _check_run_dir(accelerator, output_dir, data_section, check=check_data)
-        _check_run_dir(accelerator, output_dir, {**config.to_dict(), "data": data_section})
-    data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
-    record = {**config.to_dict(), "data": data_record(data) if local is None else data_section}
-    _check_run_dir(accelerator, output_dir, record)
-    if accelerator.is_main_process:
-        if local is not None:
-            file_hashes.save()
-        record_unlabeled_source(output_dir, unlabeled_source)  # for exporting the pseudo labels with their images
-
-    metadata = {
-        "dataset": config.dataset,
-        "split": config.split or ("synthetic" if config.is_synthetic else "custom"),
-        "model": config.model,
-        "backbone": config.backbone,
-        "output_stride": config.output_stride,
-        "epochs": config.epochs,
-        "batch_size": config.global_batch_size,
-        "lr": config.base_lr,
-        "crop_size": config.crop_size,
-        "pretrained_backbone": config.backbone_weights != "none" or config.coco_init is not None,
-        "backbone_weights": describe_backbone_weights(config.backbone_weights, config.backbone),
-        "precision": precision.to_json(),
-        **data_metadata,
-    }
-    hparams = StageHyperParameters(
-        epochs=config.epochs,
-        global_batch_size=config.global_batch_size,
-        base_lr=config.base_lr,
-        val_batch_size=config.val_batch_size,
-        num_workers=config.num_workers,
-        seed=config.seed,
-        sliding_window=config.sliding_window_stride,
-        channels_last=config.channels_last,
-        activation_checkpointing=config.activation_checkpointing,
-        sync_batchnorm=config.sync_bn,
-        save_steps=config.save_steps,
-    )
-    settings = RunSettings(
-        run_dir=output_dir,
-        framework=config.framework,
-        hparams=hparams,
-        model_factory=model_factory(config, data.id2label),
-        model_class=MODEL_REGISTRY[config.model][1],
-        image_processor=DeepLabImageProcessor(),
-        teacher=config.teacher,
-        inference_batch_size=config.inference_batch_size,
-        metadata=metadata,
-        run_config=record,
-        redo_stage=config.redo_stage,
-        label_next=config.label_next,
-    )
-    if config.report_to != "none":
+    output_dir = Path(config.run.output_dir)
+    heartbeat = open_run_directory(accelerator, output_dir, config.record(), config.run.heartbeat_timeout_s)
+    data, record, data_metadata = load_run_data(accelerator, config, output_dir)
+    settings = run_settings(config, output_dir, data, record, {"precision": precision.to_json(), **data_metadata})
+    if config.run.report_to != "none":
         # TensorBoard's hparams accept only scalars and strings
-        scalars = {key: value for key, value in config.to_dict().items() if isinstance(value, (int, float, str, bool))}
+        scalars = {key: value for key, value in config.record().items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("stpp", config=scalars)
-    results = run_pipeline(accelerator, data, settings)
+    results = run_pipeline(accelerator, data, settings, claimed=True)
     if heartbeat is not None:  # every process is here: the main process may push alone from now on
         heartbeat.stop()
     accelerator.end_training()
     if accelerator.is_main_process:
         print(results_table(results))
-        print(f"run directory: {output_dir} (final model in {layout.final})")
-        if config.push_to_hub:
+        print(f"run directory: {output_dir} (final model in {RunLayout(output_dir).final})")
+        if config.run.push_to_hub:
             from stpp_hf.hub import push_run_to_hub
 
             url = push_run_to_hub(
-                output_dir, config.hub_model_id, private=config.hub_private, push_stages=config.push_stage_branches
+                output_dir,
+                config.run.hub_model_id,
+                private=config.run.hub_private,
+                push_stages=config.run.push_stage_branches,
             )
             print(f"pushed to {url}")
     return 0
+
+
+def _accelerator(run_args):
+    """The launch's Accelerator, with the logging of a run (one process speaks; no per-file or per-shard lines)."""
+    import transformers
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    output_dir = Path(run_args.output_dir)
+    accelerator = create_accelerator(
+        mixed_precision=run_args.mixed_precision,
+        gradient_accumulation_steps=run_args.gradient_accumulation_steps,
+        log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(RunLayout(output_dir).logs)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run_args.collective_timeout_s))],
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save / load
+    return accelerator
 
 
 def console_main() -> None:

@@ -22,7 +22,8 @@ from ..data.sources.content import FileHashes
 from ..data.splits import read_split_text, resolve_split_file
 from ..file_io import atomic_write_json
 from ..log import get_logger
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError
 from .run_layout import RunLayout
 
 logger = get_logger(__name__)
@@ -48,12 +49,13 @@ def local_data(config: RunConfig, output_dir: Path, accelerator) -> LocalData:
     """The :class:`LocalData` of the run; the synthetic data is generated first (by the main process)."""
     if config.is_synthetic:
         with accelerator.main_process_first():
-            synthetic = make_synthetic_dataset(RunLayout(output_dir).synthetic_data, **config.synthetic)
+            synthetic = make_synthetic_dataset(RunLayout(output_dir).synthetic_data, **config.record()["synthetic"])
         return LocalData("pascal", Path(synthetic.root).resolve(), synthetic.split_files, synthetic.id2label,
                          synthetic.palette)  # fmt: skip
-    files = {"labeled": config.labeled_id_path, "unlabeled": config.unlabeled_id_path, "val": config.val_id_path}
-    id2label, palette = get_source(config.dataset).classes(config.data_root)  # the data owns its classes and colours
-    return LocalData(config.dataset, Path(config.data_root).resolve(), files, id2label, palette)
+    data = config.data
+    files = {"labeled": data.labeled_id_path, "unlabeled": data.unlabeled_id_path, "val": data.val_id_path}
+    id2label, palette = get_source(data.dataset).classes(data.data_root)  # the data owns its classes and colours
+    return LocalData(data.dataset, Path(data.data_root).resolve(), files, id2label, palette)
 
 
 def identify_local_data(data: LocalData, output_dir: Path, accelerator) -> tuple[dict, FileHashes]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate.utils import broadcast_object_list
 from torch.utils.data import Subset
 
 from ..data import (
@@ -37,17 +36,18 @@ from ..data.splits import read_split, write_split
 from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
-from .distributed import check_shared_run_dir, rank_and_world_size
+from .distributed import rank_and_world_size
 from .divergence import check_finite_model
 from .evaluation import evaluate
 from .label_next import DEFAULT_LABEL_NEXT, label_next_rows, write_label_next_csv
 from .plots import draw_run_figures
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
+from .run_directory import claim_run_directory
 from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
-from .state import RunDirectoryLocked, RunState, lock_run_directory
+from .state import RunState
 from .trainer import StageHyperParameters, train_stage
 from .visualization import save_contact_sheet, save_prediction_grid, save_selection_figure, selection_figure_rows
 
@@ -83,8 +83,9 @@ class RunSettings:
     """How to run: framework, teacher, hyper-parameters, model factory, where to write.
 
     ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...). ``run_config``
-    is every setting that can change results (the resolved :class:`~stpp_hf.training.config.RunConfig`
-    plus :func:`data_record`): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
+    is every setting that can change results (the record of the resolved
+    :class:`~stpp_hf.training.config.RunConfig`, :func:`~stpp_hf.training.run_record.settings_record`, with its
+    ``data`` section): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
     """
 
     run_dir: Path
@@ -114,12 +115,13 @@ def data_record(data: RunData) -> dict:
 
 
 class _Run:
-    def __init__(self, accelerator, data: RunData, settings: RunSettings):
+    def __init__(self, accelerator, data: RunData, settings: RunSettings, claimed: bool):
         self.accelerator, self.data, self.settings = accelerator, data, settings
         # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
         self.run_dir = Path(settings.run_dir).resolve()
         self.layout = RunLayout(self.run_dir)
-        check_shared_run_dir(accelerator, self.run_dir)  # before anything is read from or written to it
+        if not claimed:
+            claim_run_directory(accelerator, self.run_dir)  # before anything is read from or written to it
         self.stages = build_stages(settings.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]
@@ -127,7 +129,6 @@ class _Run:
         self.unlabeled_ids = data.unlabeled_ids
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = None if self.stream is not None else EvalDataset(data.unlabeled, EvalTransform())
-        lock_run(accelerator, self.run_dir)
         self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(settings.redo_stage))
 
     def redone_stages(self, redo_stage: str | None) -> list[str]:
@@ -520,21 +521,9 @@ class _Run:
         )
 
 
-def lock_run(accelerator, run_dir: str | Path) -> None:
-    """Lock ``run_dir`` for this launch (:func:`~stpp_hf.training.state.lock_run_directory`): the main
-    process takes the lock, every process raises :class:`RunDirectoryLocked` if it was refused."""
-    verdict = [None]
-    if accelerator.is_main_process:
-        try:
-            lock_run_directory(run_dir)
-        except RunDirectoryLocked as error:
-            verdict = [str(error)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        raise RunDirectoryLocked(verdict[0])
+def run_pipeline(accelerator, data: RunData, settings: RunSettings, claimed: bool = False) -> RunResults:
+    """Run (or resume) the whole sequence of ``settings.framework``; returns what ``results.json`` holds.
 
-
-def run_pipeline(accelerator, data: RunData, settings: RunSettings) -> RunResults:
-    """Run (or resume) the whole sequence of ``settings.framework``; returns what ``results.json`` holds."""
-    return _Run(accelerator, data, settings).run()
+    ``claimed``: the caller has already claimed the run directory for this launch
+    (:func:`~stpp_hf.training.run_directory.claim_run_directory`), which is done here otherwise."""
+    return _Run(accelerator, data, settings, claimed).run()

@@ -36,7 +36,7 @@ PSEUDO_LABEL_FEATURES = Features(
 
 def record_unlabeled_source(run_dir: str | os.PathLike, description: dict) -> None:
     """Write how to load the run's unlabeled images again: ``{"kind": "local", "source", "root", "split_file"}``
-    or ``{"kind": "hub", "dataset_name", ...}`` (the :class:`~stpp_hf.data.hub_dataset.HubDataArguments`)."""
+    or ``{"kind": "hub", "dataset_name", ...}`` (the :class:`~stpp_hf.training.options.HubDataArguments`)."""
     atomic_write_json(RunLayout(run_dir).unlabeled_source, description)
 
 

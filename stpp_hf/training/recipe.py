@@ -1,7 +1,10 @@
-"""The recipe's arithmetic (docs/method.md §2), one owner for every process count: the global batch split over
-processes and accumulation steps, the lr scaled to the global batch, the poly schedule, the SGD constants."""
+"""The recipe (docs/method.md §2): the defaults of each dataset, and its arithmetic, one owner for every process
+count: the global batch split over processes and accumulation steps, the lr scaled to the global batch, the poly
+schedule, the SGD constants."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -9,6 +12,44 @@ REFERENCE_BATCH_SIZE = 16  # the global batch the base lr is stated for
 POLY_POWER = 0.9
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
+
+SYNTHETIC = "synthetic"
+HUB = "hub"  # a `datasets` dataset named by --dataset_name
+# the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
+DEEPLABV2_BACKBONE = "resnet101"
+
+
+@dataclass(frozen=True)
+class RecipeDefaults:
+    """The defaults of one dataset (docs/method.md §2). ``base_lr`` is for a global batch of 16."""
+
+    epochs: int
+    base_lr: float
+    crop_size: int
+    base_size: int
+    val_batch_size: int
+    global_batch_size: int = 16
+    backbone: str = "resnet50"
+    output_stride: int = 8
+
+
+RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
+    "pascal": RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    "cityscapes": RecipeDefaults(epochs=240, base_lr=0.004, crop_size=721, base_size=2048, val_batch_size=4),
+    "folder": RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    HUB: RecipeDefaults(epochs=80, base_lr=0.001, crop_size=321, base_size=400, val_batch_size=1),
+    # small images, a ResNet-18 from scratch at output stride 16, global batch 8 and 6 epochs: minutes on 2 CPU cores
+    SYNTHETIC: RecipeDefaults(
+        epochs=6,
+        base_lr=0.02,
+        crop_size=48,
+        base_size=64,
+        val_batch_size=25,
+        global_batch_size=8,
+        backbone="resnet18",
+        output_stride=16,
+    ),
+}
 
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:

@@ -24,8 +24,8 @@ from huggingface_hub.dataclasses import strict
 from ..file_io import sha256_file
 from ..log import get_logger
 from ..records import JsonRecord
-from .config import check_same_config
 from .run_layout import RunLayout
+from .run_record import check_same_config
 
 logger = get_logger(__name__)
 

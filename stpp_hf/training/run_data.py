@@ -1,0 +1,180 @@
+"""The data and the model of a run from its resolved settings: the three sources (local layout, synthetic data or a
+``datasets`` dataset) as :class:`~stpp_hf.training.pipeline.RunData`, and the factory of each stage's fresh model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..convert_original import load_coco_init
+from ..data import check_label_file_names, check_split_overlap, load_source, read_split
+from ..data.hub_dataset import hub_split_name, load_hub_run_sources
+from ..data.splits import resolve_split_file
+from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
+from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
+from .config import RunConfig
+from .data_identity import LocalData, check_local_data, identify_local_data, local_data
+from .pipeline import RunData, RunSettings, data_record
+from .pseudo_label_export import record_unlabeled_source
+from .run_directory import check_run_record
+from .run_layout import RunLayout
+from .trainer import StageHyperParameters
+
+
+def build_run_data(
+    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None
+) -> tuple[RunData, dict, dict]:
+    """The sources of the run as :class:`RunData` (``local``: of the synthetic data or a ``--data_root`` layout,
+    else of the Hub dataset), what ``results.json`` says of the data besides the options (the Hub dataset and its
+    partition), and how to load the unlabeled images again (for ``unlabeled_source.json``).
+
+    Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
+    directory's file system cannot hold, before any training.
+    """
+    layout = RunLayout(output_dir)
+    if local is None:
+        sources, id2label, palette, name = load_hub_run_sources(config.data, layout.partition, accelerator)
+        unlabeled_source = {"kind": "hub", **config.record()["hub_dataset"]}
+        data_metadata = {
+            "dataset": name,
+            "split": hub_split_name(sources["metadata"]),
+            "hub_dataset": sources["metadata"],
+        }
+        unlabeled_entries = sources["unlabeled_entries"]
+    else:
+        sources, unlabeled_source = _local_sources(local, output_dir, accelerator)
+        id2label, palette, data_metadata = local.id2label, local.palette, {}
+        unlabeled_entries = read_split(local.split_files["unlabeled"])
+    data = RunData(
+        labeled=sources["labeled"],
+        unlabeled=sources["unlabeled"],
+        val=sources["val"],
+        id2label=id2label,
+        unlabeled_entries=unlabeled_entries,
+        palette=palette,
+        base_size=config.run.base_size,
+        crop_size=config.run.crop_size,
+    )
+    # a streamed unlabeled part is compared by id only: its images are not read before the stages
+    check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
+    if accelerator.is_main_process:
+        check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
+    return data, data_metadata, unlabeled_source
+
+
+# below this many images per process, starting a process costs more than it saves
+CACHE_IMAGES_PER_PROCESS = 500
+
+
+def cache_build_processes(num_images: int) -> int | None:
+    """Processes that build (decode and validate) a dataset cache of ``num_images`` images while the other ranks
+    wait for it: one per :data:`CACHE_IMAGES_PER_PROCESS` images, at most the cores this process may use; ``None``
+    (this process alone) below two. The cache is the same for any number (rows in split order, same fingerprint)."""
+    processes = min(len(os.sched_getaffinity(0)), num_images // CACHE_IMAGES_PER_PROCESS)
+    return processes if processes > 1 else None
+
+
+def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
+    """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
+    sources = {}
+    with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
+        for part in ("labeled", "unlabeled", "val"):
+            sources[part] = load_source(
+                local.source,
+                local.root,
+                local.split_files[part],
+                require_masks=part != "unlabeled",
+                cache_dir=RunLayout(output_dir).datasets_cache,
+                num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
+            )
+    unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
+    unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
+    return sources, unlabeled_source
+
+
+def model_factory(config: RunConfig, id2label: dict[int, str]):
+    """A fresh model of the recipe with its initial weights, once per training stage."""
+    config_kwargs = dict(
+        backbone=config.model.backbone,
+        output_stride=config.model.output_stride,
+        num_labels=len(id2label),
+        id2label=id2label,
+    )
+
+    def factory():
+        model = build_model(config.model.model, **config_kwargs)
+        if config.model.coco_init is not None:
+            load_coco_init(model, config.model.coco_init)
+        elif config.model.backbone_weights != "none":
+            load_backbone_weights(model, config.model.backbone_weights)
+        return model
+
+    return factory
+
+
+def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[RunData, dict, dict]:
+    """The run's data once it is the run directory's: ``(data, the run config record with its data section, what
+    results.json says of the data besides the options)``. Local data is compared by content before any cache is
+    built (a refused launch changes nothing); a ``datasets`` dataset by its fingerprints once loaded."""
+    local = None if config.is_hub else local_data(config, output_dir, accelerator)
+    if local is not None:
+        data_section, file_hashes = identify_local_data(local, output_dir, accelerator)
+
+        def check_data(run_dir, section, write):
+            check_local_data(run_dir, local, section, file_hashes, write)
+
+        check_run_record(accelerator, output_dir, data_section, check=check_data)
+        check_run_record(accelerator, output_dir, {**config.record(), "data": data_section})
+    data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
+    record = {**config.record(), "data": data_record(data) if local is None else data_section}
+    check_run_record(accelerator, output_dir, record)
+    if accelerator.is_main_process:
+        if local is not None:
+            file_hashes.save()
+        record_unlabeled_source(output_dir, unlabeled_source)  # for exporting the pseudo labels with their images
+    return data, record, data_metadata
+
+
+def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dict, extra: dict) -> RunSettings:
+    """How the pipeline runs ``config`` on ``data``; ``extra`` goes into ``results.json`` too."""
+    metadata = {
+        "dataset": config.derived.dataset,
+        "split": config.data.split or ("synthetic" if config.is_synthetic else "custom"),
+        "model": config.model.model,
+        "backbone": config.model.backbone,
+        "output_stride": config.model.output_stride,
+        "epochs": config.run.epochs,
+        "batch_size": config.run.global_batch_size,
+        "lr": config.run.lr,
+        "crop_size": config.run.crop_size,
+        "pretrained_backbone": config.model.backbone_weights != "none" or config.model.coco_init is not None,
+        "backbone_weights": describe_backbone_weights(config.model.backbone_weights, config.model.backbone),
+        **extra,
+    }
+    hparams = StageHyperParameters(
+        epochs=config.run.epochs,
+        global_batch_size=config.run.global_batch_size,
+        base_lr=config.run.lr,
+        val_batch_size=config.run.val_batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
+        sliding_window=config.sliding_window_stride,
+        channels_last=config.run.channels_last,
+        activation_checkpointing=config.run.activation_checkpointing,
+        sync_batchnorm=config.run.sync_bn,
+        save_steps=config.run.save_steps,
+    )
+    return RunSettings(
+        run_dir=output_dir,
+        framework=config.run.framework,
+        hparams=hparams,
+        model_factory=model_factory(config, data.id2label),
+        model_class=MODEL_REGISTRY[config.model.model][1],
+        image_processor=DeepLabImageProcessor(),
+        teacher=config.run.teacher,
+        inference_batch_size=config.run.inference_batch_size,
+        metadata=metadata,
+        run_config=record,
+        redo_stage=config.run.redo_stage,
+        label_next=config.run.label_next,
+    )
