@@ -14,7 +14,8 @@ from helpers import REPO, SCRIPT
 from PIL import Image
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
-from stpp_hf.data.hub_dataset import load_hub_sources, parse_fraction
+from stpp_hf.data.hub.loading import load_hub_sources
+from stpp_hf.data.hub.partition import parse_fraction
 
 
 def load(directory, partition_dir, cache_dir, **kwargs):
@@ -43,7 +44,7 @@ def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
     assert [entry.image for entry in sources.unlabeled_entries] == unlabeled_ids
     assert sources.id2label == dict(enumerate(CLASS_NAMES))
     assert sources.palette[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]  # the label PNGs' own palette
-    assert sources.metadata["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
+    assert sources.metadata["hub_dataset"]["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
     # the rows are the dataset's rows, pixel for pixel
     from datasets import load_dataset
 
@@ -146,7 +147,7 @@ def test_class_names_need_id2label(tmp_path):
 HUB_LOADER = textwrap.dedent(
     """
     import json, sys
-    from stpp_hf.data.hub_dataset import load_hub_sources
+    from stpp_hf.data.hub.loading import load_hub_sources
     from stpp_hf.data.images import open_image, undecoded
 
     repo_id, partition_dir, cache_dir = sys.argv[1:]

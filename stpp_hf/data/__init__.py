@@ -2,9 +2,11 @@
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
 from .fast_transforms import FastTrainTransform
-from .hub_dataset import HubDataArguments, HubSources, load_hub_sources
+from .hub.loading import load_hub_sources
+from .hub_dataset import HubDataArguments
 from .normalization import normalize_batch
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
+from .run_sources import RunSources
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
     SplitEntry,
@@ -39,9 +41,9 @@ __all__ = [
     "EvalTransform",
     "FastTrainTransform",
     "HubDataArguments",
-    "HubSources",
     "PseudoLabelStore",
     "RetrainDataset",
+    "RunSources",
     "SplitEntry",
     "SupOnlyDataset",
     "SyntheticDataset",

@@ -20,14 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..convert_original import load_coco_init
-from ..data import (
-    check_label_file_names,
-    check_split_overlap,
-    load_source,
-    read_split,
-)
-from ..data.hub_dataset import HubDataArguments, hub_split_name, load_hub_run_sources
-from ..data.splits import resolve_split_file
+from ..data import read_split
 from ..data.training_sets import retrain_length, suponly_length
 from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
@@ -40,16 +33,17 @@ from .config import (
     parse_arguments,
     resolve_run_config,
 )
-from .data_identity import LocalData, check_local_data, identify_local_data, local_data
+from .data_identity import check_hub_data, check_local_data, identify_local_data, local_data
 from .distributed import check_shared_run_dir, create_accelerator
 from .divergence import NonFiniteError
 from .heartbeat import start_heartbeat
-from .pipeline import RunData, RunSettings, data_record, lock_run, run_pipeline
+from .pipeline import RunSettings, lock_run, run_pipeline
 from .precision import gather_precision_decision
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, exit_with_launcher, stop_handlers
 from .pseudo_label_export import record_unlabeled_source
 from .recipe import REFERENCE_BATCH_SIZE, describe_optimizer, steps_per_epoch
 from .results import results_table
+from .run_data import build_run_data
 from .run_layout import RunLayout
 from .selection import split_by_reliability
 from .stages import build_stages, snapshot_epochs
@@ -178,78 +172,6 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
 # ---- data and model -------------------------------------------------------------------------------
 
 
-def build_run_data(
-    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None
-) -> tuple[RunData, dict, dict]:
-    """The sources of the run as :class:`RunData` (``local``: of the synthetic data or a ``--data_root`` layout,
-    else of the Hub dataset), what ``results.json`` says of the data besides the options (the Hub dataset and its
-    partition), and how to load the unlabeled images again (for ``unlabeled_source.json``).
-
-    Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
-    directory's file system cannot hold, before any training.
-    """
-    layout = RunLayout(output_dir)
-    if local is None:
-        hub_args = HubDataArguments(**config.hub_dataset)
-        sources, id2label, palette, name = load_hub_run_sources(hub_args, layout.partition, accelerator)
-        unlabeled_source = {"kind": "hub", **config.hub_dataset}
-        data_metadata = {
-            "dataset": name,
-            "split": hub_split_name(sources["metadata"]),
-            "hub_dataset": sources["metadata"],
-        }
-        unlabeled_entries = sources["unlabeled_entries"]
-    else:
-        sources, unlabeled_source = _local_sources(local, output_dir, accelerator)
-        id2label, palette, data_metadata = local.id2label, local.palette, {}
-        unlabeled_entries = read_split(local.split_files["unlabeled"])
-    data = RunData(
-        labeled=sources["labeled"],
-        unlabeled=sources["unlabeled"],
-        val=sources["val"],
-        id2label=id2label,
-        unlabeled_entries=unlabeled_entries,
-        palette=palette,
-        base_size=config.base_size,
-        crop_size=config.crop_size,
-    )
-    # a streamed unlabeled part is compared by id only: its images are not read before the stages
-    check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
-    if accelerator.is_main_process:
-        check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
-    return data, data_metadata, unlabeled_source
-
-
-# below this many images per process, starting a process costs more than it saves
-CACHE_IMAGES_PER_PROCESS = 500
-
-
-def cache_build_processes(num_images: int) -> int | None:
-    """Processes that build (decode and validate) a dataset cache of ``num_images`` images while the other ranks
-    wait for it: one per :data:`CACHE_IMAGES_PER_PROCESS` images, at most the cores this process may use; ``None``
-    (this process alone) below two. The cache is the same for any number (rows in split order, same fingerprint)."""
-    processes = min(len(os.sched_getaffinity(0)), num_images // CACHE_IMAGES_PER_PROCESS)
-    return processes if processes > 1 else None
-
-
-def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
-    """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
-    sources = {}
-    with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
-        for part in ("labeled", "unlabeled", "val"):
-            sources[part] = load_source(
-                local.source,
-                local.root,
-                local.split_files[part],
-                require_masks=part != "unlabeled",
-                cache_dir=RunLayout(output_dir).datasets_cache,
-                num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
-            )
-    unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
-    unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
-    return sources, unlabeled_source
-
-
 def model_factory(config: RunConfig, id2label: dict[int, str]):
     """A fresh model of the recipe with its initial weights, once per training stage."""
     config_kwargs = dict(
@@ -332,13 +254,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         _check_run_dir(accelerator, output_dir, data_section, check=check_data)
         _check_run_dir(accelerator, output_dir, {**config.to_dict(), "data": data_section})
-    data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
-    record = {**config.to_dict(), "data": data_record(data) if local is None else data_section}
+    data, sources = build_run_data(config, output_dir, accelerator, local, data_section if local is not None else None)
+    if local is None:
+        _check_run_dir(accelerator, output_dir, sources.identity, check=check_hub_data)
+    record = {**config.to_dict(), "data": sources.identity}
     _check_run_dir(accelerator, output_dir, record)
     if accelerator.is_main_process:
         if local is not None:
             file_hashes.save()
-        record_unlabeled_source(output_dir, unlabeled_source)  # for exporting the pseudo labels with their images
+        record_unlabeled_source(output_dir, sources.unlabeled_source)  # for exporting the pseudo labels with images
 
     metadata = {
         "dataset": config.dataset,
@@ -353,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "pretrained_backbone": config.backbone_weights != "none" or config.coco_init is not None,
         "backbone_weights": describe_backbone_weights(config.backbone_weights, config.backbone),
         "precision": precision.to_json(),
-        **data_metadata,
+        **sources.metadata,
     }
     hparams = StageHyperParameters(
         epochs=config.epochs,

@@ -560,7 +560,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
 
 
 def _validate_hub_arguments(data: DataArguments) -> None:
-    from ..data.hub_dataset import parse_fraction
+    from ..data.hub.partition import parse_fraction
 
     if data.data_root is not None:
         raise ConfigError("give --dataset_name (a `datasets` dataset) or --data_root (a local layout), not both")
