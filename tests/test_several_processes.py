@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO, TINY_ARGS, launch_command
 
 from stpp_hf.data import load_source, make_synthetic_dataset
-from stpp_hf.training.run_data import cache_build_processes
 from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
+from stpp_hf.training.run_data import cache_build_processes
 
 
 @pytest.mark.parametrize("option", ["--collective_timeout_s", "--heartbeat_timeout_s"])
