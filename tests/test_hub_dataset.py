@@ -329,28 +329,38 @@ class Killed(Exception):
     pass
 
 
-def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_then_resumes(
-    local_repo, tmp_path, monkeypatch
-):
-    """The earlier version recorded ``datasets``' cache fingerprints as the data section and wrote the partition
-    files as ``<id> <id>/<label column>`` lines."""
+@pytest.fixture
+def killed_hub_run(monkeypatch, tmp_path):
+    """``launch(run_dir, repo)``: ``cli.main`` on a local dataset directory with the stages replaced by a kill."""
     import datasets
 
     from stpp_hf.training import cli
-    from stpp_hf.training.config import ConfigError
 
     def kill(*args):
         raise Killed()
 
     monkeypatch.setattr(cli, "run_pipeline", kill)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def launch(run_dir, repo):
+        cli.main(["--output_dir", str(run_dir), "--dataset_name", str(repo), "--num_labeled", "5",
+                  "--report_to", "none", "--backbone_weights", "none"])  # fmt: skip
+
+    return launch
+
+
+def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_then_resumes(
+    local_repo, tmp_path, killed_hub_run
+):
+    """The earlier version recorded ``datasets``' cache fingerprints as the data section and wrote the partition
+    files as ``<id> <id>/<label column>`` lines."""
+    from stpp_hf.training.config import ConfigError
+
     run = tmp_path / "run"
-    options = ["--output_dir", str(run), "--dataset_name", str(local_repo), "--num_labeled", "5",
-               "--report_to", "none", "--backbone_weights", "none"]  # fmt: skip
 
     def launch():
         with pytest.raises(Killed):
-            cli.main(options)
+            killed_hub_run(run, local_repo)
 
     launch()
     current = json.loads((run / "run_config.json").read_text())
@@ -367,7 +377,7 @@ def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_the
         ids = path.read_text().split()
         path.write_text("".join(f"{image_id} {image_id}/annotation\n" for image_id in ids))
     with pytest.raises(ConfigError, match="earlier version") as refused:
-        cli.main(options)
+        killed_hub_run(run, local_repo)
     assert 'delete the "data" section' in str(refused.value)
     assert json.loads((run / "run_config.json").read_text())["data"] == earlier  # a refusal changes nothing
     # done as told: the data is recorded by content, the partition files of the earlier format read as they are
@@ -376,3 +386,20 @@ def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_the
     assert json.loads((run / "run_config.json").read_text())["data"] == current["data"]
     assert json.loads((run / "state.json").read_text())["run_config"]["data"] == current["data"]
     assert (run / "partition" / "labeled.txt").read_text().split()[1].endswith("/annotation")
+
+
+def test_a_relaunch_on_changed_rows_is_refused_naming_the_part(tmp_path, killed_hub_run):
+    from stpp_hf.training.config import ConfigError
+
+    repo, run = write_repo(tmp_path / "repo", segmentation_repo_files()), tmp_path / "run"
+    with pytest.raises(Killed):
+        killed_hub_run(run, repo)
+    with pytest.raises(Killed):
+        killed_hub_run(run, repo)  # the same rows resume
+    saved = (run / "run_config.json").read_text()
+    # row 3 has no label: always unlabeled, so the partition stays and only the unlabeled part differs
+    write_repo(repo, segmentation_repo_files(extra={3: {"image": png_field(Image.new("RGB", (12, 10)))}}))
+    with pytest.raises(ConfigError, match="already holds a run on other rows of the dataset") as refused:
+        killed_hub_run(run, repo)
+    assert "unlabeled: " in str(refused.value) and "labeled: " not in str(refused.value).replace("unlabeled: ", "")
+    assert (run / "run_config.json").read_text() == saved

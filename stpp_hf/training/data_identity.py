@@ -113,8 +113,8 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
 def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
     """Refuse a run directory whose ``data`` section is of the earlier format for a ``datasets`` dataset (the
     ``fingerprint`` of ``datasets``' cache per part, which this version does not use), saying how to go on; once
-    that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. Other
-    differences are named by the settings check."""
+    that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. A run
+    on other rows is refused naming the parts that differ."""
     layout = RunLayout(output_dir)
     saved = _saved_data_section(layout.run_config)
     if not saved:
@@ -128,6 +128,14 @@ def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
             f'labels). If the dataset is the run\'s (the same revision), delete the "data" section of '
             f"{layout.run_config} and relaunch: the data is then recorded by content. Otherwise use another "
             "--output_dir"
+        )
+    differing = [part for part in PARTS if isinstance(saved.get(part), dict) and saved[part] != section[part]]
+    if differing:
+        details = "; ".join(f"{part}: {saved[part]} -> {section[part]}" for part in differing)
+        raise ConfigError(
+            f"{layout.run_dir} already holds a run on other rows of the dataset (saved -> now: {details}); the "
+            "dataset changed since (another revision, or edited rows): restore the run's revision to resume, or use "
+            "another --output_dir"
         )
 
 
