@@ -14,7 +14,8 @@ from helpers import REPO, SCRIPT
 from PIL import Image
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
-from stpp_hf.data.hub_dataset import load_hub_sources, parse_fraction
+from stpp_hf.data.hub.loading import load_hub_sources
+from stpp_hf.data.hub.partition import parse_fraction
 
 
 def load(directory, partition_dir, cache_dir, **kwargs):
@@ -43,7 +44,7 @@ def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
     assert [entry.image for entry in sources.unlabeled_entries] == unlabeled_ids
     assert sources.id2label == dict(enumerate(CLASS_NAMES))
     assert sources.palette[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]  # the label PNGs' own palette
-    assert sources.metadata["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
+    assert sources.metadata["hub_dataset"]["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
     # the rows are the dataset's rows, pixel for pixel
     from datasets import load_dataset
 
@@ -75,6 +76,44 @@ def test_relaunch_reuses_the_partition_and_refuses_other_options(local_repo, tmp
         )
     with pytest.raises(ValueError, match="num_labeled: recorded 5, now 6"):
         load(local_repo, tmp_path / "partition", tmp_path / "cache", num_labeled=6, labeled_fraction=None)
+
+
+IDENTITY = textwrap.dedent(
+    """
+    import json, sys
+    from stpp_hf.data.hub.loading import load_hub_sources
+
+    repo, partition_dir, cache_dir = sys.argv[1:]
+    print(json.dumps(load_hub_sources(repo, partition_dir, cache_dir=cache_dir, labeled_fraction="1/4").identity))
+    """
+)
+
+
+def test_the_data_identity_is_the_rows_content(local_repo, tmp_path):
+    first = load(local_repo, tmp_path / "partition", tmp_path / "cache")
+    # the same rows loaded in a new process into a new cache: the same record
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", IDENTITY, str(local_repo), str(tmp_path / "again"), str(tmp_path / "cache2")]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == first.identity
+    assert {part: first.identity[part]["num_images"] for part in ("labeled", "unlabeled", "val")} == {
+        "labeled": 6, "unlabeled": 18, "val": 6,
+    }  # fmt: skip
+    # one labeled row's label mirrored (same classes: the same partition is drawn) and the image of a row without a
+    # label replaced: those parts only get another record
+    from datasets import load_dataset
+
+    raw = load_dataset(str(local_repo), split="train", cache_dir=str(tmp_path / "cache"))
+    labeled_row = int(first.labeled[0]["id"].split("/")[1])
+    mirrored = raw[labeled_row]["annotation"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    extra = {labeled_row: {"annotation": png_field(mirrored)}, 3: {"image": png_field(Image.new("RGB", (12, 10)))}}
+    changed_repo = write_repo(tmp_path / "changed", segmentation_repo_files(extra=extra))
+    changed = load(changed_repo, tmp_path / "changed-partition", tmp_path / "cache")
+    assert list(changed.labeled["id"]) == list(first.labeled["id"])
+    differing = {part for part in ("labeled", "unlabeled", "val") if changed.identity[part] != first.identity[part]}
+    assert differing == {"labeled", "unlabeled"}
+    assert changed.identity["id2label"] == first.identity["id2label"]
 
 
 def test_fractions():
@@ -146,7 +185,7 @@ def test_class_names_need_id2label(tmp_path):
 HUB_LOADER = textwrap.dedent(
     """
     import json, sys
-    from stpp_hf.data.hub_dataset import load_hub_sources
+    from stpp_hf.data.hub.loading import load_hub_sources
     from stpp_hf.data.images import open_image, undecoded
 
     repo_id, partition_dir, cache_dir = sys.argv[1:]
@@ -266,7 +305,7 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
     assert (results["num_labeled"], results["num_unlabeled"]) == (6, 18)
     assert results["id2label"] == {str(index): name for index, name in enumerate(CLASS_NAMES)}
     labeled = (run / "partition" / "labeled.txt").read_text().split()
-    assert len(labeled) == 12 and labeled[0].startswith("train/")  # 6 lines of "<row> <row>/annotation"
+    assert len(labeled) == 6 and labeled[0].startswith("train/")  # 6 row ids
     # pseudo labels carry the dataset's palette; their mIoU is measured on the unlabeled rows that have a mask
     store = next((run / "pseudo_labels").glob("label_reliable-*"))
     pseudo = Image.open(next((store / "labels").glob("*.png")))
@@ -284,3 +323,83 @@ def test_stpp_trains_on_a_fake_hub_dataset(tmp_path):
     assert streamed_results["config"]["hub_dataset"]["streaming"] is True
     assert streamed_results["pseudo_label_miou"] == results["pseudo_label_miou"]
     assert len(list((tmp_path / "streamed" / "streamed_unlabeled" / "images" / "labels").glob("*.png"))) == 18
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def killed_hub_run(monkeypatch, tmp_path):
+    """``launch(run_dir, repo)``: ``cli.main`` on a local dataset directory with the stages replaced by a kill."""
+    import datasets
+
+    from stpp_hf.training import cli
+
+    def kill(*args, **kwargs):
+        raise Killed()
+
+    monkeypatch.setattr(cli, "run_pipeline", kill)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def launch(run_dir, repo):
+        cli.main(["--output_dir", str(run_dir), "--dataset_name", str(repo), "--num_labeled", "5",
+                  "--report_to", "none", "--backbone_weights", "none"])  # fmt: skip
+
+    return launch
+
+
+def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_then_resumes(
+    local_repo, tmp_path, killed_hub_run
+):
+    """The earlier version recorded ``datasets``' cache fingerprints as the data section and wrote the partition
+    files as ``<id> <id>/<label column>`` lines."""
+    from stpp_hf.training.config import ConfigError
+
+    run = tmp_path / "run"
+
+    def launch():
+        with pytest.raises(Killed):
+            killed_hub_run(run, local_repo)
+
+    launch()
+    current = json.loads((run / "run_config.json").read_text())
+    assert set(current["data"]["labeled"]) == {"content_sha256", "num_images"}
+    earlier = {part: {"fingerprint": "0123abcd", "num_images": current["data"][part]["num_images"]}
+               for part in ("labeled", "unlabeled", "val")}  # fmt: skip
+    earlier["id2label"] = current["data"]["id2label"]
+    (run / "run_config.json").write_text(json.dumps({**current, "data": earlier}))
+    (run / "state.json").write_text(
+        json.dumps({"version": 1, "run_config": {**current, "data": earlier}, "stages": {}})
+    )
+    for part in ("labeled", "unlabeled"):
+        path = run / "partition" / f"{part}.txt"
+        ids = path.read_text().split()
+        path.write_text("".join(f"{image_id} {image_id}/annotation\n" for image_id in ids))
+    with pytest.raises(ConfigError, match="earlier version") as refused:
+        killed_hub_run(run, local_repo)
+    assert 'delete the "data" section' in str(refused.value)
+    assert json.loads((run / "run_config.json").read_text())["data"] == earlier  # a refusal changes nothing
+    # done as told: the data is recorded by content, the partition files of the earlier format read as they are
+    (run / "run_config.json").write_text(json.dumps({key: value for key, value in current.items() if key != "data"}))
+    launch()
+    assert json.loads((run / "run_config.json").read_text())["data"] == current["data"]
+    assert json.loads((run / "state.json").read_text())["run_config"]["data"] == current["data"]
+    assert (run / "partition" / "labeled.txt").read_text().split()[1].endswith("/annotation")
+
+
+def test_a_relaunch_on_changed_rows_is_refused_naming_the_part(tmp_path, killed_hub_run):
+    from stpp_hf.training.config import ConfigError
+
+    repo, run = write_repo(tmp_path / "repo", segmentation_repo_files()), tmp_path / "run"
+    with pytest.raises(Killed):
+        killed_hub_run(run, repo)
+    with pytest.raises(Killed):
+        killed_hub_run(run, repo)  # the same rows resume
+    saved = (run / "run_config.json").read_text()
+    # row 3 has no label: always unlabeled, so the partition stays and only the unlabeled part differs
+    write_repo(repo, segmentation_repo_files(extra={3: {"image": png_field(Image.new("RGB", (12, 10)))}}))
+    with pytest.raises(ConfigError, match="already holds a run on other rows of the dataset") as refused:
+        killed_hub_run(run, repo)
+    assert "unlabeled: " in str(refused.value) and "labeled: " not in str(refused.value).replace("unlabeled: ", "")
+    assert (run / "run_config.json").read_text() == saved

@@ -12,7 +12,9 @@ from PIL import Image as PILImage
 from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, write_repo
 
 from stpp_hf.data import StreamedEvalDataset
-from stpp_hf.data.hub_dataset import class_label_names, load_hub_sources, rarest_class_strata, resolve_id2label
+from stpp_hf.data.hub.classes import class_label_names, resolve_id2label
+from stpp_hf.data.hub.loading import load_hub_sources
+from stpp_hf.data.hub.partition import rarest_class_strata
 from stpp_hf.data.images import open_image
 from stpp_hf.training.config import (
     ConfigError,
@@ -186,7 +188,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from stpp_hf.data import EvalDataset, StreamedEvalDataset
-from stpp_hf.data.hub_dataset import load_hub_sources
+from stpp_hf.data.hub.loading import load_hub_sources
 from stpp_hf.models import build_model
 from stpp_hf.training.selection import compute_reliability
 

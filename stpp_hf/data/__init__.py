@@ -2,9 +2,10 @@
 training sets, the pseudo-label store and the built-in synthetic dataset."""
 
 from .fast_transforms import FastTrainTransform
-from .hub_dataset import HubSources, load_hub_sources
+from .hub.loading import load_hub_sources
 from .normalization import normalize_batch
 from .pseudo_labels import PseudoLabelStore, check_label_file_names, teacher_fingerprint
+from .run_sources import RunSources
 from .sources import SOURCES, DatasetSource, load_source, read_id2label, register_source
 from .splits import (
     SplitEntry,
@@ -38,9 +39,9 @@ __all__ = [
     "UnlabeledStream",
     "EvalTransform",
     "FastTrainTransform",
-    "HubSources",
     "PseudoLabelStore",
     "RetrainDataset",
+    "RunSources",
     "SplitEntry",
     "SupOnlyDataset",
     "SyntheticDataset",

@@ -127,13 +127,27 @@ def generate_split(
         raise ValueError(
             f"num_labeled must be in [1, {len(entries) - 1}] for {len(entries)} entries, got {num_labeled}"
         )
-    if strata is not None and len(strata) != len(entries):
-        raise ValueError(f"strata has {len(strata)} keys for {len(entries)} entries")
+    labeled_indices = draw_labeled(len(entries), num_labeled, seed, strata)
+    labeled = [entry for index, entry in enumerate(entries) if index in labeled_indices]
+    unlabeled = [entry for index, entry in enumerate(entries) if index not in labeled_indices]
+    output_dir = Path(output_dir)
+    return {
+        "labeled": write_split(output_dir / "labeled.txt", labeled),
+        "unlabeled": write_split(output_dir / "unlabeled.txt", unlabeled),
+    }
+
+
+def draw_labeled(num_entries: int, num_labeled: int, seed: int = 0, strata: Sequence[str] | None = None) -> set[int]:
+    """The positions among ``num_entries`` that a partition with ``num_labeled`` labeled ones labels: each stratum
+    (one key per entry) contributes in proportion to its size (largest remainders), its members drawn by a
+    ``torch`` generator seeded with ``seed``."""
+    if strata is not None and len(strata) != num_entries:
+        raise ValueError(f"strata has {len(strata)} keys for {num_entries} entries")
     generator = torch.Generator().manual_seed(seed)
     groups: dict[str, list[int]] = {}
-    for index, key in enumerate(strata if strata is not None else [""] * len(entries)):
+    for index, key in enumerate(strata if strata is not None else [""] * num_entries):
         groups.setdefault(key, []).append(index)
-    quotas = {key: num_labeled * len(members) / len(entries) for key, members in groups.items()}
+    quotas = {key: num_labeled * len(members) / num_entries for key, members in groups.items()}
     counts = {key: math.floor(quota) for key, quota in quotas.items()}
     by_remainder = sorted(groups, key=lambda key: quotas[key] - counts[key], reverse=True)
     for key in by_remainder[: num_labeled - sum(counts.values())]:
@@ -142,13 +156,7 @@ def generate_split(
     for key, members in groups.items():
         order = torch.randperm(len(members), generator=generator).tolist()
         labeled_indices.update(members[position] for position in order[: counts[key]])
-    labeled = [entry for index, entry in enumerate(entries) if index in labeled_indices]
-    unlabeled = [entry for index, entry in enumerate(entries) if index not in labeled_indices]
-    output_dir = Path(output_dir)
-    return {
-        "labeled": write_split(output_dir / "labeled.txt", labeled),
-        "unlabeled": write_split(output_dir / "unlabeled.txt", unlabeled),
-    }
+    return labeled_indices
 
 
 def list_shipped_splits() -> list[str]:

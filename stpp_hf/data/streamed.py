@@ -41,7 +41,7 @@ class UnlabeledStream:
         stream: the split as an ``IterableDataset``, rows in the split's order.
         row_of: ``{id: row index in the split}`` of the unlabeled rows, in row order.
         image_column, label_column: the split's columns.
-        identity: what names the data (dataset, configuration, split); with the ids it makes ``_fingerprint``.
+        identity: what names the data (dataset, configuration, split).
         check_row: ``check_row(row, id)`` raises for a bad row ``{"id", "image", "label"}`` (undecoded values).
     """
 
@@ -57,8 +57,6 @@ class UnlabeledStream:
         self.stream, self.row_of, self.check_row = stream, row_of, check_row
         self.image_column, self.label_column, self.identity = image_column, label_column, identity
         self.ids: list[str] = list(row_of)
-        # the data record of a run (the in-memory path gives datasets' fingerprint of the rows instead)
-        self._fingerprint = sha256_json({**identity, "ids": self.ids})
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -4,7 +4,8 @@ before any dataset cache is built or anything else in the run directory is writt
 :func:`identify_local_data` gives the run config's ``data`` section (:mod:`stpp_hf.data.sources.content`);
 :func:`check_local_data` refuses a relaunch on other data naming the files added, removed or changed, and takes
 over a run directory written when the data was identified by paths, sizes and mtimes (the ``fingerprint`` of each
-part) if those still match.
+part) if those still match. :func:`check_hub_data` does the same for the data of a ``datasets`` dataset, identified
+by :mod:`stpp_hf.data.hub.identity`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,35 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
         raise ConfigError(
             f"{layout.run_dir} already holds a run on other data (relative to the data root):\n{details}\n"
             "restore the run's data to resume, or use another --output_dir"
+        )
+
+
+def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
+    """Refuse a run directory whose ``data`` section is of the earlier format for a ``datasets`` dataset (the
+    ``fingerprint`` of ``datasets``' cache per part, which this version does not use), saying how to go on; once
+    that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. A run
+    on other rows is refused naming the parts that differ."""
+    layout = RunLayout(output_dir)
+    saved = _saved_data_section(layout.run_config)
+    if not saved:
+        if write and _earlier_format(_saved_data_section(layout.state, "run_config")):
+            _record_content(layout, section)  # the earlier record was deleted from run_config.json, as advised
+        return
+    if _earlier_format(saved):
+        raise ConfigError(
+            f"{layout.run_dir} was written by an earlier version, which identified the rows of the dataset by "
+            "`datasets`' cache fingerprints; this version identifies them by content (hashes of the rows' images and "
+            f'labels). If the dataset is the run\'s (the same revision), delete the "data" section of '
+            f"{layout.run_config} and relaunch: the data is then recorded by content. Otherwise use another "
+            "--output_dir"
+        )
+    differing = [part for part in PARTS if isinstance(saved.get(part), dict) and saved[part] != section[part]]
+    if differing:
+        details = "; ".join(f"{part}: {saved[part]} -> {section[part]}" for part in differing)
+        raise ConfigError(
+            f"{layout.run_dir} already holds a run on other rows of the dataset (saved -> now: {details}); the "
+            "dataset changed since (another revision, or edited rows): restore the run's revision to resume, or use "
+            "another --output_dir"
         )
 
 

@@ -23,7 +23,7 @@ import yaml
 from huggingface_hub.dataclasses import type_validator
 from transformers import HfArgumentParser
 
-from ..data.hub_dataset import parse_fraction
+from ..data.hub.partition import parse_fraction
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
 

@@ -85,7 +85,8 @@ class RunSettings:
     ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...). ``run_config``
     is every setting that can change results (the record of the resolved
     :class:`~stpp_hf.training.config.RunConfig`, :func:`~stpp_hf.training.run_record.settings_record`, with its
-    ``data`` section): a relaunch in ``run_dir`` must match it; ``results.json`` shows it as ``config``.
+    ``data`` section, :attr:`~stpp_hf.data.RunSources.identity`): a relaunch in ``run_dir`` must match it;
+    ``results.json`` shows it as ``config``.
     """
 
     run_dir: Path
@@ -100,18 +101,6 @@ class RunSettings:
     run_config: dict = field(default_factory=dict)
     redo_stage: str | None = None  # redo this stage (its record in state.json dropped) and the stages after it
     label_next: int = DEFAULT_LABEL_NEXT  # ST++: the least reliable unlabeled images to export (0: none)
-
-
-def data_record(data: RunData) -> dict:
-    """What the data of a ``datasets`` dataset run is: the ``datasets`` fingerprints of the labeled, unlabeled and
-    val sets and their sizes and classes (a local dataset is identified by content instead:
-    :mod:`~stpp_hf.training.data_identity`)."""
-    record = {}
-    for part in ("labeled", "unlabeled", "val"):
-        source = getattr(data, part)
-        record[part] = {"fingerprint": source._fingerprint, "num_images": len(source)}
-    record["id2label"] = {str(key): value for key, value in data.id2label.items()}
-    return record
 
 
 class _Run:

@@ -36,7 +36,7 @@ PSEUDO_LABEL_FEATURES = Features(
 
 def record_unlabeled_source(run_dir: str | os.PathLike, description: dict) -> None:
     """Write how to load the run's unlabeled images again: ``{"kind": "local", "source", "root", "split_file"}``
-    or ``{"kind": "hub", "dataset_name", ...}`` (the :class:`~stpp_hf.training.options.HubDataArguments`)."""
+    or ``{"kind": "hub", "dataset_name", ...}`` (the options of :func:`~stpp_hf.data.hub.loading.load_hub_sources`)."""
     atomic_write_json(RunLayout(run_dir).unlabeled_source, description)
 
 
@@ -51,7 +51,7 @@ def load_unlabeled_source(run_dir: str | os.PathLike) -> Dataset:
         return load_source(
             description["source"], description["root"], description["split_file"], cache_dir=layout.datasets_cache
         )
-    from ..data.hub_dataset import load_hub_sources
+    from ..data.hub.loading import load_hub_sources
 
     options = {
         key: value

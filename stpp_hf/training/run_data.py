@@ -1,5 +1,7 @@
-"""The data and the model of a run from its resolved settings: the three sources (local layout, synthetic data or a
-``datasets`` dataset) as :class:`~stpp_hf.training.pipeline.RunData`, and the factory of each stage's fresh model."""
+"""The data and the model of a run from its resolved settings: the :class:`~stpp_hf.data.RunSources` of a local
+dataset (:func:`local_run_sources`: a layout or the synthetic data) or of a ``datasets`` one
+(:func:`hub_run_sources`), checked and wrapped as :class:`~stpp_hf.training.pipeline.RunData`, and the factory of
+each stage's fresh model."""
 
 from __future__ import annotations
 
@@ -7,63 +9,61 @@ import os
 from pathlib import Path
 
 from ..convert_original import load_coco_init
-from ..data import check_label_file_names, check_split_overlap, load_source, read_split
-from ..data.hub_dataset import hub_split_name, load_hub_run_sources
+from ..data import check_label_file_names, check_split_overlap, load_hub_sources, load_source, read_split
+from ..data.run_sources import RunSources
 from ..data.splits import resolve_split_file
 from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
 from .config import RunConfig
-from .data_identity import LocalData, check_local_data, identify_local_data, local_data
-from .pipeline import RunData, RunSettings, data_record
+from .data_identity import LocalData, check_hub_data, check_local_data, identify_local_data, local_data
+from .pipeline import RunData, RunSettings
 from .pseudo_label_export import record_unlabeled_source
 from .run_directory import check_run_record
 from .run_layout import RunLayout
 from .trainer import StageHyperParameters
 
+# below this many images per process, starting a process costs more than it saves
+CACHE_IMAGES_PER_PROCESS = 500
+
 
 def build_run_data(
-    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None
-) -> tuple[RunData, dict, dict]:
-    """The sources of the run as :class:`RunData` (``local``: of the synthetic data or a ``--data_root`` layout,
-    else of the Hub dataset), what ``results.json`` says of the data besides the options (the Hub dataset and its
-    partition), and how to load the unlabeled images again (for ``unlabeled_source.json``).
+    config: RunConfig, output_dir: Path, accelerator, local: LocalData | None, local_identity: dict | None = None
+) -> tuple[RunData, RunSources]:
+    """The sources of the run (``local``: of the synthetic data or a ``--data_root`` layout, identified by
+    ``local_identity``; else of the Hub dataset) and the :class:`RunData` the stages read.
 
     Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
     directory's file system cannot hold, before any training.
     """
-    layout = RunLayout(output_dir)
     if local is None:
-        sources, id2label, palette, name = load_hub_run_sources(config.data, layout.partition, accelerator)
-        unlabeled_source = {"kind": "hub", **config.record()["hub_dataset"]}
-        data_metadata = {
-            "dataset": name,
-            "split": hub_split_name(sources["metadata"]),
-            "hub_dataset": sources["metadata"],
-        }
-        unlabeled_entries = sources["unlabeled_entries"]
+        sources = hub_run_sources(config.record()["hub_dataset"], RunLayout(output_dir).partition, accelerator)
     else:
-        sources, unlabeled_source = _local_sources(local, output_dir, accelerator)
-        id2label, palette, data_metadata = local.id2label, local.palette, {}
-        unlabeled_entries = read_split(local.split_files["unlabeled"])
+        sources = local_run_sources(local, local_identity, output_dir, accelerator)
     data = RunData(
-        labeled=sources["labeled"],
-        unlabeled=sources["unlabeled"],
-        val=sources["val"],
-        id2label=id2label,
-        unlabeled_entries=unlabeled_entries,
-        palette=palette,
+        labeled=sources.labeled,
+        unlabeled=sources.unlabeled,
+        val=sources.val,
+        id2label=sources.id2label,
+        unlabeled_entries=sources.unlabeled_entries,
+        palette=sources.palette,
         base_size=config.run.base_size,
         crop_size=config.run.crop_size,
     )
     # a streamed unlabeled part is compared by id only: its images are not read before the stages
     check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
     if accelerator.is_main_process:
-        check_label_file_names(layout.pseudo_labels, data.unlabeled_ids)
-    return data, data_metadata, unlabeled_source
+        check_label_file_names(RunLayout(output_dir).pseudo_labels, data.unlabeled_ids)
+    return data, sources
 
 
-# below this many images per process, starting a process costs more than it saves
-CACHE_IMAGES_PER_PROCESS = 500
+def hub_run_sources(options: dict, partition_dir: Path, accelerator) -> RunSources:
+    """The sources of a ``--dataset_name`` run (``options``: the run config's ``hub_dataset``, the
+    ``HubDataArguments``). The main process draws the partition (and fills ``datasets``' cache) first, the others
+    then read it."""
+    options = dict(options)
+    with accelerator.main_process_first():
+        return load_hub_sources(options.pop("dataset_name"), partition_dir, id2label_file=options.pop("id2label"),
+                                **options)  # fmt: skip
 
 
 def cache_build_processes(num_images: int) -> int | None:
@@ -74,12 +74,13 @@ def cache_build_processes(num_images: int) -> int | None:
     return processes if processes > 1 else None
 
 
-def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dict, dict]:
-    """The three sources of ``local`` and the ``unlabeled_source.json`` description of its unlabeled part."""
-    sources = {}
+def local_run_sources(local: LocalData, identity: dict, output_dir: Path, accelerator) -> RunSources:
+    """The sources of ``local``, whose ``data`` section (:func:`~.data_identity.identify_local_data`) is
+    ``identity``."""
+    parts = {}
     with accelerator.main_process_first():  # the main process builds the Arrow caches, the others reuse them
         for part in ("labeled", "unlabeled", "val"):
-            sources[part] = load_source(
+            parts[part] = load_source(
                 local.source,
                 local.root,
                 local.split_files[part],
@@ -88,8 +89,19 @@ def _local_sources(local: LocalData, output_dir: Path, accelerator) -> tuple[dic
                 num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
             )
     unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
-    unlabeled_source = {"kind": "local", "source": local.source, "root": str(local.root), "split_file": unlabeled_file}
-    return sources, unlabeled_source
+    return RunSources(
+        **parts,
+        id2label=local.id2label,
+        palette=local.palette,
+        unlabeled_entries=read_split(local.split_files["unlabeled"]),
+        identity=identity,
+        unlabeled_source={
+            "kind": "local",
+            "source": local.source,
+            "root": str(local.root),
+            "split_file": unlabeled_file,
+        },
+    )
 
 
 def model_factory(config: RunConfig, id2label: dict[int, str]):
@@ -115,8 +127,9 @@ def model_factory(config: RunConfig, id2label: dict[int, str]):
 def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[RunData, dict, dict]:
     """The run's data once it is the run directory's: ``(data, the run config record with its data section, what
     results.json says of the data besides the options)``. Local data is compared by content before any cache is
-    built (a refused launch changes nothing); a ``datasets`` dataset by its fingerprints once loaded."""
+    built (a refused launch changes nothing); a ``datasets`` dataset by its rows' content once loaded."""
     local = None if config.is_hub else local_data(config, output_dir, accelerator)
+    data_section = None
     if local is not None:
         data_section, file_hashes = identify_local_data(local, output_dir, accelerator)
 
@@ -125,14 +138,16 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
 
         check_run_record(accelerator, output_dir, data_section, check=check_data)
         check_run_record(accelerator, output_dir, {**config.record(), "data": data_section})
-    data, data_metadata, unlabeled_source = build_run_data(config, output_dir, accelerator, local)
-    record = {**config.record(), "data": data_record(data) if local is None else data_section}
+    data, sources = build_run_data(config, output_dir, accelerator, local, data_section)
+    if local is None:
+        check_run_record(accelerator, output_dir, sources.identity, check=check_hub_data)
+    record = {**config.record(), "data": sources.identity}
     check_run_record(accelerator, output_dir, record)
     if accelerator.is_main_process:
         if local is not None:
             file_hashes.save()
-        record_unlabeled_source(output_dir, unlabeled_source)  # for exporting the pseudo labels with their images
-    return data, record, data_metadata
+        record_unlabeled_source(output_dir, sources.unlabeled_source)  # to export the pseudo labels with images
+    return data, record, sources.metadata
 
 
 def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dict, extra: dict) -> RunSettings:
