@@ -17,7 +17,8 @@ count; both must agree within 5 %.
 Phases (the per-device batch is the global batch 16 / GPUs; the same BatchNorm batch as the recipe):
 
 * ``train fp32``, ``train bf16`` (autocast), ``train ckpt`` / ``train ckpt bf16`` (``--activation_checkpointing``):
-  one SGD step (forward, backward, momentum update) on crops of the recipe's size;
+  one SGD step (forward, backward, momentum update) on crops of the recipe's size; on 2 or more GPUs plus
+  DistributedDataParallel's gradient buckets (one more fp32 copy of the gradients, held for the whole run);
 * ``eval``: the training weights and momentum resident, an inference copy, one val batch at the dataset's
   largest image size (Pascal VOC 500x500, Cityscapes 1024x2048) and the recipe's val batch;
 * ``select``: the three ST++ snapshots on the device, one inference batch (``--inference_batch_size`` 8);
@@ -139,6 +140,13 @@ def training_step(model, optimizer, images, labels, bf16: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def gradient_bucket_bytes(spec: dict) -> int:
+    """DistributedDataParallel's buckets on each device: a copy of every gradient (``gradient_as_bucket_view`` off,
+    its default and the package's)."""
+    with FakeMode():
+        return tensor_bytes(parameter for parameter in make_model(spec).parameters() if parameter.requires_grad)
+
+
 def step_peak(spec: dict, batch: int, bf16: bool, checkpointing: bool) -> int:
     """Peak bytes of one training step at per-device batch ``batch``, on fake tensors."""
     with FakeMode():
@@ -237,10 +245,12 @@ def measure(specs: dict[str, dict], gpus: list[int], phases: list[str]) -> dict[
         if key not in cache:
             started, rows = time.perf_counter(), collections.defaultdict(dict)
             if "train" in phases:
+                buckets = gradient_bucket_bytes(spec)
                 for variant, (bf16, checkpointing) in TRAIN_VARIANTS.items():
                     for count in gpus:
                         batch = spec["global_batch_size"] // count
                         rows[variant][count] = step_peak(spec, batch, bf16, checkpointing)
+                        rows[variant][count] += buckets if count > 1 else 0
                         print(f"  {name} {variant} batch {batch}: {rows[variant][count] / GIB:.2f} GiB", flush=True)
             for phase in ("eval", "select", "label"):
                 if phase in phases:
