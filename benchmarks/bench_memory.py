@@ -17,8 +17,9 @@ count; both must agree within 5 %.
 Phases (the per-device batch is the global batch 16 / GPUs; the same BatchNorm batch as the recipe):
 
 * ``train fp32``, ``train bf16`` (autocast), ``train ckpt`` / ``train ckpt bf16`` (``--activation_checkpointing``):
-  one SGD step (forward, backward, momentum update) on crops of the recipe's size; on 2 or more GPUs plus
-  DistributedDataParallel's gradient buckets (one more fp32 copy of the gradients, held for the whole run);
+  one SGD step (forward, backward, momentum update) on crops of the recipe's size; on 2 or more GPUs add the
+  ``+ ddp buckets`` row, DistributedDataParallel's gradient buckets (one more fp32 copy of the gradients, held for
+  the whole run);
 * ``eval``: the training weights and momentum resident, an inference copy, one val batch at the dataset's
   largest image size (Pascal VOC 500x500, Cityscapes 1024x2048) and the recipe's val batch;
 * ``select``: the three ST++ snapshots on the device, one inference batch (``--inference_batch_size`` 8);
@@ -245,13 +246,13 @@ def measure(specs: dict[str, dict], gpus: list[int], phases: list[str]) -> dict[
         if key not in cache:
             started, rows = time.perf_counter(), collections.defaultdict(dict)
             if "train" in phases:
-                buckets = gradient_bucket_bytes(spec)
                 for variant, (bf16, checkpointing) in TRAIN_VARIANTS.items():
                     for count in gpus:
                         batch = spec["global_batch_size"] // count
                         rows[variant][count] = step_peak(spec, batch, bf16, checkpointing)
-                        rows[variant][count] += buckets if count > 1 else 0
                         print(f"  {name} {variant} batch {batch}: {rows[variant][count] / GIB:.2f} GiB", flush=True)
+                buckets = gradient_bucket_bytes(spec)  # a training row's addition on 2 or more GPUs
+                rows["+ ddp buckets"] = {count: buckets if count > 1 else 0 for count in gpus}
             for phase in ("eval", "select", "label"):
                 if phase in phases:
                     peak = inference_peak(spec, phase)
