@@ -8,6 +8,8 @@ size-dependent failures show before a long run. Not a test: it takes long on a C
 
     python benchmarks/rehearsal.py                               # the recipe: ResNet-101, 16 + 16 images
     python benchmarks/rehearsal.py --backbone resnet18           # the same sizes, a faster network
+    python benchmarks/rehearsal.py --num_labeled 2 --num_unlabeled 2 --num_val 1 --accumulation 1 \
+        --global_batch_size 2                                     # fewest images; other options go to stpp-train
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def main() -> None:
     parser.add_argument("--num_val", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=8, help="accumulation steps of the global batch 16")
     parser.add_argument("--output_dir", default=None, help="default: a temporary directory")
-    args = parser.parse_args()
+    args, train_options = parser.parse_known_args()  # the rest are stpp-train options, given after the recipe's
     print(
         f"torch {torch.__version__}, {platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} threads"
@@ -110,6 +112,7 @@ def main() -> None:
             "--gradient_accumulation_steps", str(args.accumulation),
             "--output_dir", str(root / "run"),
             "--report_to", "none",
+            *train_options,
         ]  # fmt: skip
         started = time.perf_counter()
         cli.main(argv)
