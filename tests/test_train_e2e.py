@@ -14,6 +14,8 @@ from test_run_pictures import assert_finished_run_pictures
 
 from stpp_hf.training.label_next import DEFAULT_LABEL_NEXT
 
+STPP_STAGES = ["suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"]
+
 
 def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
     """Launch the example as two one-process "machines" (machine ranks 0 and 1, ``output_dirs[rank]``
@@ -91,22 +93,30 @@ if accelerator.is_main_process and not torch.equal(gathered[0], gathered[1]):
 """
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """``(run_dir, completed)``: a tiny ST++ run on two processes of one machine, batch 1 at evaluation (each
+    image's logits then do not depend on which images share its batch, so one process can recompute the final
+    metric). One run for the tests that check it and compare it with two machines."""
+    run = tmp_path_factory.mktemp("two_processes") / "run"
+    return run, run_script(run, "--framework", "stpp", "--val_batch_size", "1", processes=2)
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_metric(tmp_path):
-    # batch 1 at evaluation: each image's logits do not depend on which images share its batch
-    completed = run_script(tmp_path / "run", "--framework", "st", "--val_batch_size", "1", processes=2)
+def test_two_processes_give_the_one_process_metric(two_process_run):
+    run, completed = two_process_run
     assert_ok(completed)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text())
     assert results["hardware"] == "2x CPU"
-    assert [stage["name"] for stage in results["stages"]] == ["suponly", "label_all", "retrain"]
-    assert "ST (re-training)" in completed.stdout
+    assert [stage["name"] for stage in results["stages"]] == STPP_STAGES
+    assert "ST++ stage-2 re-training (all)" in completed.stdout
     # the final metric of the 2-process run, recomputed by one process on the same weights
-    assert one_process_final_miou(tmp_path / "run") == pytest.approx(results["final"]["val_miou"], abs=1e-12)
+    assert one_process_final_miou(run) == pytest.approx(results["final"]["val_miou"], abs=1e-12)
     # the per-epoch val of the 2 processes scored the weights that were saved (BN stats of the main process)
     assert results["stages"][-1]["val_miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
-    # every image of the store was labeled exactly once across the two shards
-    labeled = sorted((tmp_path / "run" / "pseudo_labels").glob("label_all-*/labels/*.png"))
-    assert len(labeled) == results["num_unlabeled"]
+    # every unlabeled image was labeled exactly once across the two shards (reliable or unreliable)
+    labeled = [path.name for path in (run / "pseudo_labels").glob("label_*-*/labels/*.png")]
+    assert len(labeled) == len(set(labeled)) == results["num_unlabeled"]
 
 
 @pytest.mark.slow
@@ -128,14 +138,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     completed = run_script(os.path.relpath(run, REPO), "--framework", "stpp", "--teacher", "last")
     assert_ok(completed)
     results = json.loads((run / "results.json").read_text())
-    assert [s["name"] for s in results["stages"]] == [
-        "suponly",
-        "select",
-        "label_reliable",
-        "retrain_reliable",
-        "label_unreliable",
-        "retrain_all",
-    ]
+    assert [s["name"] for s in results["stages"]] == STPP_STAGES
     assert set(results["pseudo_label_miou"]) == {"reliable", "unreliable"}
     table_lines = (
         "SupOnly",
@@ -187,15 +190,15 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_machines_give_the_single_machine_two_process_run(tmp_path):
+def test_two_machines_give_the_single_machine_two_process_run(tmp_path, two_process_run):
     # the same 2 processes (same ranks, same global batch) once as two one-process "machines" sharing the
-    # run directory, once on one machine; batch 1 at evaluation so one process can recompute the final metric
-    extra = ("--framework", "stpp", "--val_batch_size", "1")
-    machines = run_two_machines([tmp_path / "nodes"] * 2, tmp_path, *extra)
+    # run directory, once on one machine (the fixture's run, with the same options)
+    machines = run_two_machines([tmp_path / "nodes"] * 2, tmp_path, "--framework", "stpp", "--val_batch_size", "1")
     for returncode, stdout, stderr in machines:
         assert returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert_ok(run_script(tmp_path / "single", *extra, processes=2))
-    nodes, single = tmp_path / "nodes", tmp_path / "single"
+    single, completed = two_process_run
+    assert_ok(completed)
+    nodes = tmp_path / "nodes"
     assert not list(nodes.glob(".shared-dir-check-*"))  # the launch's markers are gone
     select = Path("stages", "2-select")
     for name in ("reliable_ids.txt", "unreliable_ids.txt", "reliability.json"):
