@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_ok, free_port, launch_command, run_script, script_command
+from helpers import LONG_LABELING_STPP_ARGS, REPO, assert_ok, free_port, launch_command, run_script, script_command
 from test_run_pictures import assert_finished_run_pictures
 
 from stpp_hf.training.label_next import DEFAULT_LABEL_NEXT
@@ -132,10 +132,8 @@ def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
 
 
 @pytest.mark.slow
-def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
-    run = tmp_path / "run"
-    # a relative --output_dir, as in the README's first command (the script runs from the repository root)
-    completed = run_script(os.path.relpath(run, REPO), "--framework", "stpp", "--teacher", "last")
+def test_stpp_run_writes_all_artefacts_and_the_table(stpp_run):
+    run, completed = stpp_run  # run with a relative --output_dir, as in the README's first command
     assert_ok(completed)
     results = json.loads((run / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == STPP_STAGES
@@ -144,8 +142,8 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
         "SupOnly",
         "ST++ stage-1 re-training",
         "final (stpp)",
-        "pseudo labels: reliable images (teacher 1-suponly/last, TTA)",
-        "pseudo labels: unreliable images (teacher 4-retrain_reliable/last, TTA)",
+        "pseudo labels: reliable images (teacher 1-suponly/best, TTA)",
+        "pseudo labels: unreliable images (teacher 4-retrain_reliable/best, TTA)",
     )
     for line in table_lines:
         assert line in completed.stdout
@@ -153,7 +151,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert len(list((run / "stages" / "1-suponly" / "snapshots").iterdir())) == 3
     assert (run / "stages" / "1-suponly" / "val_predictions.png").is_file()
     reliable = (run / "stages" / "2-select" / "reliable_ids.txt").read_text().split("\n")
-    assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
+    assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 8  # of 16
     assert results["stages"][1]["figure"] == "stages/2-select/selection.png"
     assert (run / "stages" / "2-select" / "selection.png").is_file()
     assert_finished_run_pictures(run, DEFAULT_LABEL_NEXT)  # the pictures, confusion matrices and label_next
@@ -172,7 +170,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
     from stpp_hf.training.evaluation import evaluate
 
-    teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
+    teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "best")
     reliable_set = EvalDataset(
         load_source("pascal", run / "synthetic_data", run / "stages" / "2-select" / "reliable_ids.txt"),
         EvalTransform(),
@@ -180,12 +178,12 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     expected = evaluate(teacher, reliable_set, len(results["id2label"]), batch_size=6)["miou"]  # as --val_batch_size
     assert results["stages"][1]["teacher_miou"]["reliable"] == pytest.approx(expected, abs=1e-9)
     # relaunching a finished run redoes nothing and reproduces results.json
-    again = run_script(run, "--framework", "stpp", "--teacher", "last")
+    again = run_script(run, *LONG_LABELING_STPP_ARGS)
     assert_ok(again)
     assert again.stdout.count("already finished") == 6
     assert json.loads((run / "results.json").read_text())["final"] == results["final"]
     # another setting in the same directory is refused with the differing field named
-    refused = run_script(run, "--framework", "stpp", "--teacher", "best")
+    refused = run_script(run, *LONG_LABELING_STPP_ARGS, "--teacher", "last")
     assert refused.returncode != 0 and "teacher" in refused.stderr
 
 
