@@ -1,12 +1,13 @@
 """Fixtures shared by the test modules (plain helpers are in helpers.py)."""
 
 import importlib.util
+import os
 
 import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
-from helpers import INFER_PATH
+from helpers import INFER_PATH, LONG_LABELING_STPP_ARGS, REPO, run_script
 
 
 def reset_accelerate_state():
@@ -43,3 +44,12 @@ def infer():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def stpp_run(tmp_path_factory):
+    """``(run_dir, completed)``: one finished tiny ST++ run of the example (``LONG_LABELING_STPP_ARGS``), given a
+    relative --output_dir as in the README's first command. test_train_e2e checks its artefacts (relaunching it
+    changes nothing), test_resume compares its killed and relaunched runs with it: one run for both."""
+    run_dir = tmp_path_factory.mktemp("stpp_run") / "run"
+    return run_dir, run_script(os.path.relpath(run_dir, REPO), *LONG_LABELING_STPP_ARGS)

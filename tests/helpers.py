@@ -45,6 +45,9 @@ TINY_ARGS = [
     "--report_to",
     "none",
 ]
+# ST++ with more unlabeled images than TINY_ARGS, labeled one at a time, so that its labeling stages last long
+# enough to be hit by a kill; the run of conftest's ``stpp_run`` fixture
+LONG_LABELING_STPP_ARGS = ["--framework", "stpp", "--synthetic_num_unlabeled", "16", "--inference_batch_size", "1"]
 
 # Prepended to a script run in a fresh process: ``block_stpp_hf()`` makes any import of the package fail,
 # so only the code files saved with a model (its remote code) can be used.

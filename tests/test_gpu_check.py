@@ -107,9 +107,12 @@ def test_ddp_part_runs_two_gloo_processes_with_equal_replicas(tmp_path):
 def test_tiny_check_runs_every_stpp_stage(tmp_path, emulate_tf32):
     # this CPU may lack bf16 units (then bf16 is refused without the override): the tiny run checks code paths,
     # not speed, so it passes --allow_emulated_precision on every CPU
+    # labeling in plain fp32 is part of the training-and-labeling test above: here only under emulated TF32
+    parts = ["labeling", "stpp"] if emulate_tf32 else ["stpp"]
     argv = ["--tiny", "--device", "cpu", "--json", str(tmp_path / "c.json"), "--output_dir", str(tmp_path)]
-    argv += ["--parts", "labeling", "stpp", "--allow_emulated_precision", *(["--emulate_tf32"] * emulate_tf32)]
+    argv += ["--parts", *parts, "--allow_emulated_precision", *(["--emulate_tf32"] * emulate_tf32)]
     report = gpu_check.main(argv)
+    assert list(report["parts"]) == parts
     failed = {name: part for name, part in report["parts"].items() if not part["ok"]}
     # under emulated TF32 too: the BatchNorm-folding check of inference runs its probes in full fp32
     assert not failed, failed

@@ -5,11 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, SCRIPT, TINY_ARGS, assert_ok, run_script, script_env, wait_for
+from helpers import LONG_LABELING_STPP_ARGS, REPO, SCRIPT, TINY_ARGS, assert_ok, run_script, script_env, wait_for
 from safetensors.torch import load_file
-
-# more unlabeled images, labeled one at a time, so the labeling stages last long enough to be hit
-ARGS = ["--framework", "stpp", "--synthetic_num_unlabeled", "16", "--inference_batch_size", "1"]
 
 
 def finished_stages(run_dir):
@@ -18,7 +15,7 @@ def finished_stages(run_dir):
 
 
 def launch(run_dir):
-    command = [sys.executable, str(SCRIPT), "--output_dir", str(run_dir), *TINY_ARGS, *ARGS]
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(run_dir), *TINY_ARGS, *LONG_LABELING_STPP_ARGS]
     return subprocess.Popen(
         command, env=script_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -41,9 +38,9 @@ def labeling_in_progress(run_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_in_training_and_labeling_then_relaunch_matches_uninterrupted(tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert_ok(run_script(reference, *ARGS))
+def test_sigkill_in_training_and_labeling_then_relaunch_matches_uninterrupted(tmp_path, stpp_run):
+    (reference, completed), killed = stpp_run, tmp_path / "killed"  # the uninterrupted run, same options
+    assert_ok(completed)
 
     # 1) inside SupOnly training, after its first epoch checkpoint
     process = launch(killed)
@@ -53,7 +50,7 @@ def test_sigkill_in_training_and_labeling_then_relaunch_matches_uninterrupted(tm
     process = launch(killed)
     kill_when(process, lambda: labeling_in_progress(killed))
     # 3) relaunch to the end
-    completed = run_script(killed, *ARGS)
+    completed = run_script(killed, *LONG_LABELING_STPP_ARGS)
     assert_ok(completed)
     assert "already finished: skipped" in completed.stdout
 

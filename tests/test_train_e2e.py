@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_ok, free_port, launch_command, run_script, script_command
+from helpers import LONG_LABELING_STPP_ARGS, REPO, assert_ok, free_port, launch_command, run_script, script_command
 from test_run_pictures import assert_finished_run_pictures
 
 from stpp_hf.training.label_next import DEFAULT_LABEL_NEXT
+
+STPP_STAGES = ["suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"]
 
 
 def run_two_machines(output_dirs, log_dir, *extra, timeout=300):
@@ -91,22 +93,30 @@ if accelerator.is_main_process and not torch.equal(gathered[0], gathered[1]):
 """
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """``(run_dir, completed)``: a tiny ST++ run on two processes of one machine, batch 1 at evaluation (each
+    image's logits then do not depend on which images share its batch, so one process can recompute the final
+    metric). One run for the tests that check it and compare it with two machines."""
+    run = tmp_path_factory.mktemp("two_processes") / "run"
+    return run, run_script(run, "--framework", "stpp", "--val_batch_size", "1", processes=2)
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_metric(tmp_path):
-    # batch 1 at evaluation: each image's logits do not depend on which images share its batch
-    completed = run_script(tmp_path / "run", "--framework", "st", "--val_batch_size", "1", processes=2)
+def test_two_processes_give_the_one_process_metric(two_process_run):
+    run, completed = two_process_run
     assert_ok(completed)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text())
     assert results["hardware"] == "2x CPU"
-    assert [stage["name"] for stage in results["stages"]] == ["suponly", "label_all", "retrain"]
-    assert "ST (re-training)" in completed.stdout
+    assert [stage["name"] for stage in results["stages"]] == STPP_STAGES
+    assert "ST++ stage-2 re-training (all)" in completed.stdout
     # the final metric of the 2-process run, recomputed by one process on the same weights
-    assert one_process_final_miou(tmp_path / "run") == pytest.approx(results["final"]["val_miou"], abs=1e-12)
+    assert one_process_final_miou(run) == pytest.approx(results["final"]["val_miou"], abs=1e-12)
     # the per-epoch val of the 2 processes scored the weights that were saved (BN stats of the main process)
     assert results["stages"][-1]["val_miou"] == pytest.approx(results["final"]["val_miou"], abs=1e-12)
-    # every image of the store was labeled exactly once across the two shards
-    labeled = sorted((tmp_path / "run" / "pseudo_labels").glob("label_all-*/labels/*.png"))
-    assert len(labeled) == results["num_unlabeled"]
+    # every unlabeled image was labeled exactly once across the two shards (reliable or unreliable)
+    labeled = [path.name for path in (run / "pseudo_labels").glob("label_*-*/labels/*.png")]
+    assert len(labeled) == len(set(labeled)) == results["num_unlabeled"]
 
 
 @pytest.mark.slow
@@ -122,27 +132,18 @@ def test_two_processes_evaluate_the_main_process_batchnorm_statistics(tmp_path):
 
 
 @pytest.mark.slow
-def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
-    run = tmp_path / "run"
-    # a relative --output_dir, as in the README's first command (the script runs from the repository root)
-    completed = run_script(os.path.relpath(run, REPO), "--framework", "stpp", "--teacher", "last")
+def test_stpp_run_writes_all_artefacts_and_the_table(stpp_run):
+    run, completed = stpp_run  # run with a relative --output_dir, as in the README's first command
     assert_ok(completed)
     results = json.loads((run / "results.json").read_text())
-    assert [s["name"] for s in results["stages"]] == [
-        "suponly",
-        "select",
-        "label_reliable",
-        "retrain_reliable",
-        "label_unreliable",
-        "retrain_all",
-    ]
+    assert [s["name"] for s in results["stages"]] == STPP_STAGES
     assert set(results["pseudo_label_miou"]) == {"reliable", "unreliable"}
     table_lines = (
         "SupOnly",
         "ST++ stage-1 re-training",
         "final (stpp)",
-        "pseudo labels: reliable images (teacher 1-suponly/last, TTA)",
-        "pseudo labels: unreliable images (teacher 4-retrain_reliable/last, TTA)",
+        "pseudo labels: reliable images (teacher 1-suponly/best, TTA)",
+        "pseudo labels: unreliable images (teacher 4-retrain_reliable/best, TTA)",
     )
     for line in table_lines:
         assert line in completed.stdout
@@ -150,7 +151,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     assert len(list((run / "stages" / "1-suponly" / "snapshots").iterdir())) == 3
     assert (run / "stages" / "1-suponly" / "val_predictions.png").is_file()
     reliable = (run / "stages" / "2-select" / "reliable_ids.txt").read_text().split("\n")
-    assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 6
+    assert reliable[0].startswith("JPEGImages/") and len([line for line in reliable if line]) == 8  # of 16
     assert results["stages"][1]["figure"] == "stages/2-select/selection.png"
     assert (run / "stages" / "2-select" / "selection.png").is_file()
     assert_finished_run_pictures(run, DEFAULT_LABEL_NEXT)  # the pictures, confusion matrices and label_next
@@ -169,7 +170,7 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     from stpp_hf.data import EvalDataset, EvalTransform, load_source
     from stpp_hf.training.evaluation import evaluate
 
-    teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "last")
+    teacher = AutoModelForSemanticSegmentation.from_pretrained(run / "stages" / "1-suponly" / "best")
     reliable_set = EvalDataset(
         load_source("pascal", run / "synthetic_data", run / "stages" / "2-select" / "reliable_ids.txt"),
         EvalTransform(),
@@ -177,25 +178,25 @@ def test_stpp_run_writes_all_artefacts_and_the_table(tmp_path):
     expected = evaluate(teacher, reliable_set, len(results["id2label"]), batch_size=6)["miou"]  # as --val_batch_size
     assert results["stages"][1]["teacher_miou"]["reliable"] == pytest.approx(expected, abs=1e-9)
     # relaunching a finished run redoes nothing and reproduces results.json
-    again = run_script(run, "--framework", "stpp", "--teacher", "last")
+    again = run_script(run, *LONG_LABELING_STPP_ARGS)
     assert_ok(again)
     assert again.stdout.count("already finished") == 6
     assert json.loads((run / "results.json").read_text())["final"] == results["final"]
     # another setting in the same directory is refused with the differing field named
-    refused = run_script(run, "--framework", "stpp", "--teacher", "best")
+    refused = run_script(run, *LONG_LABELING_STPP_ARGS, "--teacher", "last")
     assert refused.returncode != 0 and "teacher" in refused.stderr
 
 
 @pytest.mark.slow
-def test_two_machines_give_the_single_machine_two_process_run(tmp_path):
+def test_two_machines_give_the_single_machine_two_process_run(tmp_path, two_process_run):
     # the same 2 processes (same ranks, same global batch) once as two one-process "machines" sharing the
-    # run directory, once on one machine; batch 1 at evaluation so one process can recompute the final metric
-    extra = ("--framework", "stpp", "--val_batch_size", "1")
-    machines = run_two_machines([tmp_path / "nodes"] * 2, tmp_path, *extra)
+    # run directory, once on one machine (the fixture's run, with the same options)
+    machines = run_two_machines([tmp_path / "nodes"] * 2, tmp_path, "--framework", "stpp", "--val_batch_size", "1")
     for returncode, stdout, stderr in machines:
         assert returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert_ok(run_script(tmp_path / "single", *extra, processes=2))
-    nodes, single = tmp_path / "nodes", tmp_path / "single"
+    single, completed = two_process_run
+    assert_ok(completed)
+    nodes = tmp_path / "nodes"
     assert not list(nodes.glob(".shared-dir-check-*"))  # the launch's markers are gone
     select = Path("stages", "2-select")
     for name in ("reliable_ids.txt", "unreliable_ids.txt", "reliability.json"):

@@ -25,9 +25,11 @@ from stpp_hf.training.selection import compute_reliability
 
 # Two epochs of a whole DeepLabV3+ (BatchNorm and dropout kept: dropout draws from the process's generator, which
 # the loader must leave as it would with no workers), the loss of every step and a digest of the last weights.
-# argv: stage dir, workers, and optionally an epoch after whose checkpoint every process is killed.
+# argv: stage dir, workers, and optionally a directory that gets a copy of the stage dir as it stands once every
+# process has saved epoch 1's checkpoint: what killing every process right there would leave, to resume from, so
+# one fresh run serves as both the uninterrupted and the cut-off run.
 STAGE_SCRIPT = """
-import hashlib, json, os, sys
+import hashlib, json, os, shutil, sys
 import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
@@ -35,18 +37,20 @@ from stpp_hf.training import trainer
 from stpp_hf.training.trainer import StageHyperParameters, train_stage
 
 stage_dir, workers = sys.argv[1], int(sys.argv[2])
-kill_after = int(sys.argv[3]) if len(sys.argv) > 3 else None
+cut_off_copy = sys.argv[3] if len(sys.argv) > 3 else None
 accelerator = Accelerator()
 records = []
 accelerator.log = lambda values, step=None, **kwargs: records.append((step, values))
 save_checkpoint = trainer._save_checkpoint
 
-def save_then_maybe_die(accelerator, checkpoint_dir, state):
-    save_checkpoint(accelerator, checkpoint_dir, state)
-    if state["epoch"] == kill_after:
-        os._exit(17)
+def save_then_maybe_copy(accelerator, checkpoint_dir, state):
+    save_checkpoint(accelerator, checkpoint_dir, state)  # ends with every process past its writes
+    if state["epoch"] == 1 and cut_off_copy is not None:
+        if accelerator.is_main_process:
+            shutil.copytree(stage_dir, cut_off_copy)
+        accelerator.wait_for_everyone()  # nothing is written into the stage dir while it is copied
 
-trainer._save_checkpoint = save_then_maybe_die
+trainer._save_checkpoint = save_then_maybe_copy
 generator = torch.Generator().manual_seed(0)
 pixels = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(16)]
 train = [(image, (image[0] > 127).to(torch.uint8)) for image in pixels]
@@ -69,16 +73,21 @@ accelerator.end_training()
 """
 
 
-def run_stage(tmp_path, name, processes, workers, kill_after=None):
+def run_stage(tmp_path, name, processes, workers, cut_off_copy=None):
     script = tmp_path / "stage.py"
     script.write_text(STAGE_SCRIPT)
     launch, env = launch_command(script, processes)
-    command = [*launch, str(tmp_path / name), str(workers), *([] if kill_after is None else [str(kill_after)])]
+    command = [
+        *launch,
+        str(tmp_path / name),
+        str(workers),
+        *([] if cut_off_copy is None else [str(tmp_path / cut_off_copy)]),
+    ]
     completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    if kill_after is not None:
-        assert completed.returncode != 0 and (tmp_path / name / "checkpoint").is_dir(), completed.stderr[-3000:]
-        return None
     assert_ok(completed)
+    if cut_off_copy is not None:  # cut off after epoch 1: a checkpoint and no finished stage
+        progress = json.loads((tmp_path / cut_off_copy / "checkpoint" / "trainer_state.json").read_text())
+        assert progress["epoch"] == 1 and not (tmp_path / cut_off_copy / "last").exists()
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT"))
     return json.loads(line.removeprefix("RESULT"))
 
@@ -86,18 +95,16 @@ def run_stage(tmp_path, name, processes, workers, kill_after=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_training_is_the_same_with_and_without_workers_fresh_and_resumed(tmp_path, processes):
-    no_workers = run_stage(tmp_path, "no_workers", processes, workers=0)
-    two_workers = run_stage(tmp_path, "two_workers", processes, workers=2)
+    no_workers = run_stage(tmp_path, "no_workers", processes, workers=0, cut_off_copy="resumed_with_workers")
+    two_workers = run_stage(tmp_path, "two_workers", processes, workers=2, cut_off_copy="resumed")
     assert len(no_workers["steps"]) == 8  # 16 images, global batch 4, 2 epochs
     assert two_workers == no_workers  # every step's loss and the last weights, bit for bit
-    # killed after epoch 1 with 2 workers, resumed with none: the uninterrupted run's epoch 2 and weights
-    run_stage(tmp_path, "resumed", processes, workers=2, kill_after=1)
+    # cut off after epoch 1 with 2 workers, resumed with none: the uninterrupted run's epoch 2 and weights
     resumed = run_stage(tmp_path, "resumed", processes, workers=0)
     assert resumed["history"] == no_workers["history"]
     assert resumed["steps"] == {step: no_workers["steps"][step] for step in ("5", "6", "7", "8")}
     assert resumed["weights"] == no_workers["weights"]
-    # and the other way round: killed with none, resumed with 2 workers
-    run_stage(tmp_path, "resumed_with_workers", processes, workers=0, kill_after=1)
+    # and the other way round: cut off with none, resumed with 2 workers
     assert run_stage(tmp_path, "resumed_with_workers", processes, workers=2)["weights"] == no_workers["weights"]
 
 
