@@ -3,7 +3,6 @@ work, the resolved run configuration, --dry_run on every shipped recipe, the rel
 
 import json
 import sys
-import types
 import warnings
 
 import pytest
@@ -23,26 +22,6 @@ RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
 def resolve(argv, num_processes=1, device_type="cpu"):
     data, model, run, _ = parse_arguments(argv)
     return resolve_run_config(data, model, run, num_processes, device_type)
-
-
-@pytest.fixture
-def weights_description(monkeypatch):
-    """``describe_backbone_weights`` for the dry run: the real one when its module exists, else a stand-in
-    with the same contract (the module is written on another branch)."""
-    try:
-        import stpp_hf.models.backbone_weights  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("stpp_hf.models.backbone_weights")
-
-        def describe_backbone_weights(spec, backbone):
-            if spec == "none":
-                return {"spec": spec, "kind": "none", "hub_id": None, "path": None}
-            if spec.endswith((".pth", ".safetensors")):
-                return {"spec": spec, "kind": "file", "hub_id": None, "path": spec}
-            return {"spec": spec, "kind": "hub", "hub_id": f"timm/{spec.removeprefix('timm/')}", "path": None}
-
-        module.describe_backbone_weights = describe_backbone_weights
-        monkeypatch.setitem(sys.modules, module.__name__, module)
 
 
 def test_options_from_yaml_json_and_command_line(tmp_path):
@@ -178,7 +157,7 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
-def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_path, weights_description, capsys):
+def test_dry_run_of_every_recipe_is_the_same_on_1_2_and_8_processes(recipe, tmp_path, capsys):
     argv = [str(recipe), "--data_root", str(tmp_path), "--dry_run"]
     summaries = []
     for processes in (1, 2, 8):
@@ -297,3 +276,16 @@ def test_one_image_per_device_without_syncbatchnorm_is_refused_before_the_run_di
 def test_one_image_per_device_works_with_syncbatchnorm_or_deeplabv2():
     assert resolve(["--global_batch_size", "2"], num_processes=2, device_type="cuda").run.sync_bn
     assert resolve(["--per_device_batch_size", "1", "--model", "deeplabv2"]).run.per_device_batch_size == 1
+
+
+def test_mixed_precision_defaults_to_the_launchers(monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` (ACCELERATE_MIXED_PRECISION) is the run's precision unless the
+    script's option says otherwise; without either it is fp32."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve([]).run.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve([]).run.mixed_precision == "bf16"
+    assert resolve(["--mixed_precision", "no"]).run.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION=fp8.*--mixed_precision no"):
+        resolve([])

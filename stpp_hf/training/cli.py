@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from .config import resolve_run_config
+from .config import launch_precision, resolve_run_config
 from .distributed import create_accelerator
 from .divergence import NonFiniteError
 from .dry_run import describe_recipe
@@ -83,7 +83,7 @@ def _accelerator(run_args):
 
     output_dir = Path(run_args.output_dir)
     accelerator = create_accelerator(
-        mixed_precision=run_args.mixed_precision,
+        mixed_precision=launch_precision(run_args),
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         log_with=None if run_args.report_to == "none" or run_args.dry_run else run_args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(RunLayout(output_dir).logs)),

@@ -21,7 +21,7 @@ from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
 from ..models.deeplab.timm_backbones import backbone_layout
 from .errors import ConfigError
-from .options import DataArguments, ModelArguments, RunArguments, check_fields, parse_arguments
+from .options import PRECISIONS, DataArguments, ModelArguments, RunArguments, check_fields, parse_arguments
 from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
 from .stages import build_stages, snapshot_epochs
 
@@ -267,6 +267,7 @@ def resolve_run_config(
             val_batch_size=defaults.val_batch_size if run.val_batch_size is None else run.val_batch_size,
             sync_bn=sync_bn,
             channels_last=device_type == "cuda" if run.channels_last is None else run.channels_last,
+            mixed_precision=launch_precision(run),
         ),
         derived=Derived(
             dataset=dataset,
@@ -276,6 +277,24 @@ def resolve_run_config(
             coco_init_sha256=None if model.coco_init is None else _file_content(model.coco_init),
         ),
     )
+
+
+# what `accelerate launch --mixed_precision` and the accelerate config set for the script
+LAUNCHER_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
+
+
+def launch_precision(run: RunArguments) -> str:
+    """``--mixed_precision``, else the launcher's (``accelerate launch --mixed_precision`` and the accelerate config
+    set ``ACCELERATE_MIXED_PRECISION``), else ``no``: the script's default does not override the launcher."""
+    if run.mixed_precision is not None:
+        return run.mixed_precision
+    launched = os.environ.get(LAUNCHER_PRECISION_VARIABLE, "no").lower()
+    if launched not in PRECISIONS:
+        raise ConfigError(
+            f"{LAUNCHER_PRECISION_VARIABLE}={launched} (from accelerate launch / the accelerate config) is not a "
+            f"precision stpp-train runs: use one of {', '.join(PRECISIONS)}, e.g. --mixed_precision no"
+        )
+    return launched
 
 
 def _file_content(path: str) -> Optional[str]:

@@ -34,6 +34,9 @@ RECIPE_INFO_KEYS = ("published_miou", "table", "note")
 # caches, downloading a Hub dataset), while the heartbeat ends a run with a stopped process much sooner
 COLLECTIVE_TIMEOUT_S = 3600.0
 HEARTBEAT_TIMEOUT_S = 120.0
+# --mixed_precision's choices (accelerate's, less fp8)
+Precision = Literal["no", "fp16", "bf16"]
+PRECISIONS = typing.get_args(Precision)
 
 
 # ---- the checks of one option: ``check(name, value)`` raises a ConfigError naming it ------------------------
@@ -255,7 +258,13 @@ class RunArguments(_Checked):
         default=None, metadata={"help": "Evaluate with this window (stride 2/3 of it)."}
     )
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Optional[Precision] = field(
+        default=None,
+        metadata={
+            "help": "no (fp32), fp16 or bf16. Default: what `accelerate launch --mixed_precision` or the accelerate "
+            "config gives (ACCELERATE_MIXED_PRECISION), else no."
+        },
+    )
     allow_emulated_precision: bool = field(
         default=False,
         metadata={
