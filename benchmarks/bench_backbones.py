@@ -115,6 +115,10 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--part", choices=("all", "training", "labeling"), default="all")
     args = parser.parse_args()
+    if args.batch_size < 2:
+        parser.error(
+            "--batch_size must be at least 2: the ASPP's image-pooling BatchNorm trains on one value per image"
+        )
     device = torch.device(args.device)
     print_hardware(device)
     print(f"device {device}, threads {torch.get_num_threads()}", flush=True)
