@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -118,11 +119,18 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     return tensor_bytes(resident_tensors(model, optimizer))
 
 
-def make_model(spec: dict, checkpointing: bool = False) -> torch.nn.Module:
+def make_model(spec: dict, checkpointing: bool = False, fake: bool = True) -> torch.nn.Module:
+    """The recipe's network in training mode; ``fake``: inside :class:`FakeMode`, its tensors fake too."""
     torch.manual_seed(0)
-    model = build_model(
-        spec["model"], num_labels=spec["num_labels"], backbone=spec["backbone"], output_stride=spec["output_stride"]
-    )
+    kwargs = {"num_labels": spec["num_labels"], "backbone": spec["backbone"], "output_stride": spec["output_stride"]}
+    if fake:
+        # timm's constructors read tensor values (ConvNeXt's and the ViTs' drop-path rates), which fake tensors lack:
+        # the network is built on the meta device outside the fake mode, then its tensors get fake storage
+        with unset_fake_temporarily(), torch.device("meta"):
+            model = build_model(spec["model"], **kwargs)
+        model.to_empty(device="cpu")
+    else:
+        model = build_model(spec["model"], **kwargs)
     if checkpointing:
         model.activation_checkpointing_enable()
     return model.train()
@@ -314,7 +322,7 @@ def allocator_check(batch: int = 2, size: int = 65) -> None:
     print(f"\ncheck: DeepLabV3+ ResNet-50, output stride 8, batch {batch}, {size}-px crops, fp32 SGD step, no oneDNN")
     for checkpointing in (False, True):
         with torch.backends.mkldnn.flags(enabled=False):
-            model = make_model(spec, checkpointing)
+            model = make_model(spec, checkpointing, fake=False)
             optimizer = build_optimizer(model, lr=0.01, fused=False)
             generator = torch.Generator().manual_seed(0)
             images = torch.randn(batch, 3, size, size, generator=generator)

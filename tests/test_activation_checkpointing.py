@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from helpers import REPO, assert_ok, launch_command
+from test_backbones import small_model
 from torch.utils.checkpoint import checkpoint
 
 from stpp_hf import build_model
@@ -119,6 +120,58 @@ def test_every_backbone_block_is_checkpointed_and_the_keys_are_unchanged():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         model(pixel_values=batches(1)[0][0]).logits.sum().backward()
     assert checkpointed_bytes < 0.7 * sum(saved)
+
+
+def saved_bytes(model, pixel_values):
+    """Bytes the backbone's forward keeps for the backward pass (autograd's saved tensors)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        features = model.backbone(pixel_values)
+    sum(feature.sum() for feature in features).backward()
+    return sum(saved)
+
+
+# ConvNeXt (LayerNorm), EfficientNet (BatchNorm in every block: the guard) through CheckpointedBlocks; the ViT
+# (LayerNorm) through timm's per-block checkpointing
+@pytest.mark.parametrize("family", ["convnext", "efficientnet", "vit"])
+def test_other_backbones_train_bit_for_bit_the_same_with_less_memory_saved(family):
+    plain = small_model("deeplabv3plus", family).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable()
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
+    assert_same_training(plain, checkpointed)
+    tracked = {b.item() for n, b in checkpointed.named_buffers() if n.endswith("num_batches_tracked")}
+    assert tracked == {2}  # the backbone's BatchNorms (EfficientNet) and the head's: two steps, each counted once
+    pixel_values = batches(1)[0][0]
+    assert saved_bytes(checkpointed, pixel_values) < 0.5 * saved_bytes(plain, pixel_values)
+    checkpointed.activation_checkpointing_disable()
+    assert not checkpointed.is_activation_checkpointing
+    assert saved_bytes(checkpointed, pixel_values) == saved_bytes(plain, pixel_values)
+
+
+def test_every_block_of_convnext_and_efficientnet_is_checkpointed_and_the_keys_are_unchanged():
+    # convnext_atto: 2, 2, 6 and 2 blocks; efficientnet_b0: 16 blocks in 7 stages; keys as timm's feature extractor
+    for family, depth, key in (
+        ("convnext", 12, "backbone.stages_3.blocks.1.mlp.fc2.weight"),
+        ("efficientnet", 16, "backbone.blocks.6.0.conv_pw.weight"),
+    ):
+        model = small_model("deeplabv3plus", family)
+        stages = [module for module in model.backbone.modules() if isinstance(module, CheckpointedBlocks)]
+        assert sum(len(stage) for stage in stages) == depth
+        assert key in model.state_dict()
+
+
+def test_checkpointing_a_backbone_it_cannot_make_exact_is_refused_naming_it():
+    model = build_model("deeplabv3plus", backbone="regnetx_002", output_stride=16, num_labels=3)
+    with pytest.raises(ValueError, match="backbone='regnetx_002': activation checkpointing finds no stage.*resnet50"):
+        model.activation_checkpointing_enable()
+    assert not model.is_activation_checkpointing
+    vit = small_model("deeplabv3plus", "vit")
+    with pytest.raises(ValueError, match="vit_small_patch14_dinov2.*timm's own non-reentrant checkpoint"):
+        vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="offload are not supported"):
+        vit.activation_checkpointing_enable(offload=True)
+    assert not vit.is_activation_checkpointing
 
 
 def test_without_gradients_or_in_eval_mode_nothing_is_recomputed():

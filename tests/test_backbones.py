@@ -65,7 +65,7 @@ def test_the_levels_are_stride_4_and_the_deepest_with_timms_channels(backbone, o
 
 @pytest.mark.parametrize(
     "family, size, output_stride",
-    [("convnext", (321, 321), 8), ("efficientnet", (513, 377), 16), ("vit", (75, 61), 8)],
+    [("convnext", (321, 321), 8), ("efficientnet", (513, 377), 16), ("vit", (75, 61), 8), ("vit", (513, 377), 16)],
 )
 @pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2"])
 def test_shapes_at_odd_input_sizes(name, family, size, output_stride):
@@ -106,6 +106,20 @@ def test_tta_and_sliding_window(family):
     averaged = model.predict_sliding_window(pixel_values, window=32, stride=21)
     assert averaged.shape == (1, 3, 37, 50)
     torch.testing.assert_close(averaged.sum(1), torch.ones(1, 37, 50))
+
+
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_selection_scores_batchnorm_free_backbones_as_image_by_image(family):
+    from test_selection import reference_reliability
+
+    from stpp_hf.training.selection import compute_reliability
+
+    snapshots = [small_model("deeplabv3plus", family, seed=seed).eval() for seed in (4, 5, 6)]
+    generator = torch.Generator().manual_seed(0)
+    dataset = [(torch.randn(3, 33, 45, generator=generator), None) for _ in range(3)]
+    ids = [f"u{index}" for index in range(len(dataset))]
+    scores = compute_reliability(snapshots, dataset, ids, 3, batch_size=2)  # BN folded (the head's), batched
+    assert [scores[i] for i in ids] == pytest.approx(reference_reliability(snapshots, dataset), abs=0.02)
 
 
 @pytest.mark.parametrize("family", sorted(BACKBONES))

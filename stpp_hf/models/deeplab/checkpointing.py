@@ -1,5 +1,7 @@
 """Activation checkpointing per backbone block, through transformers' `activation_checkpointing_enable()`.
 
+Multi-scale backbones (ResNet, ConvNeXt, EfficientNet, ...) have their stages turned into `CheckpointedBlocks`;
+ViTs use timm's own per-block checkpointing (`ResampledFeatureGetter.gradient_checkpointing`, timm_backbones.py).
 A checkpointed block keeps only its input for the backward pass and runs again there to rebuild what the
 gradients need. Run naively, that second run also updates every BatchNorm's running mean, variance and
 `num_batches_tracked` a second time. Here the second run (and any later one) updates throwaway copies of them:
@@ -11,7 +13,6 @@ Only relative imports inside this folder: it is copied verbatim as remote code n
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -79,10 +80,30 @@ class CheckpointedBlocks(nn.Sequential):
         return hidden_states
 
 
-def make_stages_checkpointable(model: nn.Module, stage_names: Iterable[str]) -> None:
-    """Turn each named child of `model` that is an `nn.Sequential` of blocks (a ResNet's `layer1` ...
-    `layer4`) into a :class:`CheckpointedBlocks` holding the same blocks; other children are left as they are."""
-    for name in stage_names:
-        stage = getattr(model, name, None)
-        if type(stage) is nn.Sequential:
-            setattr(model, name, CheckpointedBlocks(OrderedDict(stage.named_children())))
+def _is_block(module: nn.Module) -> bool:
+    # a block is built of layers (a ResNet bottleneck, a ConvNeXt or MBConv block), not a single layer
+    return not isinstance(module, nn.Sequential) and next(module.children(), None) is not None
+
+
+def make_blocks_checkpointable(backbone: nn.Module) -> int:
+    """Turn every stage of `backbone` into a :class:`CheckpointedBlocks` holding the same blocks; returns how many.
+
+    A stage is an `nn.Sequential` of blocks that its parent runs as a whole: a ResNet's `layer1` ... `layer4`, a
+    ConvNeXt stage's `blocks`, each stage of EfficientNet's `blocks` (the `nn.Sequential` of stages around them is
+    run stage by stage, so it is not one). Backbones whose blocks sit elsewhere (RegNet's stages are not
+    `nn.Sequential`) get none, and so does one with a switch of its own (a ViT: timm's per-block checkpointing).
+    """
+    if hasattr(backbone, "gradient_checkpointing"):
+        return 0
+    stages = []
+    for name, module in backbone.named_modules():
+        inside = any(name.startswith(f"{stage}.") for stage, _ in stages)
+        children = list(module.children())
+        if not inside and type(module) is nn.Sequential and children and all(map(_is_block, children)):
+            stages.append((name, module))
+    for name, stage in stages:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(
+            backbone.get_submodule(parent_name), child_name, CheckpointedBlocks(OrderedDict(stage.named_children()))
+        )
+    return len(stages)

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
-from .checkpointing import make_stages_checkpointable
+from .checkpointing import make_blocks_checkpointable
 from .configuration_deeplab import require_positive_int
-from .timm_backbones import classification_keys, create_backbone, to_backbone_keys
+from .timm_backbones import EXAMPLE_CHECKPOINTING_BACKBONES, classification_keys, create_backbone, to_backbone_keys
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -82,8 +83,21 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         self.backbone = create_backbone(
             config.backbone, config.output_stride, config.backbone_out_indices, config.backbone_kwargs
         )
-        make_stages_checkpointable(self.backbone, [info["module"] for info in self.backbone.feature_info.info])
+        make_blocks_checkpointable(self.backbone)
         return list(config.backbone_layout().channels)
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        # transformers' own error would not say which backbone lacks per-block checkpointing, nor what has it
+        if not any(hasattr(module, "gradient_checkpointing") for module in self.backbone.modules()):
+            if enable:
+                raise ValueError(
+                    f"backbone={self.config.backbone!r}: activation checkpointing finds no stage of blocks in "
+                    f"it (an nn.Sequential of blocks run as a whole) to checkpoint with the BatchNorm statistics "
+                    f"updated once per step; use a backbone it works for, e.g. "
+                    f"{EXAMPLE_CHECKPOINTING_BACKBONES}, or train without --activation_checkpointing"
+                )
+            return
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def _init_weights(self, module):
         # Head layers get PyTorch's default init, as in the reference. The backbone keeps timm's init or the weights

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from timm.models._features import FeatureGetterNet
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 LOW_LEVEL_STRIDE = 4
 EXAMPLE_BACKBONES = "resnet50, convnext_base, efficientnet_b3, regnety_040, vit_base_patch14_dinov2"
+EXAMPLE_CHECKPOINTING_BACKBONES = "resnet50, convnext_base, efficientnet_b3, vit_base_patch14_dinov2"
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,31 @@ class ResampledFeatureGetter(FeatureGetterNet):
                 tokens = F.interpolate(tokens, size=size, mode="bilinear", align_corners=False)
             maps.append(tokens)
         return maps
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """timm's per-block checkpointing of the ViT (LayerNorm only: nothing is updated twice), switched by the
+        model's `activation_checkpointing_enable()` / `_disable()` as transformers switches its own layers."""
+        return self.model.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        # transformers sets the checkpoint function first; timm's blocks call timm's own (non-reentrant, on the
+        # device), so a function with other arguments (use_reentrant=True, offload) would be ignored: refuse it
+        function = getattr(self, "_gradient_checkpointing_func", None)
+        default = (
+            isinstance(function, functools.partial)
+            and function.func is checkpoint
+            and not function.args
+            and function.keywords == {"use_reentrant": False}
+        )
+        if enable and not default:
+            raise ValueError(
+                f"backbone={self.model.pretrained_cfg.get('architecture')!r}: a ViT's blocks are checkpointed by "
+                f"timm's own non-reentrant checkpoint; activation_checkpointing_kwargs and offload are not "
+                f"supported for it. Call activation_checkpointing_enable() without them"
+            )
+        self.model.set_grad_checkpointing(enable)
 
 
 def create_single_scale_backbone(name: str, out_indices, output_stride: int, kwargs: dict) -> ResampledFeatureGetter:
