@@ -89,8 +89,7 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
     layout = RunLayout(output_dir)
     saved = _saved_data_section(layout.run_config)
     if not saved:
-        if write and _earlier_format(_saved_data_section(layout.state, "run_config")):
-            _record_content(layout, section)  # the earlier record was deleted from run_config.json, as advised
+        _adopt_after_deleted_record(layout, section, write)
         return
     if _earlier_format(saved):
         _take_over_earlier_record(layout, data, saved, section, write)
@@ -112,6 +111,13 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
         )
 
 
+def _adopt_after_deleted_record(layout: RunLayout, section: dict, write: bool) -> None:
+    """Where the earlier record was deleted from ``run_config.json`` as advised (``state.json`` still holds it),
+    record ``section`` by content (``write``)."""
+    if write and _earlier_format(_saved_data_section(layout.state, "run_config")):
+        _record_content(layout, section)
+
+
 def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
     """Refuse a run directory whose ``data`` section is of the earlier format for a ``datasets`` dataset (the
     ``fingerprint`` of ``datasets``' cache per part, which this version does not use), saying how to go on; once
@@ -120,8 +126,7 @@ def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
     layout = RunLayout(output_dir)
     saved = _saved_data_section(layout.run_config)
     if not saved:
-        if write and _earlier_format(_saved_data_section(layout.state, "run_config")):
-            _record_content(layout, section)  # the earlier record was deleted from run_config.json, as advised
+        _adopt_after_deleted_record(layout, section, write)
         return
     if _earlier_format(saved):
         raise ConfigError(
