@@ -45,7 +45,7 @@ save_checkpoint = trainer._save_checkpoint
 
 def save_then_maybe_copy(accelerator, checkpoint_dir, state):
     save_checkpoint(accelerator, checkpoint_dir, state)  # ends with every process past its writes
-    if state["epoch"] == 1 and cut_off_copy is not None:
+    if state.epoch == 1 and cut_off_copy is not None:
         if accelerator.is_main_process:
             shutil.copytree(stage_dir, cut_off_copy)
         accelerator.wait_for_everyone()  # nothing is written into the stage dir while it is copied
