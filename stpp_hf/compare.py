@@ -36,7 +36,15 @@ IDENTITY = (
     ("val set", lambda results: _val_set(results)),
 )
 # description fields compared when a run has no recorded configuration (older results.json)
-DESCRIPTION_SETTINGS = ("split", "output_stride", "epochs", "batch_size", "lr", "crop_size", "pretrained_backbone")
+DESCRIPTION_SETTINGS = (
+    "split",
+    "output_stride",
+    "epochs",
+    "global_batch_size",
+    "lr",
+    "crop_size",
+    "pretrained_backbone",
+)
 SPLIT_SETTINGS = {"split", "labeled_id_path", "unlabeled_id_path", "data.labeled", "data.unlabeled"}
 OUTPUT_FILES = ("comparison.md", "comparison.json", "comparison.png")
 

@@ -283,7 +283,7 @@ def build_model_card(
         num_labeled=results.num_labeled,
         num_unlabeled=results.num_unlabeled,
         epochs=_or_unknown(results.epochs),
-        batch_size=_or_unknown(results.batch_size),
+        global_batch_size=_or_unknown(results.global_batch_size),
         lr=_or_unknown(results.lr),
         crop_size=_or_unknown(results.crop_size),
         hardware=_or_unknown(results.hardware),

@@ -101,7 +101,7 @@ def tiny_run(tmp_path_factory):
     results = {
         "framework": "st", "dataset": "synthetic", "split": "synthetic/seed_0", "num_labeled": 20,
         "num_unlabeled": 300, "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 8,
-        "batch_size": 8, "lr": 0.001, "crop_size": 96, "hardware": "1x CPU", "wall_time_s": 512.3,
+        "global_batch_size": 8, "lr": 0.001, "crop_size": 96, "hardware": "1x CPU", "wall_time_s": 512.3,
         "id2label": {str(index): name for index, name in enumerate(CLASS_NAMES)},
         "stages": stages,
         "final": {

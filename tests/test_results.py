@@ -26,7 +26,7 @@ def pipeline_results() -> dict:
     ]  # fmt: skip
     return {
         "framework": "stpp", "dataset": "hub-owner/scenes", "split": "train: 3 labeled, seed 0",
-        "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 3, "batch_size": 4,
+        "model": "deeplabv3plus", "backbone": "resnet18", "output_stride": 16, "epochs": 3, "global_batch_size": 4,
         "lr": 0.02, "crop_size": 32, "pretrained_backbone": False,
         "backbone_weights": {"spec": "none", "kind": "none", "hub_id": None, "path": None},
         "hub_dataset": {"dataset_name": "hub-owner/scenes", "partition": {"num_labeled": 3}},
@@ -56,6 +56,13 @@ def test_results_read_back_field_for_field_and_in_file_order():
     assert results.final.model_dir == "final" and results.extra == {"notes": "extra metadata is kept"}
     assert [index for index, _ in results.training_stages()] == [0, 3, 5]
     assert RunResults.from_json(results.to_json()) == results
+
+
+def test_an_earlier_versions_batch_size_is_read_as_the_global_batch_size():
+    data = {("batch_size" if key == "global_batch_size" else key): value for key, value in pipeline_results().items()}
+    results = RunResults.from_json(data)
+    assert results.global_batch_size == 4 and "batch_size" not in results.extra
+    assert list(results.to_json()) == list(pipeline_results())  # written back under the new name, in its place
 
 
 def test_a_minimal_hand_written_results_file_reads_back():

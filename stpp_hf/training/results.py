@@ -123,6 +123,10 @@ class FinalSummary(JsonRecord):
     RECORD_NAME = "final"
 
 
+# what an earlier version called global_batch_size in results.json (read under the new name)
+EARLIER_BATCH_FIELD = "batch_size"
+
+
 @strict
 @dataclass(kw_only=True)
 class RunResults(JsonRecord):
@@ -130,8 +134,9 @@ class RunResults(JsonRecord):
 
     The description fields (``dataset`` ... ``precision``) are ``None`` when the run's metadata did not give
     them (``results.json`` then leaves them out); readers that need some ask with :meth:`require`.
-    ``batch_size`` is the global batch, ``lr`` the base lr for a global batch of 16; ``config`` equals the run
-    directory's ``run_config.json``; ``pseudo_label_miou`` is ``{subset: mIoU or None}`` of the label stages.
+    ``global_batch_size`` and ``lr`` (the base lr for a global batch of 16) are the options' values, as in
+    ``config``; ``config`` equals the run directory's ``run_config.json``; ``pseudo_label_miou`` is
+    ``{subset: mIoU or None}`` of the label stages.
     ``figures`` is ``{name: path}`` of the run's pictures (:meth:`RunLayout.figures`, relative to the run directory);
     ``label_next`` is the annotation aid of an ST++ run: ``{"csv", "figure", "images": [{"id", "image",
     "reliability"}]}``, the least reliable unlabeled images first. Both are absent in older files.
@@ -144,7 +149,7 @@ class RunResults(JsonRecord):
     backbone: str | None = _description()
     output_stride: int | None = _description()
     epochs: int | None = _description()
-    batch_size: int | None = _description()
+    global_batch_size: int | None = _description()
     lr: float | int | None = _description()
     crop_size: int | None = _description()
     pretrained_backbone: bool | None = _description()
@@ -184,6 +189,8 @@ class RunResults(JsonRecord):
         cls, data: Any, source: str | os.PathLike = "results.json", where: str | None = None
     ) -> "RunResults":
         """Check and read the parsed ``results.json`` ``data``; errors name ``source`` and the field."""
+        if isinstance(data, dict) and EARLIER_BATCH_FIELD in data and "global_batch_size" not in data:
+            data = {("global_batch_size" if key == EARLIER_BATCH_FIELD else key): value for key, value in data.items()}
         results = super().from_json(data, source, where)
         results.source = str(source)
         return results

@@ -159,7 +159,7 @@ def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dic
         "backbone": config.model.backbone,
         "output_stride": config.model.output_stride,
         "epochs": config.run.epochs,
-        "batch_size": config.run.global_batch_size,
+        "global_batch_size": config.run.global_batch_size,
         "lr": config.run.lr,
         "crop_size": config.run.crop_size,
         "pretrained_backbone": config.model.backbone_weights != "none" or config.model.coco_init is not None,
