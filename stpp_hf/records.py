@@ -69,6 +69,8 @@ class JsonRecord:
 
     RECORD_NAME: ClassVar[str] = "record"  # how error messages name the whole record
     EXTRA_FIELD: ClassVar[str | None] = None  # a dict field that keeps the file's unknown fields, in their place
+    # {an earlier version's name: today's} of fields that were renamed: an older file reads in today's names
+    EARLIER_NAMES: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -96,6 +98,7 @@ class JsonRecord:
         where = where or cls.RECORD_NAME
         if not isinstance(data, dict):
             raise ValueError(f"{source}: {where} must be an object, got {type(data).__name__}")
+        data = cls._in_todays_names(data)
         required = cls.required_fields(data)
         missing = [name for name in required if name not in data]
         if missing:
@@ -113,6 +116,12 @@ class JsonRecord:
         if cls.EXTRA_FIELD is not None:
             values[cls.EXTRA_FIELD] = extra
         return cls(**values)
+
+    @classmethod
+    def _in_todays_names(cls, data: dict) -> dict:
+        """``data`` with the fields of :attr:`EARLIER_NAMES` renamed in place, unless today's name is there too."""
+        renamed = {old: new for old, new in cls.EARLIER_NAMES.items() if old in data and new not in data}
+        return {renamed.get(name, name): value for name, value in data.items()} if renamed else data
 
     @classmethod
     def _field_from_json(

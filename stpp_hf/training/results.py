@@ -123,10 +123,6 @@ class FinalSummary(JsonRecord):
     RECORD_NAME = "final"
 
 
-# what an earlier version called global_batch_size in results.json (read under the new name)
-EARLIER_BATCH_FIELD = "batch_size"
-
-
 @strict
 @dataclass(kw_only=True)
 class RunResults(JsonRecord):
@@ -175,6 +171,7 @@ class RunResults(JsonRecord):
     source: str = field(default="results.json", compare=False, metadata={"json": False})
 
     RECORD_NAME = "results"
+    EARLIER_NAMES = {"batch_size": "global_batch_size"}  # an earlier version's name of the global batch
     EXTRA_FIELD = "extra"
 
     @classmethod
@@ -189,8 +186,6 @@ class RunResults(JsonRecord):
         cls, data: Any, source: str | os.PathLike = "results.json", where: str | None = None
     ) -> "RunResults":
         """Check and read the parsed ``results.json`` ``data``; errors name ``source`` and the field."""
-        if isinstance(data, dict) and EARLIER_BATCH_FIELD in data and "global_batch_size" not in data:
-            data = {("global_batch_size" if key == EARLIER_BATCH_FIELD else key): value for key, value in data.items()}
         results = super().from_json(data, source, where)
         results.source = str(source)
         return results
