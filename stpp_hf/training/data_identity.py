@@ -87,9 +87,8 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
     record the content hashes); otherwise the refusal says how to go on.
     """
     layout = RunLayout(output_dir)
-    saved = _saved_data_section(layout.run_config)
+    saved = _saved_or_adopt(layout, section, write)
     if not saved:
-        _adopt_after_deleted_record(layout, section, write)
         return
     if _earlier_format(saved):
         _take_over_earlier_record(layout, data, saved, section, write)
@@ -111,11 +110,13 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
         )
 
 
-def _adopt_after_deleted_record(layout: RunLayout, section: dict, write: bool) -> None:
-    """Where the earlier record was deleted from ``run_config.json`` as advised (``state.json`` still holds it),
-    record ``section`` by content (``write``)."""
-    if write and _earlier_format(_saved_data_section(layout.state, "run_config")):
+def _saved_or_adopt(layout: RunLayout, section: dict, write: bool) -> dict | None:
+    """``run_config.json``'s data section; where it has none and the earlier record was deleted from it as advised
+    (``state.json`` still holds that one), ``section`` is recorded by content (``write``) instead."""
+    saved = _saved_data_section(layout.run_config)
+    if not saved and write and _earlier_format(_saved_data_section(layout.state, "run_config")):
         _record_content(layout, section)
+    return saved
 
 
 def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
@@ -124,9 +125,8 @@ def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
     that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. A run
     on other rows is refused naming the parts that differ."""
     layout = RunLayout(output_dir)
-    saved = _saved_data_section(layout.run_config)
+    saved = _saved_or_adopt(layout, section, write)
     if not saved:
-        _adopt_after_deleted_record(layout, section, write)
         return
     if _earlier_format(saved):
         raise ConfigError(
