@@ -337,13 +337,12 @@ ARGUMENT_CLASSES = (DataArguments, ModelArguments, RunArguments)
 # ---- parsing -----------------------------------------------------------------------------------
 
 
-def _field_types() -> dict[str, tuple[Any, Any]]:
-    """``{option: (type annotation, default)}`` of all three argument classes."""
+def _field_types() -> dict[str, Any]:
+    """``{option: type annotation}`` of all three argument classes."""
     result = {}
     for cls in ARGUMENT_CLASSES:
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            result[f.name] = (hints[f.name], f.default)
+        result.update({f.name: hints[f.name] for f in dataclasses.fields(cls)})
     return result
 
 
@@ -390,7 +389,7 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[dict, dict]:
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r} (options are those of stpp-train --help)")
-        options[key] = _check_type(key, value, known[key][0], str(path))
+        options[key] = _check_type(key, value, known[key], str(path))
     return options, info
 
 
