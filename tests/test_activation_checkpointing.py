@@ -193,7 +193,8 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
-from stpp_hf.training.trainer import StageHyperParameters, train_stage
+from stpp_hf.training.config import resolve_options
+from stpp_hf.training.trainer import train_stage
 
 accelerator = Accelerator()
 generator = torch.Generator().manual_seed(0)
@@ -208,10 +209,12 @@ for checkpointing in (False, True):
         models.append(build_model("deeplabv3plus", num_labels=2, backbone="resnet18", output_stride=16))
         return models[-1]
 
-    hparams = StageHyperParameters(
-        epochs=1, global_batch_size=4, base_lr=0.01, channels_last=False, activation_checkpointing=checkpointing
+    config = resolve_options(
+        accelerator.num_processes, framework="suponly", epochs=1, global_batch_size=4, lr=0.01,
+        val_batch_size=1, channels_last=False,
+        activation_checkpointing=checkpointing,
     )
-    summary = train_stage(factory, train, val, accelerator, f"{sys.argv[1]}/{checkpointing}", hparams, 0, 2)
+    summary = train_stage(factory, train, val, accelerator, f"{sys.argv[1]}/{checkpointing}", config, 0, 2)
     losses.append(summary["history"][0]["loss"])
     states.append({name: tensor.clone() for name, tensor in models[-1].state_dict().items()})
     assert models[-1].is_activation_checkpointing == checkpointing

@@ -62,7 +62,8 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
-from stpp_hf.training.trainer import StageHyperParameters, train_stage
+from stpp_hf.training.config import resolve_options
+from stpp_hf.training.trainer import train_stage
 
 accumulation = int(sys.argv[2])
 accelerator = Accelerator(gradient_accumulation_steps=accumulation)
@@ -85,10 +86,12 @@ def factory():
     strip(model)
     return model
 
-hparams = StageHyperParameters(
-    epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=1, channels_last=False, logging_steps=1
+config = resolve_options(
+    accelerator.num_processes, framework="suponly", epochs=1, global_batch_size=4, lr=0.01,
+    val_batch_size=1, channels_last=False,
+    gradient_accumulation_steps=accumulation,
 )
-summary = train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
+summary = train_stage(factory, train, val, accelerator, sys.argv[1], config, 0, 2, logging_steps=1)
 if accelerator.is_main_process:
     steps = [r for r in records if "train/lr" in r]
     print("RESULT" + json.dumps(

@@ -11,13 +11,13 @@ from helpers import tiny_deeplab
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
+from stpp_hf.training.config import resolve_options
 from stpp_hf.training.pipeline import RunData, RunSettings, run_pipeline
 from stpp_hf.training.results import RunResults
 from stpp_hf.training.run_directory import lock_run
 from stpp_hf.training.run_layout import RunLayout
 from stpp_hf.training.stages import build_stages, snapshot_epochs
 from stpp_hf.training.state import RunDirectoryLocked, lock_run_directory
-from stpp_hf.training.trainer import StageHyperParameters
 
 STAGES = ["suponly", "select", "label_reliable", "retrain_reliable", "label_unreliable", "retrain_all"]
 
@@ -65,11 +65,13 @@ class Factory:
 
 
 def settings_for(run_dir, factory, **overrides):
-    hparams = StageHyperParameters(epochs=3, global_batch_size=4, base_lr=0.02, val_batch_size=2, channels_last=False)
+    config = resolve_options(
+        output_dir=str(run_dir), framework="stpp", epochs=3, global_batch_size=4, lr=0.02, val_batch_size=2,
+        channels_last=False, inference_batch_size=4, **overrides,
+    )  # fmt: skip
     return RunSettings(
-        run_dir=run_dir, framework="stpp", hparams=hparams, model_factory=factory,
-        model_class=DeepLabV3PlusForSemanticSegmentation, image_processor=DeepLabImageProcessor(),
-        inference_batch_size=4, **overrides,
+        config=config, model_factory=factory, model_class=DeepLabV3PlusForSemanticSegmentation,
+        image_processor=DeepLabImageProcessor(),
     )  # fmt: skip
 
 

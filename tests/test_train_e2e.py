@@ -67,7 +67,8 @@ import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
 from stpp_hf.data.splits import check_split_overlap
-from stpp_hf.training.trainer import StageHyperParameters, train_stage
+from stpp_hf.training.config import resolve_options
+from stpp_hf.training.trainer import train_stage
 
 accelerator = Accelerator()
 generator = torch.Generator().manual_seed(0)
@@ -82,8 +83,11 @@ def factory():
     models.append(build_model("deeplabv3plus", num_labels=2, backbone="resnet18", output_stride=16))
     return models[-1]
 
-hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, channels_last=False)
-train_stage(factory, train, val, accelerator, sys.argv[1], hparams, 0, 2)
+config = resolve_options(
+    accelerator.num_processes, framework="suponly", epochs=1, global_batch_size=4, lr=0.01,
+    val_batch_size=1, channels_last=False
+)
+train_stage(factory, train, val, accelerator, sys.argv[1], config, 0, 2)
 statistics = torch.cat([buffer.float().flatten() for buffer in models[0].buffers()])
 gathered = accelerator.gather(statistics[None])
 check_split_overlap(["a", "b"], ["b", "c"], ["d"])

@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from stpp_hf.data.normalization import normalize
 from stpp_hf.metrics import SegmentationMetric
 from stpp_hf.training import trainer as trainer_module
+from stpp_hf.training.config import resolve_options
 from stpp_hf.training.evaluation import evaluate
 from stpp_hf.training.recipe import scaled_lr
-from stpp_hf.training.trainer import StageHyperParameters, train_stage
+from stpp_hf.training.trainer import train_stage
 
 NUM_CLASSES = 2
 
@@ -51,9 +52,11 @@ def recorded_steps(monkeypatch):
 @pytest.mark.slow
 def test_poly_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, recorded_steps, fresh_accelerator):
     accelerator = fresh_accelerator(gradient_accumulation_steps=2)
-    hparams = StageHyperParameters(epochs=2, global_batch_size=4, base_lr=0.01, val_batch_size=4, channels_last=False)
+    config = resolve_options(
+        framework="suponly", epochs=2, global_batch_size=4, lr=0.01, val_batch_size=4, channels_last=False
+    )
     summary = train_stage(
-        make_model, toy_set(17, 0), toy_val_set(2, 1), accelerator, tmp_path / "stage", hparams, 1, NUM_CLASSES
+        make_model, toy_set(17, 0), toy_val_set(2, 1), accelerator, tmp_path / "stage", config, 1, NUM_CLASSES
     )
     # 17 images, global batch 4 = 2 per micro-batch x 2 accumulation steps, drop_last -> 4 optimizer steps per epoch
     assert summary["steps"] == 8 and len(recorded_steps) == 8
@@ -81,11 +84,11 @@ def test_training_batches_are_normalised_on_the_device(tmp_path, channels_last, 
         return model
 
     train = toy_set(4, 0)
-    hparams = StageHyperParameters(
-        epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=channels_last
+    config = resolve_options(
+        framework="suponly", epochs=1, global_batch_size=4, lr=0.01, val_batch_size=2, channels_last=channels_last
     )
     train_stage(
-        recording_model, train, toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, NUM_CLASSES
+        recording_model, train, toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", config, 1, NUM_CLASSES
     )
     ((pixel_values, labels),) = seen
     assert pixel_values.dtype == torch.float32 and labels.dtype == torch.int64
@@ -112,17 +115,13 @@ def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(
             return reduce(tensor, *args, **kwargs)
 
         monkeypatch.setattr(accelerator, "reduce", counted_reduce)
-        hparams = StageHyperParameters(
-            epochs=1,
-            global_batch_size=2,
-            base_lr=0.01,
-            val_batch_size=2,
-            channels_last=False,
-            logging_steps=logging_steps,
+        config = resolve_options(
+            framework="suponly", epochs=1, global_batch_size=2, lr=0.01, val_batch_size=2, channels_last=False
         )
         summary = train_stage(
-            make_model, toy_set(8, 0), toy_val_set(2, 1), accelerator, tmp_path / name, hparams, 1, NUM_CLASSES
-        )
+            make_model, toy_set(8, 0), toy_val_set(2, 1), accelerator, tmp_path / name, config, 1, NUM_CLASSES,
+            logging_steps=logging_steps,
+        )  # fmt: skip
         losses = {step: values["train/loss"] for step, values in logged if "train/loss" in values}
         return losses, len(reductions), summary
 
@@ -139,9 +138,9 @@ def test_the_loss_is_read_back_once_per_logging_interval_and_at_the_epoch_end(
 
 def test_too_small_training_set_is_a_clear_error(tmp_path, fresh_accelerator):
     accelerator = fresh_accelerator()
-    hparams = StageHyperParameters(epochs=1, global_batch_size=8, base_lr=0.01)
+    config = resolve_options(framework="suponly", epochs=1, global_batch_size=8, lr=0.01)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train_stage(make_model, toy_set(5, 0), toy_val_set(2, 1), accelerator, tmp_path / "s", hparams, 1, NUM_CLASSES)
+        train_stage(make_model, toy_set(5, 0), toy_val_set(2, 1), accelerator, tmp_path / "s", config, 1, NUM_CLASSES)
 
 
 @pytest.mark.slow
@@ -149,8 +148,8 @@ def test_too_small_training_set_is_a_clear_error(tmp_path, fresh_accelerator):
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, channels_last, fresh_accelerator):
     # channels_last=False caught evaluation switching the trained parameters to channels_last behind
     # the optimizer's back (fused SGD then adds momentum in the wrong layout; a resume did not)
-    hparams = StageHyperParameters(
-        epochs=3, global_batch_size=4, base_lr=0.02, val_batch_size=4, channels_last=channels_last
+    config = resolve_options(
+        framework="suponly", epochs=3, global_batch_size=4, lr=0.02, val_batch_size=4, channels_last=channels_last
     )
     train, val = toy_set(8, 0), toy_val_set(2, 1)
     reference = train_stage(
@@ -159,7 +158,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
         val,
         fresh_accelerator(),
         tmp_path / "uninterrupted",
-        hparams,
+        config,
         5,
         NUM_CLASSES,
         snapshot_epochs=(1, 2, 3),
@@ -176,7 +175,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
 
     def train_in_resumed_dir():
         return train_stage(
-            make_model, train, val, fresh_accelerator(), tmp_path / "resumed", hparams, 5, NUM_CLASSES,
+            make_model, train, val, fresh_accelerator(), tmp_path / "resumed", config, 5, NUM_CLASSES,
             snapshot_epochs=(1, 2, 3),
         )  # fmt: skip
 
@@ -221,9 +220,11 @@ def test_bf16_mixed_precision_runs_training_and_evaluation_under_autocast(tmp_pa
         )
         return model
 
-    hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
+    config = resolve_options(
+        framework="suponly", epochs=1, global_batch_size=4, lr=0.01, val_batch_size=2, channels_last=False
+    )
     summary = train_stage(
-        factory, toy_set(8, 0), toy_val_set(3, 1), accelerator, tmp_path / "stage", hparams, 3, NUM_CLASSES
+        factory, toy_set(8, 0), toy_val_set(3, 1), accelerator, tmp_path / "stage", config, 3, NUM_CLASSES
     )
     assert 0.0 <= summary["val_miou"] <= 1.0
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
@@ -299,8 +300,8 @@ def test_each_stage_starts_from_a_fresh_grad_scaler(tmp_path, fresh_accelerator)
     accelerator.scaler.load_state_dict(  # a stage that ended (or was resumed) at loss scale 8
         {"scale": 8.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
     )
-    hparams = StageHyperParameters(epochs=1, global_batch_size=2, base_lr=0.01, channels_last=False)
-    run = trainer_module._setup_stage(make_model, toy_set(4, 0), accelerator, tmp_path / "stage", hparams, 1)
+    config = resolve_options(framework="suponly", epochs=1, global_batch_size=2, lr=0.01, channels_last=False)
+    run = trainer_module._setup_stage(make_model, toy_set(4, 0), accelerator, tmp_path / "stage", config, 1)
     assert accelerator.scaler.get_scale() == 65536.0
     assert run.optimizer.scaler is accelerator.scaler  # the prepared optimizer steps through the new one
 
@@ -317,9 +318,11 @@ def test_cudnn_benchmark_is_on_for_training_only(tmp_path, fresh_accelerator):
         )
         return model
 
-    hparams = StageHyperParameters(epochs=1, global_batch_size=4, base_lr=0.01, val_batch_size=2, channels_last=False)
+    config = resolve_options(
+        framework="suponly", epochs=1, global_batch_size=4, lr=0.01, val_batch_size=2, channels_last=False
+    )
     train_stage(
-        recording_model, toy_set(4, 0), toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", hparams, 1, 2
+        recording_model, toy_set(4, 0), toy_val_set(2, 1), fresh_accelerator(), tmp_path / "stage", config, 1, 2
     )
     assert {benchmark for training, benchmark in seen if training} == {True}
     assert {benchmark for training, benchmark in seen if not training} == {False}  # the evaluation's inference copy

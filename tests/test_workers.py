@@ -34,7 +34,8 @@ import torch
 from accelerate import Accelerator
 from stpp_hf import build_model
 from stpp_hf.training import trainer
-from stpp_hf.training.trainer import StageHyperParameters, train_stage
+from stpp_hf.training.config import resolve_options
+from stpp_hf.training.trainer import train_stage
 
 stage_dir, workers = sys.argv[1], int(sys.argv[2])
 cut_off_copy = sys.argv[3] if len(sys.argv) > 3 else None
@@ -59,10 +60,12 @@ val = [(torch.randn(3, 32, 32, generator=generator), torch.randint(0, 2, (32, 32
 def factory():
     return build_model("deeplabv3plus", num_labels=2, backbone="resnet18", output_stride=16)
 
-hparams = StageHyperParameters(
-    epochs=2, global_batch_size=4, base_lr=0.01, num_workers=workers, channels_last=False, logging_steps=1
+config = resolve_options(
+    accelerator.num_processes, framework="suponly", epochs=2, global_batch_size=4, lr=0.01,
+    val_batch_size=1, num_workers=workers,
+    channels_last=False,
 )
-summary = train_stage(factory, train, val, accelerator, stage_dir, hparams, 0, 2, keep_last=True)
+summary = train_stage(factory, train, val, accelerator, stage_dir, config, 0, 2, keep_last=True, logging_steps=1)
 if accelerator.is_main_process:
     from safetensors.torch import load_file
     weights = load_file(os.path.join(stage_dir, "last", "model.safetensors"))

@@ -11,7 +11,7 @@ from .results import FinalSummary, RunResults, StageSummary, results_table
 from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
-from .trainer import StageHyperParameters, train_stage
+from .trainer import train_stage
 
 __all__ = [
     "ConfigError",
@@ -23,7 +23,6 @@ __all__ = [
     "RunSettings",
     "Stage",
     "StageLayout",
-    "StageHyperParameters",
     "StageSummary",
     "build_stages",
     "check_shared_run_dir",

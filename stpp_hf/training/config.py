@@ -21,7 +21,15 @@ from ..models.backbone_weights import WEIGHT_FILE_SUFFIXES
 from ..models.deeplab.deeplab_common import default_window_stride
 from ..models.deeplab.timm_backbones import backbone_layout
 from .errors import ConfigError
-from .options import PRECISIONS, DataArguments, ModelArguments, RunArguments, check_fields, parse_arguments
+from .options import (
+    ARGUMENT_CLASSES,
+    PRECISIONS,
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+    check_fields,
+    parse_arguments,
+)
 from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
 from .stages import build_stages, snapshot_epochs
 
@@ -277,6 +285,19 @@ def resolve_run_config(
             coco_init_sha256=None if model.coco_init is None else _file_content(model.coco_init),
         ),
     )
+
+
+def resolve_options(num_processes: int = 1, device_type: str = "cpu", **options) -> RunConfig:
+    """:func:`resolve_run_config` of options given by their command-line names (e.g. ``epochs=1, lr=0.01``), to run
+    :func:`~stpp_hf.training.trainer.train_stage` or the pipeline from Python; an unknown name is a
+    :class:`ConfigError`."""
+    arguments = []
+    for cls in ARGUMENT_CLASSES:
+        names = {option.name for option in dataclasses.fields(cls)}
+        arguments.append(cls(**{name: options.pop(name) for name in list(options) if name in names}))
+    if options:
+        raise ConfigError(f"unknown options {', '.join(sorted(options))}; see stpp-train --help")
+    return resolve_run_config(*arguments, num_processes=num_processes, device_type=device_type)
 
 
 # what `accelerate launch --mixed_precision` and the accelerate config set for the script

@@ -36,10 +36,11 @@ from ..data.splits import read_split, write_split
 from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
+from .config import RunConfig
 from .distributed import rank_and_world_size
 from .divergence import check_finite_model
 from .evaluation import evaluate
-from .label_next import DEFAULT_LABEL_NEXT, label_next_rows, write_label_next_csv
+from .label_next import label_next_rows, write_label_next_csv
 from .plots import draw_run_figures
 from .pseudo_labeling import label_images, pseudo_label_miou
 from .results import FinalSummary, RunResults, StageSummary
@@ -48,7 +49,7 @@ from .run_layout import RunLayout, StageLayout
 from .selection import compute_reliability, split_by_reliability
 from .stages import Stage, build_stages, snapshot_epochs
 from .state import RunState
-from .trainer import StageHyperParameters, train_stage
+from .trainer import train_stage
 from .visualization import save_contact_sheet, save_prediction_grid, save_selection_figure, selection_figure_rows
 
 
@@ -80,56 +81,47 @@ class RunData:
 
 @dataclass
 class RunSettings:
-    """How to run: framework, teacher, hyper-parameters, model factory, where to write.
+    """How to run: the resolved options, the model factory, what the run says of itself.
 
-    ``metadata`` is copied into ``results.json`` (dataset, split, model, backbone, ...). ``run_config``
-    is every setting that can change results (the record of the resolved
-    :class:`~stpp_hf.training.config.RunConfig`, :func:`~stpp_hf.training.run_record.settings_record`, with its
-    ``data`` section, :attr:`~stpp_hf.data.RunSources.identity`): a relaunch in ``run_dir`` must match it;
-    ``results.json`` shows it as ``config``.
+    ``config`` is the run's resolved :class:`~stpp_hf.training.config.RunConfig` (framework, teacher, epochs, batch
+    sizes, lr, workers, where to write: ``config.run.output_dir``). ``metadata`` is copied into ``results.json``
+    (dataset, split, model, backbone, ...). ``run_config`` is every setting that can change results (the record of
+    ``config``, :func:`~stpp_hf.training.run_record.settings_record`, with its ``data`` section,
+    :attr:`~stpp_hf.data.RunSources.identity`): a relaunch in the run directory must match it; ``results.json``
+    shows it as ``config``.
     """
 
-    run_dir: Path
-    framework: str
-    hparams: StageHyperParameters
+    config: RunConfig
     model_factory: Callable[[], torch.nn.Module]
     model_class: Any
     image_processor: Any = None
-    teacher: str = "best"
-    inference_batch_size: int = 8
     metadata: dict = field(default_factory=dict)
     run_config: dict = field(default_factory=dict)
-    redo_stage: str | None = None  # redo this stage (its record in state.json dropped) and the stages after it
-    label_next: int = DEFAULT_LABEL_NEXT  # ST++: the least reliable unlabeled images to export (0: none)
 
 
 class _Run:
     def __init__(self, accelerator, data: RunData, settings: RunSettings, claimed: bool):
         self.accelerator, self.data, self.settings = accelerator, data, settings
+        self.options = settings.config.run
         # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
-        self.run_dir = Path(settings.run_dir).resolve()
+        self.run_dir = Path(self.options.output_dir).resolve()
         self.layout = RunLayout(self.run_dir)
         if not claimed:
             claim_run_directory(accelerator, self.run_dir)  # before anything is read from or written to it
-        self.stages = build_stages(settings.framework)
+        self.stages = build_stages(self.options.framework)
         self.num_classes = len(data.id2label)
         self.class_names = [data.id2label[index] for index in range(self.num_classes)]
         self.stream = data.stream
         self.unlabeled_ids = data.unlabeled_ids
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = None if self.stream is not None else EvalDataset(data.unlabeled, EvalTransform())
-        self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(settings.redo_stage))
+        self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(self.options.redo_stage))
 
     def redone_stages(self, redo_stage: str | None) -> list[str]:
-        """``redo_stage`` and the stages after it (none for ``None``)."""
+        """``redo_stage`` (one of the framework's stages: checked with the options) and the stages after it (none for
+        ``None``)."""
         names = [stage.name for stage in self.stages]
-        if redo_stage is None:
-            return []
-        if redo_stage not in names:
-            raise ValueError(
-                f"redo_stage must be one of the {self.settings.framework} stages {names}, got {redo_stage!r}"
-            )
-        return names[names.index(redo_stage) :]
+        return [] if redo_stage is None else names[names.index(redo_stage) :]
 
     # ---- paths -------------------------------------------------------------------------------
     def stage_layout(self, name: str) -> StageLayout:
@@ -156,7 +148,7 @@ class _Run:
 
     def teacher_dir(self, source: str) -> Path:
         """The model of training stage ``source`` that labels images: its best or its last epoch."""
-        return self.stage_layout(source).model(self.settings.teacher)
+        return self.stage_layout(source).model(self.options.teacher)
 
     def unlabeled_subset(self, ids: list[str]) -> Subset:
         """The unlabeled evaluation set restricted to ``ids``, in that order."""
@@ -196,7 +188,7 @@ class _Run:
             source_files = self.stage_layout(stage.source)
             inputs = {
                 f"snapshot_epoch_{epoch}": teacher_fingerprint(source_files.snapshot(epoch))
-                for epoch in snapshot_epochs(self.settings.hparams.epochs)
+                for epoch in snapshot_epochs(self.options.epochs)
             }
             return {**inputs, "teacher": teacher_fingerprint(self.teacher_dir(stage.source))}
         if stage.kind == "label":
@@ -223,7 +215,7 @@ class _Run:
 
     # ---- stages ------------------------------------------------------------------------------
     def run_train(self, index: int, stage: Stage, inputs: dict[str, str]) -> dict:
-        data, hparams = self.data, self.settings.hparams
+        data = self.data
         if stage.pseudo_label_stages:
             pseudo = {}
             for label_stage_name in stage.pseudo_label_stages:
@@ -242,19 +234,19 @@ class _Run:
         else:
             train_set = SupOnlyDataset(data.labeled, FastTrainTransform(data.base_size, data.crop_size))
         stage_files = self.stage_layout(stage.name)
-        snapshots = snapshot_epochs(hparams.epochs) if stage.keep_snapshots else ()
+        snapshots = snapshot_epochs(self.options.epochs) if stage.keep_snapshots else ()
         summary = train_stage(
             self.settings.model_factory,
             train_set,
             self.val_set,
             self.accelerator,
             stage_files.directory,
-            hparams,
-            stage_seed=hparams.seed * 100 + index,
+            self.settings.config,
+            stage_seed=self.options.seed * 100 + index,
             num_classes=self.num_classes,
             class_names=self.class_names,
             snapshot_epochs=snapshots,
-            keep_last=self.settings.teacher == "last",
+            keep_last=self.options.teacher == "last",
             image_processor=self.settings.image_processor,
             log_prefix=stage.name,
             inputs=inputs,
@@ -267,7 +259,7 @@ class _Run:
             )
         artefacts = [stage_files.best]
         artefacts += [stage_files.snapshot(epoch) for epoch in snapshots]
-        if self.settings.teacher == "last":
+        if self.options.teacher == "last":
             artefacts.append(stage_files.last)
         self.finish_stage(stage, artefacts, summary, inputs)
         if self.is_main():  # the epoch checkpoint (weights + optimizer) only serves a resume of this stage
@@ -276,7 +268,7 @@ class _Run:
 
     def run_select(self, stage: Stage, inputs: dict[str, str]) -> dict:
         source_files = self.stage_layout(stage.source)
-        epochs = snapshot_epochs(self.settings.hparams.epochs)
+        epochs = snapshot_epochs(self.options.epochs)
         snapshots = [self.settings.model_class.from_pretrained(source_files.snapshot(epoch)) for epoch in epochs]
         for epoch, snapshot in zip(epochs, snapshots):  # NaN predictions would be ranked like any others
             check_finite_model(snapshot, f"the snapshot {source_files.snapshot(epoch)}")
@@ -289,9 +281,9 @@ class _Run:
             self.unlabeled_ids,
             self.num_classes,
             self.accelerator,
-            self.settings.inference_batch_size,
+            self.options.inference_batch_size,
             progress,
-            self.settings.hparams.num_workers,
+            self.settings.config.data.num_workers,
         )
         progress.close()
         reliable, unreliable = split_by_reliability(scores, self.unlabeled_ids)
@@ -334,16 +326,16 @@ class _Run:
         if any(entry.mask is None for entry in self.data.unlabeled_entries):
             return None
         teacher = self.settings.model_class.from_pretrained(self.teacher_dir(source))
-        hparams = self.settings.hparams
+        config = self.settings.config
         return {
             name: evaluate(
                 teacher,
                 self.unlabeled_pass(ids),
                 self.num_classes,
                 accelerator=self.accelerator,
-                batch_size=hparams.val_batch_size,
-                sliding_window=hparams.sliding_window,
-                num_workers=hparams.num_workers,
+                batch_size=config.run.val_batch_size,
+                sliding_window=config.sliding_window_stride,
+                num_workers=config.data.num_workers,
             )["miou"]
             for name, ids in subsets.items()
         }
@@ -361,9 +353,9 @@ class _Run:
             self.layout.pseudo_labels, inputs["teacher"], stage.name, palette=self.data.palette
         )
         progress = progress_bar(total=len(ids), desc=stage.name, disable=not self.accelerator.is_local_main_process)
-        workers = self.settings.hparams.num_workers
+        workers = self.settings.config.data.num_workers
         label_images(
-            teacher, subset, ids, store, self.accelerator, self.settings.inference_batch_size, progress, workers
+            teacher, subset, ids, store, self.accelerator, self.options.inference_batch_size, progress, workers
         )
         progress.close()
         self.accelerator.wait_for_everyone()
@@ -417,9 +409,9 @@ class _Run:
             self.num_classes,
             self.class_names,
             self.accelerator,
-            self.settings.hparams.val_batch_size,
-            self.settings.hparams.sliding_window,
-            self.settings.hparams.num_workers,
+            self.options.val_batch_size,
+            self.settings.config.sliding_window_stride,
+            self.settings.config.data.num_workers,
         )
         results = self.results(final_metrics, wall_time_s)
         if self.is_main():
@@ -439,13 +431,13 @@ class _Run:
         """``label_next.csv`` / ``.png``: the least reliable unlabeled images of the select stage, next to the SupOnly
         model's predictions (an annotation aid; ``None`` without a select stage or with ``label_next`` 0)."""
         select = next((stage for stage in self.stages if stage.kind == "select"), None)
-        if select is None or self.settings.label_next == 0:
+        if select is None or self.options.label_next == 0:
             return None
         scores = json.loads(self.stage_layout(select.name).reliability_scores.read_text(encoding="utf-8"))
         image_of_id = {
             image_id: entry.image for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)
         }
-        rows = label_next_rows(scores, self.unlabeled_ids, image_of_id, self.settings.label_next)
+        rows = label_next_rows(scores, self.unlabeled_ids, image_of_id, self.options.label_next)
         ids = [row["id"] for row in rows]
         write_label_next_csv(self.layout.label_next_csv, rows)
         if self.stream is not None:  # read the pictured images only
@@ -491,7 +483,7 @@ class _Run:
         accelerator = self.accelerator
         device = "GPU" if accelerator.device.type == "cuda" else accelerator.device.type.upper()
         return RunResults(
-            framework=self.settings.framework,
+            framework=self.options.framework,
             num_labeled=len(self.data.labeled),
             num_unlabeled=len(self.unlabeled_ids),
             hardware=f"{accelerator.num_processes}x {device}",
@@ -511,7 +503,7 @@ class _Run:
 
 
 def run_pipeline(accelerator, data: RunData, settings: RunSettings, claimed: bool = False) -> RunResults:
-    """Run (or resume) the whole sequence of ``settings.framework``; returns what ``results.json`` holds.
+    """Run (or resume) the whole sequence of ``settings.config.run.framework``; returns what ``results.json`` holds.
 
     ``claimed``: the caller has already claimed the run directory for this launch
     (:func:`~stpp_hf.training.run_directory.claim_run_directory`), which is done here otherwise."""

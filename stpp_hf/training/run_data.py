@@ -20,7 +20,6 @@ from .pipeline import RunData, RunSettings
 from .pseudo_label_export import record_unlabeled_source
 from .run_directory import check_run_record
 from .run_layout import RunLayout
-from .trainer import StageHyperParameters
 
 # below this many images per process, starting a process costs more than it saves
 CACHE_IMAGES_PER_PROCESS = 500
@@ -150,7 +149,7 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
     return data, record, sources.metadata
 
 
-def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dict, extra: dict) -> RunSettings:
+def run_settings(config: RunConfig, data: RunData, record: dict, extra: dict) -> RunSettings:
     """How the pipeline runs ``config`` on ``data``; ``extra`` goes into ``results.json`` too."""
     metadata = {
         "dataset": config.derived.dataset,
@@ -166,30 +165,11 @@ def run_settings(config: RunConfig, output_dir: Path, data: RunData, record: dic
         "backbone_weights": describe_backbone_weights(config.model.backbone_weights, config.model.backbone),
         **extra,
     }
-    hparams = StageHyperParameters(
-        epochs=config.run.epochs,
-        global_batch_size=config.run.global_batch_size,
-        base_lr=config.run.lr,
-        val_batch_size=config.run.val_batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.run.seed,
-        sliding_window=config.sliding_window_stride,
-        channels_last=config.run.channels_last,
-        activation_checkpointing=config.run.activation_checkpointing,
-        sync_batchnorm=config.run.sync_bn,
-        save_steps=config.run.save_steps,
-    )
     return RunSettings(
-        run_dir=output_dir,
-        framework=config.run.framework,
-        hparams=hparams,
+        config=config,
         model_factory=model_factory(config, data.id2label),
         model_class=MODEL_REGISTRY[config.model.model][1],
         image_processor=DeepLabImageProcessor(),
-        teacher=config.run.teacher,
-        inference_batch_size=config.run.inference_batch_size,
         metadata=metadata,
         run_config=record,
-        redo_stage=config.run.redo_stage,
-        label_next=config.run.label_next,
     )

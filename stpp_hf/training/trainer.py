@@ -7,9 +7,10 @@ computed from the optimizer-step counter (not a prepared scheduler, which would 
 process), so it is the same whatever the number of processes or accumulation steps.
 
 The recipe is stated as a global batch: the per-device batch is ``global / (processes x accumulation)``,
-the lr ``base_lr / 16 * global`` and the steps per epoch ``len(train set) // global``, so one process
-with global batch B and N processes with global batch B take the same steps with the same lr on the
-same images (:mod:`~stpp_hf.training.sampling`). BatchNorm sees the per-device batch unless SyncBatchNorm is on.
+the lr ``--lr / 16 * global`` (the resolved :class:`~stpp_hf.training.config.RunConfig`'s ``derived.scaled_lr``)
+and the steps per epoch ``len(train set) // global``, so one process with global batch B and N processes with
+global batch B take the same steps with the same lr on the same images (:mod:`~stpp_hf.training.sampling`).
+BatchNorm sees the per-device batch unless SyncBatchNorm is on.
 
 :func:`train_stage` reads top to bottom: set up (fresh model, optimizer and loader, prepared), resume from the
 epoch checkpoint, then per epoch train, validate (:mod:`~stpp_hf.training.evaluation`), save the models and the
@@ -46,11 +47,12 @@ from ..log import get_logger
 from ..metrics import format_per_class_iou
 from ..progress import progress_bar
 from .backends import cudnn_benchmark
+from .config import RunConfig
 from .divergence import DIVERGENCE_ADVICE, NonFiniteError, describe_nonfinite, nonfinite_tensors
 from .evaluation import evaluate
 from .inference import pins_memory
 from .preemption import Preempted, agreed_stop_signal, signal_name, stop_at_step_boundaries
-from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, scaled_lr, steps_per_epoch
+from .recipe import MOMENTUM, WEIGHT_DECAY, per_device_batch_size, poly_factor, steps_per_epoch
 from .run_layout import StageLayout
 from .sampling import training_loader
 from .state import EpochInProgress, TrainerState
@@ -60,47 +62,9 @@ logger = get_logger(__name__)
 TRAINER_STATE = "trainer_state.json"
 
 
-@dataclass
-class StageHyperParameters:
-    """The per-stage recipe.
-
-    Attributes:
-        epochs: epochs ``E`` of the stage.
-        global_batch_size: images per optimizer step over all processes and accumulation steps.
-        base_lr: lr for a global batch of 16; scaled linearly with the global batch.
-        val_batch_size: images per evaluation forward pass (same-size images only are stacked).
-        num_workers: DataLoader workers per process for training and validation (the results do not depend on it).
-        seed: run seed; each stage derives its own seeds from it so a resume replays them.
-        sliding_window: ``(window, stride)`` for sliding-window evaluation of large images, or ``None``.
-        channels_last: run the convolutions in channels_last memory format (the same math up to float rounding;
-            other kernels, faster on CUDA).
-        activation_checkpointing: checkpoint each backbone block (``activation_checkpointing_enable()``): less
-            memory, the same loss, gradients and BatchNorm statistics.
-        sync_batchnorm: convert BatchNorm to SyncBatchNorm when running on several CUDA GPUs
-            (ignored elsewhere: SyncBatchNorm needs CUDA).
-        logging_steps: optimizer steps between two read-backs of the training loss (each a host sync); the
-            last interval of an epoch ends with the epoch.
-        save_steps: optimizer steps between two step checkpoints inside an epoch (0: after each epoch only).
-    """
-
-    epochs: int
-    global_batch_size: int
-    base_lr: float
-    val_batch_size: int = 1
-    num_workers: int = 0
-    seed: int = 0
-    sliding_window: tuple[int, int] | None = None
-    channels_last: bool = True
-    activation_checkpointing: bool = False
-    sync_batchnorm: bool = False
-    logging_steps: int = 10
-    save_steps: int = 0
-
-    def __post_init__(self):
-        if self.logging_steps < 1:
-            raise ValueError(f"logging_steps must be >= 1, got {self.logging_steps}")
-        if self.save_steps < 0:
-            raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
+# optimizer steps between two read-backs of the training loss (each a host sync); the last interval of an epoch
+# ends with the epoch
+LOGGING_STEPS = 10
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> float:
@@ -166,7 +130,7 @@ class _StageRun:
     """
 
     accelerator: Accelerator
-    hparams: StageHyperParameters
+    config: RunConfig
     stage_dir: Path
     stage_seed: int
     model: torch.nn.Module
@@ -174,6 +138,7 @@ class _StageRun:
     loader: torch.utils.data.DataLoader
     lr: float
     epoch_steps: int
+    logging_steps: int = LOGGING_STEPS
     inputs: dict[str, str] = field(default_factory=dict)
     epoch: int = 0
     step: int = 0
@@ -193,7 +158,7 @@ class _StageRun:
 
     @property
     def total_steps(self) -> int:
-        return self.epoch_steps * self.hparams.epochs
+        return self.epoch_steps * self.config.run.epochs
 
     @property
     def epoch_step(self) -> int:
@@ -240,7 +205,7 @@ def train_stage(
     val_dataset: Sequence,
     accelerator: Accelerator,
     stage_dir: str | os.PathLike,
-    hparams: StageHyperParameters,
+    config: RunConfig,
     stage_seed: int,
     num_classes: int,
     class_names: Sequence[str] | None = None,
@@ -249,6 +214,7 @@ def train_stage(
     image_processor=None,
     log_prefix: str = "train",
     inputs: dict[str, str] | None = None,
+    logging_steps: int = LOGGING_STEPS,
 ) -> dict:
     """Train one stage, or continue it from its last epoch checkpoint, and return its summary.
 
@@ -263,7 +229,9 @@ def train_stage(
         val_dataset: items ``(pixel_values [3, H, W] float32, labels [H, W] int64)`` as ``EvalTransform`` makes them.
         accelerator: the run's ``Accelerator`` (processes, gradient accumulation, mixed precision, trackers).
         stage_dir: the stage's directory.
-        hparams: the stage's recipe.
+        config: the run's resolved options: epochs, global batch, lr, batch sizes, workers, evaluation window,
+            memory format, checkpointing, SyncBatchNorm, step checkpoints (``run.*``, ``data.num_workers``,
+            ``derived.scaled_lr``).
         stage_seed: seed of the model's initialisation; the epochs' seeds derive from it.
         num_classes: classes of the val metric.
         class_names: names of the classes in the printed and returned per-class IoU.
@@ -272,17 +240,18 @@ def train_stage(
         image_processor: saved next to ``best/`` and ``last/``.
         log_prefix: prefix of the tracker's metric names (``<prefix>/loss``, ``<prefix>/lr``, ``<prefix>/val_miou``).
         inputs: fingerprints of what the stage reads; a checkpoint written for other inputs is discarded.
+        logging_steps: optimizer steps between two read-backs of the training loss.
 
     Returns:
         ``{"val_miou", "best_epoch", "per_class_iou", "pixel_accuracy", "history", "lr", "steps"}``: the best
         epoch's val metrics, ``[{"epoch", "loss", "val_miou"}]`` per epoch, the peak lr and the optimizer steps.
     """
-    run = _setup_stage(model_factory, train_dataset, accelerator, Path(stage_dir), hparams, stage_seed)
-    run.inputs = inputs or {}
+    run = _setup_stage(model_factory, train_dataset, accelerator, Path(stage_dir), config, stage_seed)
+    run.inputs, run.logging_steps = inputs or {}, logging_steps
     _resume_stage(run)
     progress = _progress(accelerator, total=run.total_steps, initial=run.step, desc=run.stage_dir.name)
     with stop_at_step_boundaries():
-        while run.epoch < hparams.epochs:
+        while run.epoch < config.run.epochs:
             with cudnn_benchmark(True):  # fixed-size crops: cuDNN's fastest algorithms, timed once; evaluation: off
                 loss = _train_epoch(run, progress, log_prefix)
             unwrapped = accelerator.unwrap_model(run.model)
@@ -307,7 +276,7 @@ def _setup_stage(
     train_dataset,
     accelerator: Accelerator,
     stage_dir: Path,
-    hparams: StageHyperParameters,
+    config: RunConfig,
     stage_seed: int,
 ) -> _StageRun:
     """Recover the stage's directories from a kill mid-swap, then build and prepare model, optimizer and loader."""
@@ -320,32 +289,33 @@ def _setup_stage(
 
     set_seed(stage_seed)  # same fresh init on every process and on every relaunch
     model = model_factory()
-    if hparams.activation_checkpointing:
+    run_options = config.run
+    if run_options.activation_checkpointing:
         model.activation_checkpointing_enable()
     if (
-        hparams.sync_batchnorm
+        run_options.sync_bn
         and accelerator.distributed_type == DistributedType.MULTI_GPU
         and accelerator.device.type == "cuda"
     ):
         model = convert_sync_batchnorm(model)
-    if hparams.channels_last:
+    if run_options.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    accumulation = accelerator.gradient_accumulation_steps
-    per_device = per_device_batch_size(hparams.global_batch_size, accelerator.num_processes, accumulation)
-    epoch_steps = steps_per_epoch(len(train_dataset), hparams.global_batch_size)
+    global_batch, accumulation = run_options.global_batch_size, accelerator.gradient_accumulation_steps
+    per_device = per_device_batch_size(global_batch, accelerator.num_processes, accumulation)
+    epoch_steps = steps_per_epoch(len(train_dataset), global_batch)
     if epoch_steps == 0:
         raise ValueError(
             f"the training set of {stage_dir.name} has {len(train_dataset)} images, fewer than one global batch "
-            f"({hparams.global_batch_size}): lower --global_batch_size"
+            f"({global_batch}): lower --global_batch_size"
         )
-    lr = scaled_lr(hparams.base_lr, hparams.global_batch_size)
+    lr = config.derived.scaled_lr
     optimizer = build_optimizer(model, lr)
     fresh_grad_scaler(accelerator)  # before prepare: the prepared optimizer steps through it
     pin_memory = pins_memory(accelerator.device)
-    loader = training_loader(train_dataset, hparams.global_batch_size, per_device, hparams.num_workers, pin_memory)
+    loader = training_loader(train_dataset, global_batch, per_device, config.data.num_workers, pin_memory)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     assert len(loader) == epoch_steps * accumulation, (len(loader), epoch_steps, accumulation)
-    return _StageRun(accelerator, hparams, stage_dir, stage_seed, model, optimizer, loader, lr, epoch_steps)
+    return _StageRun(accelerator, config, stage_dir, stage_seed, model, optimizer, loader, lr, epoch_steps)
 
 
 def _resume_stage(run: _StageRun) -> None:
@@ -389,7 +359,7 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
     After each optimizer step, a stop signal or ``save_steps`` saves a step checkpoint (a signal then raises
     :class:`Preempted`).
     """
-    accelerator, hparams = run.accelerator, run.hparams
+    accelerator, run_options = run.accelerator, run.config.run
     accumulation = accelerator.gradient_accumulation_steps
     # Seeds derived from (stage, epoch) make a resumed epoch replay the interrupted one exactly.
     epoch_seed = (run.stage_seed * 1000 + run.epoch) % 2**31
@@ -413,7 +383,7 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
         pixels, labels = _batch_tensors(batch)
         # training items are uint8 (a quarter of the bytes through the loader); normalise on the device
         images, labels = normalize_batch(pixels), labels.long()
-        if hparams.channels_last:
+        if run_options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(run.model):
             current_lr = set_poly_lr(run.optimizer, run.step, run.total_steps)
@@ -431,7 +401,7 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
         run.step += 1
         interval_steps += 1
         progress.update(1)
-        if interval_steps == hparams.logging_steps or run.step % run.epoch_steps == 0:
+        if interval_steps == run.logging_steps or run.step % run.epoch_steps == 0:
             # the mean over the interval's global batches, each the mean of its micro-batches and processes
             interval_loss = accelerator.reduce(loss_sum / (accumulation * interval_steps), reduction="mean").item()
             if not math.isfinite(interval_loss):  # the same on every process: all raise
@@ -442,7 +412,8 @@ def _train_epoch(run: _StageRun, progress, log_prefix: str) -> float:
             loss_sum.zero_()
             interval_steps = 0
         stop_signal = agreed_stop_signal(accelerator.num_processes)
-        periodic = hparams.save_steps and run.step % hparams.save_steps == 0 and run.epoch_step < run.epoch_steps
+        save_steps = run_options.save_steps
+        periodic = save_steps and run.step % save_steps == 0 and run.epoch_step < run.epoch_steps
         if stop_signal or periodic:
             nonfinite_steps = _nonfinite_steps(run, first_nonfinite_step)  # losses since the last read-back
             if nonfinite_steps:
@@ -531,16 +502,16 @@ def _validate(
     # DDP copies BatchNorm running stats from the main process only at the start of a forward, so
     # after the last step each process holds its own; evaluate the ones the main process saves.
     broadcast(list(unwrapped.buffers()), from_process=0)
-    hparams = run.hparams
+    config = run.config
     return evaluate(
         unwrapped,
         val_dataset,
         num_classes,
         class_names,
         run.accelerator,
-        hparams.val_batch_size,
-        hparams.sliding_window,
-        hparams.num_workers,
+        config.run.val_batch_size,
+        config.sliding_window_stride,
+        config.data.num_workers,
     )
 
 
@@ -549,7 +520,7 @@ def _report_epoch(run: _StageRun, metrics: dict, log_prefix: str) -> None:
     loss = run.history[-1]["loss"]
     run.accelerator.log({f"{log_prefix}/val_miou": metrics["miou"], f"{log_prefix}/epoch_loss": loss}, step=run.step)
     run.accelerator.print(
-        f"[{run.stage_dir.name}] epoch {run.epoch}/{run.hparams.epochs} loss {loss:.4f} "
+        f"[{run.stage_dir.name}] epoch {run.epoch}/{run.config.run.epochs} loss {loss:.4f} "
         f"val mIoU {100 * metrics['miou']:.2f} (best {100 * run.best_miou:.2f})\n"
         f"    {format_per_class_iou(metrics['per_class_iou'])}"
     )
@@ -568,7 +539,7 @@ def _save_models(
         _save_model_dir(unwrapped, run.layout.best, image_processor)
     if run.epoch in snapshot_epochs:
         _save_model_dir(unwrapped, run.layout.snapshot(run.epoch))
-    if keep_last and run.epoch == run.hparams.epochs:
+    if keep_last and run.epoch == run.config.run.epochs:
         _save_model_dir(unwrapped, run.layout.last, image_processor)
 
 
