@@ -199,7 +199,8 @@ HUB_LOADER = textwrap.dedent(
             "unlabeled": [row["id"] for row in unlabeled],
             "unlabeled_sizes": [list(open_image(row["image"]).size) for row in unlabeled],
             "unlabeled_has_label": [row["label"] is not None for row in unlabeled],
-            "type": type(sources.unlabeled).__name__,
+            "type": type(sources.unlabeled).__name__, "revision": sources.metadata["hub_dataset"]["revision"],
+            "unlabeled_revision": sources.identity["unlabeled"].get("revision"),
         }
     print(json.dumps(report))
     """
@@ -221,6 +222,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
         )  # fmt: skip
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert not [request for request in hub.unhandled if "/datasets/" in request], hub.unhandled
+        commit = hub.repos["datasets/tester/tiny-seg"].branches["main"][0]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     eager, streamed = report["False"], report["True"]
     assert len(eager["labeled"]) == 4 and eager["val"] == 6 and len(eager["unlabeled"]) == 20
@@ -231,6 +233,9 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
         assert streamed[key] == eager[key], key
     assert eager["unlabeled_has_label"].count(False) == 2
+    # the Hub commit the dataset was loaded at: in results.json's hub_dataset, and in the streamed part's record
+    assert eager["revision"] == streamed["revision"] == streamed["unlabeled_revision"] == commit
+    assert eager["unlabeled_revision"] is None  # an in-memory part is identified by its content
 
 
 def hub_environment(hub: FakeHub, home: Path) -> dict:

@@ -144,9 +144,9 @@ def check_hub_data(output_dir: Path, section: dict, write: bool, dataset_name: s
     ]
     if differing:
         details = "; ".join(f"{part}: {saved[part]} -> {section[part]}" for part in differing)
+        dataset = "the dataset" if dataset_name is None else f"the dataset {dataset_name}"
         raise ConfigError(
-            f"{layout.run_dir} already holds a run on other rows of the dataset {dataset_name or ''} (saved -> now: "
-            f"{details}); the "
+            f"{layout.run_dir} already holds a run on other rows of {dataset} (saved -> now: {details}); the "
             "dataset changed since (another revision, or edited rows): restore the run's revision to resume, or use "
             "another --output_dir"
         )
