@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import datasets
 import huggingface_hub
 from datasets import Dataset
 
@@ -41,8 +42,9 @@ def stream_record(stream: UnlabeledStream, revision: str | None) -> dict:
 def dataset_revision(dataset_name: str) -> str | None:
     """The commit sha of the Hub dataset ``dataset_name``'s default branch; ``None`` for a local directory or file
     (asked nothing) and in offline mode."""
-    if Path(dataset_name).exists() or huggingface_hub.is_offline_mode():
-        # offline, the Hub cannot be asked; the rows of an in-memory part are identified by content anyway
+    if Path(dataset_name).exists() or huggingface_hub.is_offline_mode() or datasets.config.HF_HUB_OFFLINE:
+        # offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE), the Hub cannot be asked; in-memory parts are identified by
+        # content anyway
         return None
     return huggingface_hub.HfApi().dataset_info(dataset_name).sha
 
