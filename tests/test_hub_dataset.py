@@ -199,7 +199,8 @@ HUB_LOADER = textwrap.dedent(
             "unlabeled": [row["id"] for row in unlabeled],
             "unlabeled_sizes": [list(open_image(row["image"]).size) for row in unlabeled],
             "unlabeled_has_label": [row["label"] is not None for row in unlabeled],
-            "type": type(sources.unlabeled).__name__,
+            "type": type(sources.unlabeled).__name__, "revision": sources.metadata["hub_dataset"]["revision"],
+            "unlabeled_revision": sources.identity["unlabeled"].get("revision"),
         }
     print(json.dumps(report))
     """
@@ -221,6 +222,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
         )  # fmt: skip
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert not [request for request in hub.unhandled if "/datasets/" in request], hub.unhandled
+        commit = hub.repos["datasets/tester/tiny-seg"].branches["main"][0]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     eager, streamed = report["False"], report["True"]
     assert len(eager["labeled"]) == 4 and eager["val"] == 6 and len(eager["unlabeled"]) == 20
@@ -231,6 +233,9 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
     for key in ("labeled", "unlabeled", "unlabeled_sizes", "unlabeled_has_label"):
         assert streamed[key] == eager[key], key
     assert eager["unlabeled_has_label"].count(False) == 2
+    # the Hub commit the dataset was loaded at: in results.json's hub_dataset, and in the streamed part's record
+    assert eager["revision"] == streamed["revision"] == streamed["unlabeled_revision"] == commit
+    assert eager["unlabeled_revision"] is None  # an in-memory part is identified by its content
 
 
 def hub_environment(hub: FakeHub, home: Path) -> dict:
@@ -342,9 +347,9 @@ def killed_hub_run(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_pipeline", kill)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
 
-    def launch(run_dir, repo):
+    def launch(run_dir, repo, *extra):
         cli.main(["--output_dir", str(run_dir), "--dataset_name", str(repo), "--num_labeled", "5",
-                  "--report_to", "none", "--backbone_weights", "none"])  # fmt: skip
+                  "--report_to", "none", "--backbone_weights", "none", *extra])  # fmt: skip
 
     return launch
 
@@ -403,3 +408,56 @@ def test_a_relaunch_on_changed_rows_is_refused_naming_the_part(tmp_path, killed_
         killed_hub_run(run, repo)
     assert "unlabeled: " in str(refused.value) and "labeled: " not in str(refused.value).replace("unlabeled: ", "")
     assert (run / "run_config.json").read_text() == saved
+
+
+def test_a_streamed_run_records_the_revision_and_refuses_another(local_repo, tmp_path, killed_hub_run):
+    """A streamed part is identified by its row ids and the dataset's revision (``None`` for a local directory); a
+    record saved before the revision was is compared by its row ids."""
+    from stpp_hf.training.config import ConfigError
+
+    run = tmp_path / "run"
+
+    def launch():
+        with pytest.raises(Killed):
+            killed_hub_run(run, local_repo, "--streaming", "true")
+
+    def edit_saved(edit):
+        for path, keys in ((run / "run_config.json", ()), (run / "state.json", ("run_config",))):
+            if not path.is_file():
+                continue  # written once a stage is done
+            record = json.loads(path.read_text())
+            section = record[keys[0]] if keys else record
+            edit(section["data"]["unlabeled"])
+            path.write_text(json.dumps(record))
+
+    launch()
+    saved = json.loads((run / "run_config.json").read_text())["data"]["unlabeled"]
+    assert saved["revision"] is None and set(saved) == {"ids_sha256", "num_images", "revision"}
+    edit_saved(lambda unlabeled: unlabeled.pop("revision"))
+    launch()  # saved without a revision: the same row ids resume
+    edit_saved(lambda unlabeled: unlabeled.update(revision="0123abcd"))
+    with pytest.raises(ConfigError, match="other rows of the dataset .*dataset changed since") as refused:
+        killed_hub_run(run, local_repo, "--streaming", "true")
+    assert str(local_repo) in str(refused.value) and "'revision': '0123abcd'} -> " in str(refused.value)
+
+
+def test_the_revision_is_the_hub_commit_and_none_for_a_local_directory(local_repo, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from stpp_hf.data.hub.identity import dataset_revision
+
+    with FakeHub() as hub:
+        hub.add_repo("tester/tiny-seg", segmentation_repo_files(), repo_type="dataset")
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        commit = hub.repos["datasets/tester/tiny-seg"].branches["main"][0]
+        assert dataset_revision("tester/tiny-seg") == commit
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        assert dataset_revision("tester/tiny-seg") is None  # offline: not learnt, not an error
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local dataset asks the Hub nothing")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    assert dataset_revision(str(local_repo)) is None
+    sources = load(local_repo, tmp_path / "partition", tmp_path / "cache")
+    assert sources.metadata["hub_dataset"]["revision"] is None  # results.json's hub_dataset

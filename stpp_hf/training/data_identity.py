@@ -119,11 +119,12 @@ def _saved_or_adopt(layout: RunLayout, section: dict, write: bool) -> dict | Non
     return saved
 
 
-def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
+def check_hub_data(output_dir: Path, section: dict, write: bool, dataset_name: str | None = None) -> None:
     """Refuse a run directory whose ``data`` section is of the earlier format for a ``datasets`` dataset (the
     ``fingerprint`` of ``datasets``' cache per part, which this version does not use), saying how to go on; once
     that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. A run
-    on other rows is refused naming the parts that differ."""
+    on other rows (or, for a streamed part, another revision of the dataset) is refused naming the parts that
+    differ; a streamed part saved without a revision is compared by its row ids."""
     layout = RunLayout(output_dir)
     saved = _saved_or_adopt(layout, section, write)
     if not saved:
@@ -136,14 +137,25 @@ def check_hub_data(output_dir: Path, section: dict, write: bool) -> None:
             f"{layout.run_config} and relaunch: the data is then recorded by content. Otherwise use another "
             "--output_dir"
         )
-    differing = [part for part in PARTS if isinstance(saved.get(part), dict) and saved[part] != section[part]]
+    differing = [
+        part
+        for part in PARTS
+        if isinstance(saved.get(part), dict) and saved[part] != _as_saved(saved[part], section[part])
+    ]
     if differing:
         details = "; ".join(f"{part}: {saved[part]} -> {section[part]}" for part in differing)
+        dataset = "the dataset" if dataset_name is None else f"the dataset {dataset_name}"
         raise ConfigError(
-            f"{layout.run_dir} already holds a run on other rows of the dataset (saved -> now: {details}); the "
+            f"{layout.run_dir} already holds a run on other rows of {dataset} (saved -> now: {details}); the "
             "dataset changed since (another revision, or edited rows): restore the run's revision to resume, or use "
             "another --output_dir"
         )
+
+
+def _as_saved(saved: dict, record: dict) -> dict:
+    """``record`` without its ``revision`` where the ``saved`` record has none: a streamed part recorded before the
+    revision was, compared by its row ids alone."""
+    return record if "revision" in saved else {key: value for key, value in record.items() if key != "revision"}
 
 
 def _saved_data_section(path: Path, *keys: str) -> dict | None:

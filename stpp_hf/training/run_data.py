@@ -139,7 +139,12 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
         check_run_record(accelerator, output_dir, {**config.record(), "data": data_section})
     data, sources = build_run_data(config, output_dir, accelerator, local, data_section)
     if local is None:
-        check_run_record(accelerator, output_dir, sources.identity, check=check_hub_data)
+        name = config.record()["hub_dataset"]["dataset_name"]
+
+        def check_hub(run_dir, section, write):
+            check_hub_data(run_dir, section, write, name)
+
+        check_run_record(accelerator, output_dir, sources.identity, check=check_hub)
     record = {**config.record(), "data": sources.identity}
     check_run_record(accelerator, output_dir, record)
     if accelerator.is_main_process:

@@ -53,6 +53,10 @@ ADDED_SETTINGS = {
     "coco_init_sha256": "--coco_init",
 }
 
+# parts of the data record added since: a record without them is compared without them (a streamed part saved
+# before its revision was recorded is identified by its row ids, see ``check_hub_data``)
+ADDED_DATA_RECORDS = frozenset({"data.unlabeled.revision"})
+
 
 # options that are no setting of the run: how long the processes of a launch wait for each other
 UNRECORDED_OPTIONS = frozenset({"collective_timeout_s", "heartbeat_timeout_s"})
@@ -108,8 +112,8 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     """``[(setting, saved value, new value)]`` of the result-changing settings that differ, nested keys
     dotted (``data.val``). A top-level section that only one side has yet (``data``, known once the
     sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are, nor the
-    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` that
-    ``saved`` lacks."""
+    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` or
+    :data:`ADDED_DATA_RECORDS` that ``saved`` lacks."""
     saved, new = json.loads(json.dumps(migrate_record(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
     for section in set(saved) ^ set(new):
         if isinstance(saved.get(section, new.get(section)), dict):
@@ -121,7 +125,7 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     for key in sorted(set(flat_saved) | set(flat_new)):
         if key.split(".")[0] in NON_RESULT_SETTINGS or (same_batch and key in BATCH_LAYOUT_SETTINGS):
             continue
-        if key in ADDED_SETTINGS and key not in flat_saved:
+        if (key in ADDED_SETTINGS or key in ADDED_DATA_RECORDS) and key not in flat_saved:
             continue
         before, after = flat_saved.get(key, missing), flat_new.get(key, missing)
         if before != after:

@@ -17,7 +17,7 @@ from ..splits import SplitEntry
 from ..streamed import UnlabeledStream
 from .classes import palette_of, resolve_id2label
 from .columns import HubColumns, RowChecks, check_label_row, check_no_missing_label, label_values, rows_with_label
-from .identity import rows_record, stream_record
+from .identity import dataset_revision, rows_record, stream_record
 from .partition import (
     Partition,
     draw_partition,
@@ -97,7 +97,7 @@ def load_streamed(splits: HubSplits, settings: dict, partition_dir: Path) -> Run
     unlabeled = UnlabeledStream(
         splits.train, row_of, columns.image, columns.label, splits.stream_identity(), splits.stream_row_check()
     )
-    identity["unlabeled"] = stream_record(unlabeled)
+    identity["unlabeled"] = stream_record(unlabeled, splits.revision)
     return splits.sources(labeled, unlabeled, val, identity, partition, has_label)
 
 
@@ -111,6 +111,7 @@ class HubSplits:
     train: Dataset | IterableDataset
     val: Dataset | IterableDataset
     id2label: dict[int, str]
+    revision: str | None  # the Hub commit of the dataset (``None``: a local one, or offline)
 
     @classmethod
     def open(cls, options: dict, cache_dir: str | os.PathLike | None) -> HubSplits:
@@ -123,7 +124,7 @@ class HubSplits:
         columns.check(train.features, train_split)
         columns.check(val.features, val_split)
         id2label = resolve_id2label(name, options["id2label"], train.features)
-        return cls(options, columns, train, val, id2label)
+        return cls(options, columns, train, val, id2label, dataset_revision(name))
 
     @property
     def dataset_name(self) -> str:
@@ -211,13 +212,14 @@ class HubSplits:
         )
 
     def metadata(self, settings: dict) -> dict:
-        """What ``results.json`` says of the data: the dataset, its partition in words and in full."""
+        """What ``results.json`` says of the data: the dataset and its revision, its partition in words and in full."""
         partition = {key: value for key, value in settings.items() if key not in ("dataset_name", "dataset_config")}
         config = self.options["dataset_config"]
         name = self.dataset_name if config is None else f"{self.dataset_name} ({config})"
         hub_dataset = {
             "dataset_name": self.dataset_name,
             "dataset_config": config,
+            "revision": self.revision,
             "image_column": self.columns.image,
             "label_column": self.columns.label,
             "train_split": self.train_split,
