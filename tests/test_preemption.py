@@ -39,9 +39,15 @@ def in_second_epoch(run_dir):
 
 
 def workers(launcher):
-    return [
-        p for p in psutil.Process(launcher.pid).children(recursive=True) if "train_stpp.py" in " ".join(p.cmdline())
-    ]
+    """The launcher's training processes; a child that has just exited (a zombie or gone) is none of them."""
+    found = []
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "train_stpp.py" in " ".join(child.cmdline()):
+                found.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
 
 
 def assert_same_final_model(reference, resumed):
