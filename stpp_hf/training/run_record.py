@@ -47,15 +47,14 @@ NON_RESULT_SETTINGS = frozenset(
 # BatchNorm batch (per device, or across devices with SyncBatchNorm) then differs, and a warning says so
 BATCH_LAYOUT_SETTINGS = frozenset({"num_processes", "per_device_batch_size", "gradient_accumulation_steps", "sync_bn"})
 BATCH_SETTINGS = ("global_batch_size", "lr")
-# settings an earlier version did not record: a run directory without them resumes (they cannot be checked)
+# settings (nested keys dotted) an earlier version did not record, each with the option its value comes from: a
+# run directory without them resumes, compared without them (they cannot be checked); a streamed part saved before
+# its revision was recorded is identified by its row ids (``check_hub_data``)
 ADDED_SETTINGS = {
     "backbone_weights_sha256": "--backbone_weights",
     "coco_init_sha256": "--coco_init",
+    "data.unlabeled.revision": "--dataset_name",
 }
-
-# parts of the data record added since: a record without them is compared without them (a streamed part saved
-# before its revision was recorded is identified by its row ids, see ``check_hub_data``)
-ADDED_DATA_RECORDS = frozenset({"data.unlabeled.revision"})
 
 
 # options that are no setting of the run: how long the processes of a launch wait for each other
@@ -112,8 +111,8 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     """``[(setting, saved value, new value)]`` of the result-changing settings that differ, nested keys
     dotted (``data.val``). A top-level section that only one side has yet (``data``, known once the
     sources are built) is not compared; :data:`NON_RESULT_SETTINGS` never are, nor the
-    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` or
-    :data:`ADDED_DATA_RECORDS` that ``saved`` lacks."""
+    :data:`BATCH_LAYOUT_SETTINGS` while the global batch and lr are the same, nor :data:`ADDED_SETTINGS` that
+    ``saved`` lacks."""
     saved, new = json.loads(json.dumps(migrate_record(saved))), json.loads(json.dumps(dict(new)))  # tuples as on disk
     for section in set(saved) ^ set(new):
         if isinstance(saved.get(section, new.get(section)), dict):
@@ -125,7 +124,7 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     for key in sorted(set(flat_saved) | set(flat_new)):
         if key.split(".")[0] in NON_RESULT_SETTINGS or (same_batch and key in BATCH_LAYOUT_SETTINGS):
             continue
-        if (key in ADDED_SETTINGS or key in ADDED_DATA_RECORDS) and key not in flat_saved:
+        if key in ADDED_SETTINGS and key not in flat_saved:
             continue
         before, after = flat_saved.get(key, missing), flat_new.get(key, missing)
         if before != after:
@@ -148,7 +147,7 @@ def check_same_config(run_dir: str | os.PathLike, saved: Mapping[str, Any], new:
 
 def _what_changed(key: str, new: Mapping[str, Any]) -> str:
     """What a differing setting means, where its name alone does not say."""
-    if key in ADDED_SETTINGS:
+    if key.endswith("_sha256") and key in ADDED_SETTINGS:
         option = ADDED_SETTINGS[key]
         return f" (the file {new.get(option.removeprefix('--'))} given as {option} has other content than the run's)"
     return ""
