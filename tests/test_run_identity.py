@@ -217,9 +217,11 @@ def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(tmp
 
 
 def earlier_names(record):
-    """``record`` as an earlier version wrote it: ``lr`` the lr used, ``base_lr`` the --lr option."""
+    """``record`` as an earlier version wrote it: ``lr`` the lr used, ``base_lr`` the --lr option, ``dataset`` the
+    kind of data ("synthetic" where today's is None: no layout)."""
     renamed = {"lr": "base_lr", "scaled_lr": "lr"}
-    return {renamed.get(key, key): value for key, value in record.items()}
+    earlier = {renamed.get(key, key): value for key, value in record.items()}
+    return {**earlier, "dataset": "synthetic" if record["dataset"] is None else record["dataset"]}
 
 
 def test_a_run_directory_with_the_earlier_names_resumes_and_is_recorded_in_todays(tmp_path, killed_before_training):
@@ -227,6 +229,7 @@ def test_a_run_directory_with_the_earlier_names_resumes_and_is_recorded_in_today
     killed_before_training(run, "--global_batch_size", "2")
     config = json.loads((run / "run_config.json").read_text())
     assert (config["lr"], config["scaled_lr"]) == (0.02, 0.02 / 16 * 2) and "base_lr" not in config
+    assert config["dataset"] is None  # synthetic data: no --dataset layout
     (run / "run_config.json").write_text(json.dumps(earlier_names(config)))
     killed_before_training(run, "--global_batch_size", "2")  # accepted: the same settings in earlier names
     assert json.loads((run / "run_config.json").read_text()) == config  # rewritten in today's names

@@ -39,11 +39,18 @@ __all__ = ["ConfigError", "Derived", "RunConfig", "parse_arguments", "resolve_ru
 MAX_DEFAULT_WORKERS = 8
 
 
+def data_kind(data: DataArguments) -> str:
+    """The kind of data: ``"hub"`` (``--dataset_name``), ``"synthetic"`` (no ``--data_root``) or the ``--dataset``
+    layout of a ``--data_root``."""
+    if data.dataset_name is not None:
+        return HUB
+    return SYNTHETIC if data.data_root is None else data.dataset
+
+
 @dataclass(frozen=True)
 class Derived:
     """What follows from the options and the launch, besides their defaults."""
 
-    dataset: str  # the kind of data: the --dataset layout of a --data_root, "synthetic" or "hub" (--dataset_name)
     num_processes: int
     scaled_lr: float  # --lr / 16 x global batch: the backbone group's peak lr
     backbone_weights_sha256: Optional[str]  # the content of a --backbone_weights FILE (a Hub tag names its own)
@@ -62,12 +69,16 @@ class RunConfig:
     derived: Derived
 
     @property
-    def is_synthetic(self) -> bool:
-        return self.derived.dataset == SYNTHETIC
+    def data_kind(self) -> str:
+        return data_kind(self.data)
 
     @property
     def is_hub(self) -> bool:
-        return self.derived.dataset == HUB
+        return self.data_kind == HUB
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.data_kind == SYNTHETIC
 
     @property
     def sliding_window_stride(self) -> Optional[tuple[int, int]]:
@@ -122,7 +133,7 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         return
     if data.data_root is None:
         if (
-            data.dataset != "pascal"
+            data.dataset not in ("pascal", None)  # None: resolved, the layout does not apply
             or data.split
             or data.labeled_id_path
             or data.unlabeled_id_path
@@ -209,10 +220,8 @@ def resolve_run_config(
     without its COCO checkpoint).
     """
     validate_arguments(data, model, run)
-    hub = data.dataset_name is not None
-    synthetic = data.data_root is None and not hub
-    dataset = HUB if hub else SYNTHETIC if synthetic else data.dataset
-    defaults = RECIPE_DEFAULTS[dataset]
+    synthetic = data_kind(data) == SYNTHETIC
+    defaults = RECIPE_DEFAULTS[data_kind(data)]
     backbone = model.backbone
     if backbone is None:
         backbone = DEEPLABV2_BACKBONE if model.model == "deeplabv2" and not synthetic else defaults.backbone
@@ -255,6 +264,7 @@ def resolve_run_config(
     return RunConfig(
         data=dataclasses.replace(
             data,
+            dataset=None if data.data_root is None else data.dataset,  # a layout applies to a --data_root only
             data_root=None if data.data_root is None else str(Path(data.data_root).resolve()),
             labeled_id_path=files["labeled"],
             unlabeled_id_path=files["unlabeled"],
@@ -278,7 +288,6 @@ def resolve_run_config(
             mixed_precision=launch_precision(run),
         ),
         derived=Derived(
-            dataset=dataset,
             num_processes=num_processes,
             scaled_lr=scaled_lr(base_lr, global_batch),
             backbone_weights_sha256=_file_content(weights) if weights.lower().endswith(WEIGHT_FILE_SUFFIXES) else None,

@@ -91,7 +91,7 @@ def describe_recipe(config: RunConfig, paper: Optional[dict] = None) -> str:
         )
     else:
         data_line = (
-            f"dataset: {config.derived.dataset} ({config.data.data_root or 'generated in the run directory'}), split "
+            f"dataset: {config.data_kind} ({config.data.data_root or 'generated in the run directory'}), split "
             f"{config.data.split or '-'}: {sizes['labeled']} labeled, {sizes['unlabeled']} unlabeled, "
             f"{sizes['val']} val images"
         )

@@ -142,9 +142,12 @@ class DataArguments(HubDataArguments):  # --dataset_name etc.: a `datasets` data
         "synthetic_image_size": at_least(16),
         "num_workers": at_least(0),
     }
-    dataset: Literal["pascal", "cityscapes", "folder"] = field(
+    dataset: Optional[Literal["pascal", "cityscapes", "folder"]] = field(
         default="pascal",
-        metadata={"help": "Dataset layout. Without --data_root the built-in synthetic dataset is generated."},
+        metadata={
+            "help": "Layout of --data_root. Without --data_root the built-in synthetic dataset is generated "
+            "(resolved as None there)."
+        },
     )
     data_root: Optional[str] = field(default=None, metadata={"help": "Dataset root; omit to run on synthetic data."})
     split: Optional[str] = field(

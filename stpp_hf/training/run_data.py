@@ -157,7 +157,7 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
 def run_settings(config: RunConfig, data: RunData, record: dict, extra: dict) -> RunSettings:
     """How the pipeline runs ``config`` on ``data``; ``extra`` goes into ``results.json`` too."""
     metadata = {
-        "dataset": config.derived.dataset,
+        "dataset": config.data_kind,
         "split": config.data.split or ("synthetic" if config.is_synthetic else "custom"),
         "model": config.model.model,
         "backbone": config.model.backbone,

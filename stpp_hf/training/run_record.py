@@ -15,6 +15,7 @@ from ..file_io import atomic_write_json
 from ..log import get_logger
 from .errors import ConfigError
 from .options import HubDataArguments
+from .recipe import HUB, SYNTHETIC
 from .run_layout import RunLayout
 
 logger = get_logger(__name__)
@@ -62,12 +63,14 @@ UNRECORDED_OPTIONS = frozenset({"collective_timeout_s", "heartbeat_timeout_s"})
 SYNTHETIC_PREFIX = "synthetic_"
 # an earlier version's names: ``base_lr`` was the --lr option, and ``lr`` the lr used (``scaled_lr`` now)
 RENAMED_SETTINGS = {"lr": "scaled_lr", "base_lr": "lr"}
+# an earlier version's ``dataset`` was the kind of data where --dataset does not apply (now None there)
+EARLIER_DATA_KINDS = (SYNTHETIC, HUB)
 
 
 def settings_record(config) -> dict:
     """The settings of ``config`` (a :class:`~stpp_hf.training.config.RunConfig`) as ``run_config.json`` holds them:
     every option by its name, the synthetic data's options in a ``synthetic`` section and the ``datasets`` options in
-    a ``hub_dataset`` section (each ``None`` where that data is not used), ``dataset`` the kind of data, and the
+    a ``hub_dataset`` section (each ``None`` where that data is not used, as ``dataset``, the layout, is), and the
     facts that follow from the options (``num_processes``, ``scaled_lr``, the initialisation files' hashes)."""
     hub_names = [option.name for option in fields(HubDataArguments)]
     options = {**asdict(config.data), **asdict(config.model), **asdict(config.run)}
@@ -88,12 +91,15 @@ def settings_record(config) -> dict:
 
 def migrate_record(record: Mapping[str, Any]) -> dict:
     """``record`` in today's names (:data:`RENAMED_SETTINGS`): a record written by an earlier version, where ``lr``
-    was the lr used and ``base_lr`` the option, reads as ``scaled_lr`` and ``lr``."""
+    was the lr used and ``base_lr`` the option, reads as ``scaled_lr`` and ``lr``, and its ``dataset``
+    ``"synthetic"`` / ``"hub"`` (the kind of data) as ``None`` (no layout)."""
     if not isinstance(record, Mapping):
         return record  # not a record: the comparison names what is wrong with it
     record = dict(record)
     if "base_lr" in record:
         record = {RENAMED_SETTINGS.get(key, key): value for key, value in record.items()}
+    if record.get("dataset") in EARLIER_DATA_KINDS:
+        record["dataset"] = None
     return record
 
 
