@@ -185,11 +185,19 @@ def test_class_names_need_id2label(tmp_path):
 HUB_LOADER = textwrap.dedent(
     """
     import json, sys
+    from stpp_hf.data.hub import loading
     from stpp_hf.data.hub.loading import load_hub_sources
     from stpp_hf.data.images import open_image, undecoded
 
     repo_id, partition_dir, cache_dir = sys.argv[1:]
-    report = {}
+    loaded_revisions = []
+
+    def load_dataset(*args, load=loading.load_dataset, **kwargs):
+        loaded_revisions.append(kwargs.get("revision"))
+        return load(*args, **kwargs)
+
+    loading.load_dataset = load_dataset
+    report = {"loaded_revisions": loaded_revisions}
     for streaming in (False, True):
         sources = load_hub_sources(repo_id, partition_dir, labeled_fraction="1/6", partition_seed=1,
                                    streaming=streaming, cache_dir=cache_dir)
@@ -225,6 +233,7 @@ def test_load_from_the_fake_hub_with_and_without_streaming(tmp_path):
         commit = hub.repos["datasets/tester/tiny-seg"].branches["main"][0]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     eager, streamed = report["False"], report["True"]
+    assert report["loaded_revisions"] == [commit] * 4  # each split, each way, loaded at the commit recorded
     assert len(eager["labeled"]) == 4 and eager["val"] == 6 and len(eager["unlabeled"]) == 20
     assert eager["id2label"] == {
         str(index): name for index, name in enumerate(CLASS_NAMES)

@@ -111,12 +111,15 @@ class HubSplits:
     train: Dataset | IterableDataset
     val: Dataset | IterableDataset
     id2label: dict[int, str]
-    revision: str | None  # the Hub commit of the dataset (``None``: a local one, or offline)
+    revision: str | None  # the Hub commit the dataset was loaded at (``None``: a local one, or offline)
 
     @classmethod
     def open(cls, options: dict, cache_dir: str | os.PathLike | None) -> HubSplits:
         name, train_split, val_split = options["dataset_name"], options["train_split"], options["val_split"]
+        revision = dataset_revision(name)  # both splits are loaded at this commit, the one recorded
         load_kwargs = dict(name=options["dataset_config"], cache_dir=None if cache_dir is None else str(cache_dir))
+        if revision is not None:
+            load_kwargs["revision"] = revision
         train, val = (
             _load_split(name, split, load_kwargs, options["streaming"]) for split in (train_split, val_split)
         )
@@ -124,7 +127,7 @@ class HubSplits:
         columns.check(train.features, train_split)
         columns.check(val.features, val_split)
         id2label = resolve_id2label(name, options["id2label"], train.features)
-        return cls(options, columns, train, val, id2label, dataset_revision(name))
+        return cls(options, columns, train, val, id2label, revision)
 
     @property
     def dataset_name(self) -> str:
