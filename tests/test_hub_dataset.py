@@ -16,6 +16,7 @@ from segmentation_repo import CLASS_NAMES, png_field, segmentation_repo_files, w
 
 from stpp_hf.data.hub.loading import load_hub_sources
 from stpp_hf.data.hub.partition import parse_fraction
+from stpp_hf.data.splits import write_split
 
 
 def load(directory, partition_dir, cache_dir, **kwargs):
@@ -41,7 +42,7 @@ def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
     assert not labeled_ids & set(unlabeled_ids) and len(labeled_ids | set(unlabeled_ids)) == 24
     assert {"train/000003", "train/000007"} <= set(unlabeled_ids)  # rows without a label are never labeled
     assert sources.unlabeled[unlabeled_ids.index("train/000003")]["label"] is None
-    assert [entry.image for entry in sources.unlabeled_entries] == unlabeled_ids
+    assert sources.unlabeled_split is None and not sources.unlabeled_have_masks  # rows 3 and 7 have no label
     assert sources.id2label == dict(enumerate(CLASS_NAMES))
     assert sources.palette[:9] == [0, 0, 0, 200, 30, 30, 30, 30, 200]  # the label PNGs' own palette
     assert sources.metadata["hub_dataset"]["label_column"] == "annotation"  # 'label' is absent: the examples' fallback
@@ -57,6 +58,23 @@ def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
     assert (tmp_path / "partition" / "labeled.txt").read_text().split("\n")[0].startswith("train/")
     other = load(local_repo, tmp_path / "other", tmp_path / "cache", partition_seed=4)
     assert set(other.labeled["id"]) != labeled_ids
+
+
+def test_subset_files_of_hub_data_are_row_ids_and_an_earlier_versions_lines_read_back(local_repo, tmp_path):
+    from stpp_hf.training.pipeline import RunData
+
+    sources = load(local_repo, tmp_path / "partition", tmp_path / "cache")
+    data = RunData(sources.labeled, sources.unlabeled, sources.val, sources.id2label, None, False)
+    ids = data.unlabeled_ids[:3]
+    subset = tmp_path / "reliable_ids.txt"
+    write_split(subset, [data.unlabeled_lines()[image_id] for image_id in ids])
+    assert subset.read_text() == "".join(f"{image_id}\n" for image_id in ids)  # one row id per line
+    assert data.ids_of_lines(subset) == ids
+    subset.write_text("".join(f"{image_id} {image_id}/annotation\n" for image_id in ids))  # as written before
+    assert data.ids_of_lines(subset) == ids
+    subset.write_text("train/999999\n")
+    with pytest.raises(ValueError, match="not in the unlabeled split"):
+        data.ids_of_lines(subset)
 
 
 def test_relaunch_reuses_the_partition_and_refuses_other_options(local_repo, tmp_path):

@@ -47,7 +47,8 @@ def data(tmp_path_factory):
     }
     return RunData(
         labeled=sources["labeled"], unlabeled=sources["unlabeled"], val=sources["val"], id2label=synthetic.id2label,
-        unlabeled_entries=read_split(files["unlabeled"]), palette=synthetic.palette, base_size=32, crop_size=32,
+        unlabeled_split=read_split(files["unlabeled"]), unlabeled_have_masks=True,
+        palette=synthetic.palette, base_size=32, crop_size=32,
     )  # fmt: skip
 
 

@@ -25,7 +25,10 @@ class RunSources:
     val: Dataset
     id2label: dict[int, str]
     palette: list[int] | None
-    unlabeled_entries: list[SplitEntry]  # the split-file line of each unlabeled image, in the order of its ids
+    # the split-file line of each unlabeled image in the order of its ids (local data); ``None`` for Hub data, whose
+    # ids (row ids) are their lines
+    unlabeled_split: list[SplitEntry] | None
+    unlabeled_have_masks: bool  # every unlabeled image has its true mask (selection's teacher check uses them)
     identity: dict
     unlabeled_source: dict
     metadata: dict = field(default_factory=dict)

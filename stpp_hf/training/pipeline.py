@@ -32,7 +32,7 @@ from ..data import (
     UnlabeledStream,
     teacher_fingerprint,
 )
-from ..data.splits import read_split, write_split
+from ..data.splits import SplitEntry, read_split, write_split
 from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
@@ -62,7 +62,9 @@ class RunData:
     unlabeled: Any
     val: Any
     id2label: dict[int, str]
-    unlabeled_entries: list  # SplitEntry of each unlabeled image, aligned with ``unlabeled["id"]``
+    # the split-file line of each unlabeled image, aligned with its ids (``None``: the ids are the lines, Hub data)
+    unlabeled_split: list[SplitEntry] | None
+    unlabeled_have_masks: bool
     palette: list[int] | None = None
     base_size: int = 400
     crop_size: int = 321
@@ -77,6 +79,24 @@ class RunData:
         """The ids of the unlabeled images in row order, streamed or not (a stream is known by its ids until the
         stages read its images)."""
         return list(self.stream.ids if self.stream is not None else self.unlabeled["id"])
+
+    def unlabeled_lines(self) -> dict[str, SplitEntry]:
+        """The split-file line of each unlabeled id, which the select stage's subset files hold (so that, on local
+        data, they are split files of the dataset): the unlabeled split's, or the id alone (Hub data)."""
+        ids = self.unlabeled_ids
+        if self.unlabeled_split is None:
+            return {image_id: SplitEntry(image_id) for image_id in ids}
+        return dict(zip(ids, self.unlabeled_split))
+
+    def ids_of_lines(self, path: Path) -> list[str]:
+        """The unlabeled ids of split file ``path`` (a subset file read back), by each line's image: its id on Hub
+        data, where an earlier version wrote ``<id> <id>/<label column>`` lines."""
+        id_of_image = {entry.image: image_id for image_id, entry in self.unlabeled_lines().items()}
+        entries = read_split(path)
+        unknown = [entry.image for entry in entries if entry.image not in id_of_image]
+        if unknown:
+            raise ValueError(f"{path} lists images that are not in the unlabeled split, e.g. {unknown[:3]}")
+        return [id_of_image[entry.image] for entry in entries]
 
 
 @dataclass
@@ -137,14 +157,7 @@ class _Run:
         path = self.stage_layout("select").subset_ids(subset)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the selection stage must run first")
-        id_of_image = {
-            entry.image: image_id for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)
-        }
-        entries = read_split(path)
-        unknown = [entry.image for entry in entries if entry.image not in id_of_image]
-        if unknown:
-            raise ValueError(f"{path} lists images that are not in the unlabeled split, e.g. {unknown[:3]}")
-        return [id_of_image[entry.image] for entry in entries]
+        return self.data.ids_of_lines(path)
 
     def teacher_dir(self, source: str) -> Path:
         """The model of training stage ``source`` that labels images: its best or its last epoch."""
@@ -174,9 +187,9 @@ class _Run:
         return self.stream.local_dataset(ids, directory)
 
     def write_ids(self, path: Path, ids: list[str]) -> None:
-        """``ids`` as a split file (``<image> <mask>`` lines of the unlabeled split)."""
-        entry_of_id = dict(zip(self.unlabeled_ids, self.data.unlabeled_entries))
-        write_split(path, [entry_of_id[image_id] for image_id in ids])
+        """``ids`` as a split file (:meth:`RunData.unlabeled_lines`)."""
+        line_of_id = self.data.unlabeled_lines()
+        write_split(path, [line_of_id[image_id] for image_id in ids])
 
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
@@ -323,7 +336,7 @@ class _Run:
         """mIoU against the true masks of the source stage's teacher (argmax, no TTA) on each subset
         of unlabeled ids: the check that selection picked the images the SupOnly teacher labels
         better, with one teacher for both (``None`` when unlabeled images have no masks)."""
-        if any(entry.mask is None for entry in self.data.unlabeled_entries):
+        if not self.data.unlabeled_have_masks:
             return None
         teacher = self.settings.model_class.from_pretrained(self.teacher_dir(source))
         config = self.settings.config
@@ -434,9 +447,7 @@ class _Run:
         if select is None or self.options.label_next == 0:
             return None
         scores = json.loads(self.stage_layout(select.name).reliability_scores.read_text(encoding="utf-8"))
-        image_of_id = {
-            image_id: entry.image for entry, image_id in zip(self.data.unlabeled_entries, self.unlabeled_ids)
-        }
+        image_of_id = {image_id: entry.image for image_id, entry in self.data.unlabeled_lines().items()}
         rows = label_next_rows(scores, self.unlabeled_ids, image_of_id, self.options.label_next)
         ids = [row["id"] for row in rows]
         write_label_next_csv(self.layout.label_next_csv, rows)

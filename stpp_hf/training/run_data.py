@@ -43,7 +43,8 @@ def build_run_data(
         unlabeled=sources.unlabeled,
         val=sources.val,
         id2label=sources.id2label,
-        unlabeled_entries=sources.unlabeled_entries,
+        unlabeled_split=sources.unlabeled_split,
+        unlabeled_have_masks=sources.unlabeled_have_masks,
         palette=sources.palette,
         base_size=config.run.base_size,
         crop_size=config.run.crop_size,
@@ -88,11 +89,13 @@ def local_run_sources(local: LocalData, identity: dict, output_dir: Path, accele
                 num_proc=cache_build_processes(len(read_split(local.split_files[part]))),
             )
     unlabeled_file = str(resolve_split_file(local.split_files["unlabeled"]).resolve())
+    unlabeled_split = read_split(local.split_files["unlabeled"])
     return RunSources(
         **parts,
         id2label=local.id2label,
         palette=local.palette,
-        unlabeled_entries=read_split(local.split_files["unlabeled"]),
+        unlabeled_split=unlabeled_split,
+        unlabeled_have_masks=all(entry.mask is not None for entry in unlabeled_split),
         identity=identity,
         unlabeled_source={
             "kind": "local",

@@ -63,7 +63,8 @@ class StageLayout:
 
     @property
     def reliable_ids(self) -> Path:
-        """Split file (``<image> <mask>`` lines) of the images the select stage found reliable."""
+        """Split file of the images the select stage found reliable: the unlabeled split's lines (local data) or
+        one row id per line (Hub data)."""
         return self.directory / "reliable_ids.txt"
 
     @property

@@ -13,7 +13,6 @@ from datasets import Image as ImageFeature
 
 from ..images import open_image, undecoded
 from ..run_sources import RunSources
-from ..splits import SplitEntry
 from ..streamed import UnlabeledStream
 from .classes import palette_of, resolve_id2label
 from .columns import HubColumns, RowChecks, check_label_row, check_no_missing_label, label_values, rows_with_label
@@ -196,19 +195,14 @@ class HubSplits:
     def sources(
         self, labeled: Dataset, unlabeled, val: Dataset, identity: dict, partition: Partition, has_label: list[bool]
     ) -> RunSources:
-        # the lines the stages' subset files hold (as earlier versions wrote them): ``<id> <id>/<label column>``
-        ids, label = self.train_ids(partition.unlabeled), self.columns.label
-        entries = [
-            SplitEntry(image_id, f"{image_id}/{label}" if has_label[index] else None)
-            for image_id, index in zip(ids, partition.unlabeled)
-        ]
         return RunSources(
             labeled=labeled,
             unlabeled=unlabeled,
             val=val,
             id2label=self.id2label,
             palette=palette_of(labeled, "label"),
-            unlabeled_entries=entries,
+            unlabeled_split=None,
+            unlabeled_have_masks=all(has_label[index] for index in partition.unlabeled),
             identity={**identity, "id2label": {str(key): value for key, value in self.id2label.items()}},
             unlabeled_source={"kind": "hub", **self.options},
             metadata=self.metadata(partition.settings),
