@@ -27,8 +27,8 @@ from bench_training import _MemoryStore
 from hardware import beside, print_hardware
 
 from stpp_hf import build_model
-from stpp_hf.training.config import RECIPE_DEFAULTS
 from stpp_hf.training.pseudo_labeling import label_images
+from stpp_hf.training.recipe import RECIPE_DEFAULTS
 from stpp_hf.training.trainer import build_optimizer
 
 BASELINE = "resnet101"

@@ -27,9 +27,9 @@ from transformers import AutoModelForSemanticSegmentation
 from stpp_hf.data import load_source
 from stpp_hf.data.synthetic import make_synthetic_dataset
 from stpp_hf.data.training_sets import EvalDataset
+from stpp_hf.models.deeplab.deeplab_common import TTA_SCALES
 from stpp_hf.training import compute_reliability, split_by_reliability
 from stpp_hf.training.inference import inference_model, same_size_batches
-from stpp_hf.training.pseudo_labeling import TTA_SCALES
 
 
 def tta_scores(model, dataset, dtype, batch_size):

@@ -242,7 +242,8 @@ def test_a_training_stage_ends_bit_for_bit_the_same_with_checkpointing(tmp_path,
 
 
 def test_the_option_reaches_the_run_config_and_a_relaunch_may_change_it():
-    from stpp_hf.training.config import parse_arguments, resolve_run_config
+    from stpp_hf.training.config import resolve_run_config
+    from stpp_hf.training.options import parse_arguments
     from stpp_hf.training.run_record import config_differences
 
     def resolved(*argv):

@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_backbone_weights import timm_repo_files, use_hub
 from test_remote_code import load_in_fresh_process
+from timm.layers import convert_sync_batchnorm
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, pipeline
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusConfig, DeepLabV3PlusForSemanticSegmentation, build_model
 from stpp_hf.models.backbone_weights import load_backbone_weights
 from stpp_hf.training.inference import inference_model
-from stpp_hf.training.trainer import convert_sync_batchnorm
 
 # a 4-block DINOv2-S at a 56-px native size: the real model's design at a fraction of its cost
 SMALL_VIT = {"backbone": "vit_small_patch14_dinov2", "backbone_kwargs": {"img_size": 56, "depth": 4}}
@@ -259,7 +259,9 @@ def test_syncbatchnorm_conversion_and_batchnorm_folding_keep_the_outputs(family)
 
 
 def test_a_non_resnet_run_needs_its_backbone_weights_named(tmp_path):
-    from stpp_hf.training.config import ConfigError, DataArguments, ModelArguments, RunArguments, resolve_run_config
+    from stpp_hf.training.config import resolve_run_config
+    from stpp_hf.training.errors import ConfigError
+    from stpp_hf.training.options import DataArguments, ModelArguments, RunArguments
 
     data = DataArguments(dataset="pascal", data_root=str(tmp_path), split="1_16/split_0")
     with pytest.raises(

@@ -12,8 +12,10 @@ from helpers import run_script
 from safetensors.torch import save_file
 
 from stpp_hf.file_io import atomic_write_json, atomic_write_text, parse_json, replace_directory, sha256_json
-from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
+from stpp_hf.training.config import resolve_run_config
 from stpp_hf.training.divergence import NonFiniteError, check_finite_model
+from stpp_hf.training.errors import ConfigError
+from stpp_hf.training.options import parse_arguments
 
 
 def test_options_that_cannot_be_finite_or_positive_are_refused_naming_the_option():

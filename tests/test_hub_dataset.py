@@ -386,7 +386,7 @@ def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_the
 ):
     """The earlier version recorded ``datasets``' cache fingerprints as the data section and wrote the partition
     files as ``<id> <id>/<label column>`` lines."""
-    from stpp_hf.training.config import ConfigError
+    from stpp_hf.training.errors import ConfigError
 
     run = tmp_path / "run"
 
@@ -421,7 +421,7 @@ def test_a_run_directory_of_the_earlier_version_is_refused_saying_what_to_do_the
 
 
 def test_a_relaunch_on_changed_rows_is_refused_naming_the_part(tmp_path, killed_hub_run):
-    from stpp_hf.training.config import ConfigError
+    from stpp_hf.training.errors import ConfigError
 
     repo, run = write_repo(tmp_path / "repo", segmentation_repo_files()), tmp_path / "run"
     with pytest.raises(Killed):
@@ -440,7 +440,7 @@ def test_a_relaunch_on_changed_rows_is_refused_naming_the_part(tmp_path, killed_
 def test_a_streamed_run_records_the_revision_and_refuses_another(local_repo, tmp_path, killed_hub_run):
     """A streamed part is identified by its row ids and the dataset's revision (``None`` for a local directory); a
     record saved before the revision was is compared by its row ids."""
-    from stpp_hf.training.config import ConfigError
+    from stpp_hf.training.errors import ConfigError
 
     run = tmp_path / "run"
 

@@ -16,12 +16,9 @@ from stpp_hf.data.hub.classes import class_label_names, resolve_id2label
 from stpp_hf.data.hub.loading import load_hub_sources
 from stpp_hf.data.hub.partition import rarest_class_strata
 from stpp_hf.data.images import open_image
-from stpp_hf.training.config import (
-    ConfigError,
-    parse_arguments,
-    resolve_run_config,
-    validate_arguments,
-)
+from stpp_hf.training.config import resolve_run_config, validate_arguments
+from stpp_hf.training.errors import ConfigError
+from stpp_hf.training.options import parse_arguments
 from stpp_hf.training.run_record import config_differences
 
 

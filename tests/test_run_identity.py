@@ -15,11 +15,9 @@ from stpp_hf.data.sources import get_source
 from stpp_hf.data.sources.base import fingerprint
 from stpp_hf.data.splits import read_split_text
 from stpp_hf.training import cli
-from stpp_hf.training.config import (
-    ConfigError,
-    parse_arguments,
-    resolve_run_config,
-)
+from stpp_hf.training.config import resolve_run_config
+from stpp_hf.training.errors import ConfigError
+from stpp_hf.training.options import parse_arguments
 from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 from stpp_hf.training.state import STATE_VERSION, RunState
 

@@ -10,7 +10,9 @@ import pytest
 from helpers import REPO, TINY_ARGS, launch_command
 
 from stpp_hf.data import load_source, make_synthetic_dataset
-from stpp_hf.training.config import ConfigError, parse_arguments, resolve_run_config
+from stpp_hf.training.config import resolve_run_config
+from stpp_hf.training.errors import ConfigError
+from stpp_hf.training.options import parse_arguments
 from stpp_hf.training.run_data import cache_build_processes
 
 

@@ -9,11 +9,9 @@ import pytest
 from helpers import REPO
 
 from stpp_hf.training import cli, dry_run
-from stpp_hf.training.config import (
-    ConfigError,
-    parse_arguments,
-    resolve_run_config,
-)
+from stpp_hf.training.config import resolve_run_config
+from stpp_hf.training.errors import ConfigError
+from stpp_hf.training.options import parse_arguments
 from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 
 RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))

@@ -18,8 +18,9 @@ from helpers import (
 )
 
 from stpp_hf.data import PseudoLabelStore
-from stpp_hf.training.config import default_num_workers, parse_arguments, resolve_run_config
+from stpp_hf.training.config import default_num_workers, resolve_run_config
 from stpp_hf.training.evaluation import evaluate
+from stpp_hf.training.options import parse_arguments
 from stpp_hf.training.pseudo_labeling import label_images, pseudo_label_miou
 from stpp_hf.training.selection import compute_reliability
 

@@ -1,9 +1,11 @@
 """Training: the ST / ST++ stages on Accelerate and the run configuration (the ``stpp-train`` entry point is
 ``stpp_hf.training.cli``)."""
 
-from .config import ConfigError, RunConfig, parse_arguments, resolve_run_config
+from .config import RunConfig, resolve_run_config
 from .distributed import check_shared_run_dir, create_accelerator
+from .errors import ConfigError
 from .evaluation import evaluate
+from .options import parse_arguments
 from .pipeline import RunData, RunSettings, run_pipeline
 from .pseudo_label_export import pseudo_label_dataset
 from .pseudo_labeling import label_images

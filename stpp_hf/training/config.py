@@ -28,12 +28,11 @@ from .options import (
     ModelArguments,
     RunArguments,
     check_fields,
-    parse_arguments,
 )
 from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
 from .stages import build_stages, snapshot_epochs
 
-__all__ = ["ConfigError", "Derived", "RunConfig", "parse_arguments", "resolve_run_config", "validate_arguments"]
+__all__ = ["Derived", "RunConfig", "resolve_options", "resolve_run_config", "validate_arguments"]
 
 # DataLoader workers per process by default on CUDA: decoding keeps a GPU busy with a few, more only cost memory
 MAX_DEFAULT_WORKERS = 8

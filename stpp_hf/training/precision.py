@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 OVERRIDE_OPTION = "--allow_emulated_precision"
 # CPU flags (Linux /proc/cpuinfo names) that say which reduced precisions the cores compute natively
