@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from helpers import tiny_deeplab
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from stpp_hf import (
     MODEL_REGISTRY,
@@ -305,12 +306,23 @@ def test_bad_inputs_raise_clear_errors(small_model):
     ],
 )
 def test_invalid_config_values_name_the_field(config_class, kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    # a field's own value: the strict dataclass's error; a value that cannot work with the others: a ValueError
+    with pytest.raises((StrictDataclassFieldValidationError, ValueError), match=field):
         config_class(**kwargs)
 
 
+def test_a_field_is_checked_when_set_too():
+    config = DeepLabV3PlusConfig()
+    with pytest.raises(StrictDataclassFieldValidationError, match="aspp_dropout"):
+        config.aspp_dropout = 1.0
+    with pytest.raises(StrictDataclassFieldValidationError, match="classifier_init_std"):
+        DeepLabV2Config().classifier_init_std = 0
+    with pytest.raises(StrictDataclassFieldValidationError, match="head_lr_multiplier"):
+        DeepLabV2Config(head_lr_multiplier=0)  # the field DeepLabV2 redefines keeps its check
+
+
 def test_allowed_values_are_listed():
-    with pytest.raises(ValueError, match=r"allowed values: \[8, 16\]"):
+    with pytest.raises(StrictDataclassFieldValidationError, match=r"expected one of \(8, 16\)"):
         DeepLabV3PlusConfig(output_stride=32)
     with pytest.raises(ValueError, match="resnet50"):
         DeepLabV2Config(backbone="not_a_model")

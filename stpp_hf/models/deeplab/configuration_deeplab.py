@@ -1,9 +1,13 @@
-"""The fields and checks shared by the DeepLabV3+ and DeepLabV2 configurations."""
+"""The fields shared by the DeepLabV3+ and DeepLabV2 configurations, and the validators of their values.
 
-from collections.abc import Iterable
-from typing import Any
+The configurations are huggingface_hub strict dataclasses, as transformers' are: a field's type and its validator
+(:func:`~huggingface_hub.dataclasses.validated_field`) are checked when the config is made and whenever the field is
+set, and a bad value raises a ``StrictDataclassFieldValidationError`` naming the field.
+"""
 
-from huggingface_hub.dataclasses import strict
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -12,43 +16,34 @@ from .timm_backbones import BackboneLayout, backbone_layout
 
 logger = logging.get_logger(__name__)
 
-ALLOWED_OUTPUT_STRIDES = (8, 16)
+
+def positive(value: int | float) -> None:
+    if not value > 0:
+        raise ValueError(f"must be positive, got {value!r}")
 
 
-def require_choice(field: str, value, allowed: Iterable):
-    """Raise a `ValueError` naming `field` and the allowed values unless `value` is one of them."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: {allowed}")
+def probability(value: int | float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
 
 
-def require_positive_int(field: str, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: a positive integer")
+def positive_each(count: int | None = None):
+    """A validator of a non-empty list of positive integers (of length ``count`` when given)."""
 
+    def check(values: list[int] | tuple[int, ...] | None) -> None:
+        if values is None:
+            return
+        if not values or (count is not None and len(values) != count):
+            raise ValueError(f"must hold {count or 'one or more'} positive integers, got {values!r}")
+        for value in values:
+            positive(value)
 
-def require_positive_ints(field: str, values, count: int | None = None):
-    """`values` must be a non-empty list of positive integers (of length `count` when given)."""
-    expected = f"{count} positive integers" if count else "one or more positive integers"
-    if not values or (count and len(values) != count):
-        raise ValueError(f"{field}={values!r} is invalid; allowed values: {expected}")
-    for value in values:
-        require_positive_int(field, value)
-
-
-def require_positive_number(field: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: a positive number")
-
-
-def require_probability(field: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: a float in [0, 1)")
+    return check
 
 
 @strict
 class DeepLabConfig(PreTrainedConfig):
-    """Fields of both DeepLab configurations; a value out of range raises a `ValueError` that names its field.
+    """Fields of both DeepLab configurations.
 
     Args:
         num_labels (`int`, *optional*): number of classes; 21 (Pascal VOC) unless `id2label` is given. An explicit
@@ -69,10 +64,10 @@ class DeepLabConfig(PreTrainedConfig):
     """
 
     backbone: str = "resnet50"
-    output_stride: int = 8
+    output_stride: Literal[8, 16] = 8
     backbone_out_indices: list[int] | tuple[int, ...] | None = None
     backbone_kwargs: dict[str, Any] | None = None
-    head_lr_multiplier: float | int = 10.0
+    head_lr_multiplier: float | int = validated_field(positive, default=10.0)
     semantic_loss_ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self, **kwargs):
@@ -86,18 +81,17 @@ class DeepLabConfig(PreTrainedConfig):
             self.id2label = self.label2id = None
         if self.id2label is None:
             num_labels = 21 if num_labels is None else num_labels
-            require_positive_int("num_labels", num_labels)
+            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
+                raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
             kwargs["num_labels"] = num_labels
         super().__post_init__(**kwargs)
         if sorted(self.id2label) != list(range(len(self.id2label))):
             raise ValueError(f"id2label keys must be 0..{len(self.id2label) - 1}, got {sorted(self.id2label)}")
         if self.label2id is None:
             self.label2id = {name: index for index, name in self.id2label.items()}
-        require_choice("output_stride", self.output_stride, ALLOWED_OUTPUT_STRIDES)
         if self.backbone_out_indices is not None:
             self.backbone_out_indices = list(self.backbone_out_indices)
         self.backbone_layout()  # checks the backbone now: a ValueError names the option that cannot work
-        require_positive_number("head_lr_multiplier", self.head_lr_multiplier)
         self.head_lr_multiplier = float(self.head_lr_multiplier)
 
     def backbone_layout(self) -> BackboneLayout:

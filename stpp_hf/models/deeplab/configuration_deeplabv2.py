@@ -1,8 +1,8 @@
 """DeepLabV2 configuration."""
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
 
-from .configuration_deeplab import DeepLabConfig, require_positive_ints, require_positive_number
+from .configuration_deeplab import DeepLabConfig, positive, positive_each
 
 
 @strict
@@ -22,15 +22,13 @@ class DeepLabV2Config(DeepLabConfig):
     model_type = "stpp_deeplabv2"
 
     backbone: str = "resnet101"
-    head_lr_multiplier: float | int = 1.0
-    classifier_rates: list[int] | tuple[int, ...] = (6, 12, 18, 24)
-    classifier_init_std: float | int = 0.01
+    head_lr_multiplier: float | int = validated_field(positive, default=1.0)
+    classifier_rates: list[int] | tuple[int, ...] = validated_field(positive_each(), default=(6, 12, 18, 24))
+    classifier_init_std: float | int = validated_field(positive, default=0.01)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.classifier_rates = list(self.classifier_rates)
-        require_positive_ints("classifier_rates", self.classifier_rates)
-        require_positive_number("classifier_init_std", self.classifier_init_std)
         self.classifier_init_std = float(self.classifier_init_std)
 
 

@@ -1,8 +1,8 @@
 """DeepLabV3+ configuration."""
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
 
-from .configuration_deeplab import DeepLabConfig, require_positive_int, require_positive_ints, require_probability
+from .configuration_deeplab import DeepLabConfig, positive, positive_each, probability
 
 # ASPP dilation rates of the method at output stride 8; at stride 16 they halve.
 ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
@@ -26,22 +26,17 @@ class DeepLabV3PlusConfig(DeepLabConfig):
 
     model_type = "stpp_deeplabv3plus"
 
-    aspp_channels: int = 256
-    aspp_rates: list[int] | tuple[int, ...] | None = None
-    aspp_dropout: float | int = 0.5
-    low_level_channels: int = 48
-    decoder_channels: int = 256
-    decoder_dropout: float | int = 0.1
+    aspp_channels: int = validated_field(positive, default=256)
+    aspp_rates: list[int] | tuple[int, ...] | None = validated_field(positive_each(count=3), default=None)
+    aspp_dropout: float | int = validated_field(probability, default=0.5)
+    low_level_channels: int = validated_field(positive, default=48)
+    decoder_channels: int = validated_field(positive, default=256)
+    decoder_dropout: float | int = validated_field(probability, default=0.1)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for field in ("aspp_channels", "low_level_channels", "decoder_channels"):
-            require_positive_int(field, getattr(self, field))
         if self.aspp_rates is not None:
             self.aspp_rates = list(self.aspp_rates)
-            require_positive_ints("aspp_rates", self.aspp_rates, count=3)
-        require_probability("aspp_dropout", self.aspp_dropout)
-        require_probability("decoder_dropout", self.decoder_dropout)
 
     @property
     def atrous_rates(self) -> tuple[int, int, int]:
