@@ -1,6 +1,7 @@
 """stpp-train options: command line, recipe files (YAML / JSON) plus overrides, validation before any data
 work, the resolved run configuration, --dry_run on every shipped recipe, the relaunch check."""
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -11,7 +12,8 @@ from helpers import REPO
 from stpp_hf.training import cli, dry_run
 from stpp_hf.training.config import resolve_run_config
 from stpp_hf.training.errors import ConfigError
-from stpp_hf.training.options import parse_arguments
+from stpp_hf.training.options import RunArguments, parse_arguments
+from stpp_hf.training.recipe import RECIPE_DEFAULTS, recipe_default
 from stpp_hf.training.run_record import check_and_record_run_config, config_differences
 
 RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
@@ -152,6 +154,26 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
         pytest.approx(0.004),
         721,
     )
+
+
+def test_the_method_docs_state_the_recipe_defaults():
+    """docs/method.md's recipe table says what ``RECIPE_DEFAULTS`` holds (its owner), and the options' help is made
+    from that table."""
+    rows = {}
+    for line in (REPO / "docs" / "method.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3:
+            rows[cells[0]] = cells[1:]
+    settings = {"epochs": "epochs", "base lr, for a global batch of 16": "base_lr", "crop": "crop_size",
+                "resize base (long side)": "base_size"}  # fmt: skip
+    for row, setting in settings.items():
+        documented = [float(value) for value in rows[row]]
+        assert documented == [getattr(RECIPE_DEFAULTS[kind], setting) for kind in ("pascal", "cityscapes")], row
+    assert (
+        f"Epochs per training stage; {recipe_default('epochs')}."
+        == [option.metadata["help"] for option in dataclasses.fields(RunArguments) if option.name == "epochs"][0]
+    )
+    assert "80 (pascal, folder, hub), 240 (cityscapes)" in recipe_default("epochs")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 from ..data.hub.partition import parse_fraction
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
+from .recipe import DEEPLABV2_BACKBONE, REFERENCE_BATCH_SIZE, recipe_default
 
 # what a recipe file may hold besides options: where its published number comes from
 RECIPE_INFO_KEY = "paper"
@@ -182,12 +183,13 @@ class ModelArguments(_Checked):
     backbone: Optional[str] = field(
         default=None,
         metadata={
-            "help": "timm backbone: the method's ResNets (default: resnet50; resnet101 for deeplabv2; resnet18 on "
-            "synthetic data) or any timm model with feature maps (convnext_base, vit_base_patch14_dinov2, ...)."
+            "help": "timm backbone: the method's ResNets or any timm model with feature maps (convnext_base, "
+            f"vit_base_patch14_dinov2, ...); {recipe_default('backbone')}, {DEEPLABV2_BACKBONE} for deeplabv2 on "
+            "real data."
         },
     )
     output_stride: Optional[int] = field(
-        default=None, metadata={"help": "8 (the method's) or 16 (default on synthetic data)."}
+        default=None, metadata={"help": f"8 (the method's) or 16; {recipe_default('output_stride')}."}
     )
     backbone_weights: Optional[str] = field(
         default=None,
@@ -231,13 +233,13 @@ class RunArguments(_Checked):
         default="best", metadata={"help": "Pseudo labels from the best-on-val model (reference) or the last epoch."}
     )
     epochs: Optional[int] = field(
-        default=None, metadata={"help": "Epochs per training stage (80 Pascal, 240 Cityscapes)."}
+        default=None, metadata={"help": f"Epochs per training stage; {recipe_default('epochs')}."}
     )
     global_batch_size: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Images per optimizer step over all processes and accumulation steps "
-            "(16, the paper's; 8 on synthetic data)."
+            "help": "Images per optimizer step over all processes and accumulation steps; "
+            f"{recipe_default('global_batch_size')}."
         },
     )
     per_device_batch_size: Optional[int] = field(
@@ -247,15 +249,20 @@ class RunArguments(_Checked):
     lr: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Base lr for a global batch of 16 (0.001 Pascal, 0.004 Cityscapes); "
-            "the lr used is base_lr / 16 * global batch."
+            "help": f"Base lr for a global batch of {REFERENCE_BATCH_SIZE} ({recipe_default('base_lr')}); "
+            f"the lr used is lr / {REFERENCE_BATCH_SIZE} x global batch."
         },
     )
-    crop_size: Optional[int] = None
-    base_size: Optional[int] = field(
-        default=None, metadata={"help": "Long side that the random rescale is drawn around."}
+    crop_size: Optional[int] = field(
+        default=None, metadata={"help": f"Side of the training crops; {recipe_default('crop_size')}."}
     )
-    val_batch_size: Optional[int] = None
+    base_size: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Long side that the random rescale is drawn around; {recipe_default('base_size')}."},
+    )
+    val_batch_size: Optional[int] = field(
+        default=None, metadata={"help": f"Val images per batch; {recipe_default('val_batch_size')}."}
+    )
     inference_batch_size: int = field(default=8, metadata={"help": "Images per batch in selection / pseudo-labeling."})
     sliding_window: Optional[int] = field(
         default=None, metadata={"help": "Evaluate with this window (stride 2/3 of it)."}

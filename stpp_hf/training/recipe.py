@@ -52,6 +52,15 @@ RECIPE_DEFAULTS: dict[str, RecipeDefaults] = {
 }
 
 
+def recipe_default(setting: str) -> str:
+    """The default of ``setting`` (a :class:`RecipeDefaults` field) for each kind of data, in words for the options'
+    help, e.g. ``"default: 80 (pascal, folder, hub), 240 (cityscapes), 6 (synthetic)"``."""
+    kinds_by_value: dict = {}
+    for kind, defaults in RECIPE_DEFAULTS.items():
+        kinds_by_value.setdefault(getattr(defaults, setting), []).append(kind)
+    return "default: " + ", ".join(f"{value} ({', '.join(kinds)})" for value, kinds in kinds_by_value.items())
+
+
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """``base_lr / 16 * global_batch_size``: the peak lr of the backbone group."""
     return base_lr / REFERENCE_BATCH_SIZE * global_batch_size
