@@ -24,6 +24,7 @@ from huggingface_hub.dataclasses import type_validator
 from transformers import HfArgumentParser
 
 from ..data.hub.partition import parse_fraction
+from ..models.deeplab.configuration_deeplab import OUTPUT_STRIDES
 from .errors import ConfigError
 from .label_next import DEFAULT_LABEL_NEXT
 from .recipe import DEEPLABV2_BACKBONE, REFERENCE_BATCH_SIZE, recipe_default
@@ -63,8 +64,8 @@ def _seconds(name: str, value: float) -> None:
 
 
 def _output_stride(name: str, value: Optional[int]) -> None:
-    if value not in (None, 8, 16):
-        raise ConfigError(f"--{name} must be 8 or 16, got {value}")
+    if value is not None and value not in OUTPUT_STRIDES:
+        raise ConfigError(f"--{name} must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {value}")
 
 
 def _fraction(name: str, value: Optional[str]) -> None:

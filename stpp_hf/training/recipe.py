@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.deeplab.configuration_deeplabv2 import DeepLabV2Config
 from .errors import ConfigError
 
 REFERENCE_BATCH_SIZE = 16  # the global batch the base lr is stated for
@@ -15,8 +16,8 @@ WEIGHT_DECAY = 1e-4
 
 SYNTHETIC = "synthetic"
 HUB = "hub"  # a `datasets` dataset named by --dataset_name
-# the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4)
-DEEPLABV2_BACKBONE = "resnet101"
+# the paper's DeepLabV2 is a ResNet-101 (docs/method.md §4): the model's own default
+DEEPLABV2_BACKBONE = DeepLabV2Config.backbone
 
 
 @dataclass(frozen=True)

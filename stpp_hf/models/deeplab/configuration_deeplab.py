@@ -16,6 +16,8 @@ from .timm_backbones import BackboneLayout, backbone_layout
 
 logger = logging.get_logger(__name__)
 
+OUTPUT_STRIDES = (8, 16)
+
 
 def positive(value: int | float) -> None:
     if not value > 0:
@@ -64,7 +66,7 @@ class DeepLabConfig(PreTrainedConfig):
     """
 
     backbone: str = "resnet50"
-    output_stride: Literal[8, 16] = 8
+    output_stride: Literal[OUTPUT_STRIDES] = 8
     backbone_out_indices: list[int] | tuple[int, ...] | None = None
     backbone_kwargs: dict[str, Any] | None = None
     head_lr_multiplier: float | int = validated_field(positive, default=10.0)
