@@ -71,6 +71,8 @@ class JsonRecord:
     EXTRA_FIELD: ClassVar[str | None] = None  # a dict field that keeps the file's unknown fields, in their place
     # {an earlier version's name: today's} of fields that were renamed: an older file reads in today's names
     EARLIER_NAMES: ClassVar[dict[str, str]] = {}
+    # fields an earlier version wrote that this one neither reads nor writes: an older file's are skipped
+    DROPPED_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -98,7 +100,7 @@ class JsonRecord:
         where = where or cls.RECORD_NAME
         if not isinstance(data, dict):
             raise ValueError(f"{source}: {where} must be an object, got {type(data).__name__}")
-        data = cls._in_todays_names(data)
+        data = {name: value for name, value in cls._in_todays_names(data).items() if name not in cls.DROPPED_FIELDS}
         required = cls.required_fields(data)
         missing = [name for name in required if name not in data]
         if missing:

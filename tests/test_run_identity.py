@@ -122,14 +122,12 @@ def earlier_data_record(run):
 
 
 def write_earlier_format(run, data):
-    for name, key in (("run_config.json", None), ("state.json", "run_config")):
-        path = run / name
-        record = json.loads(path.read_text())
-        (record[key] if key else record)["data"] = {
-            **data,
-            "id2label": (record[key] if key else record)["data"]["id2label"],
-        }
-        path.write_text(json.dumps(record))
+    """``data`` as the earlier version's ``data`` section, in ``run_config.json`` and in the copy of the settings
+    that version kept in ``state.json`` (ignored now)."""
+    record = json.loads((run / "run_config.json").read_text())
+    record["data"] = {**data, "id2label": record["data"]["id2label"]}
+    (run / "run_config.json").write_text(json.dumps(record))
+    (run / "state.json").write_text(json.dumps({"version": 1, "run_config": record, "stages": {}}))
 
 
 def test_a_run_directory_of_the_earlier_format_resumes_if_its_files_match_else_says_what_to_do(
@@ -138,16 +136,10 @@ def test_a_run_directory_of_the_earlier_format_resumes_if_its_files_match_else_s
     run = tmp_path / "run"
     killed_before_training(run)
     current = json.loads((run / "run_config.json").read_text())["data"]
-    (run / "state.json").write_text(json.dumps({"version": 1, "run_config": current, "stages": {}}))
-    (run / "state.json").write_text(
-        json.dumps({"version": 1, "run_config": json.loads((run / "run_config.json").read_text()), "stages": {}})
-    )
     (run / "data_files.json").unlink()
     write_earlier_format(run, earlier_data_record(run))
     killed_before_training(run)  # the earlier record matches the files: taken over
-    for name, key in (("run_config.json", None), ("state.json", "run_config")):
-        record = json.loads((run / name).read_text())
-        assert (record[key] if key else record)["data"] == current, name
+    assert json.loads((run / "run_config.json").read_text())["data"] == current
 
     write_earlier_format(run, earlier_data_record(run))
     os.utime(run / "synthetic_data" / "JPEGImages" / "val_00000.jpg", ns=(10**18, 10**18))
@@ -158,7 +150,7 @@ def test_a_run_directory_of_the_earlier_format_resumes_if_its_files_match_else_s
     del config["data"]
     (run / "run_config.json").write_text(json.dumps(config))
     killed_before_training(run)  # as the refusal advised
-    assert json.loads((run / "state.json").read_text())["run_config"]["data"] == current
+    assert json.loads((run / "run_config.json").read_text())["data"] == current
 
 
 def resolve(argv, num_processes=1, device_type="cpu"):
@@ -231,18 +223,25 @@ def test_a_run_directory_with_the_earlier_names_resumes_and_is_recorded_in_today
     (run / "run_config.json").write_text(json.dumps(earlier_names(config)))
     killed_before_training(run, "--global_batch_size", "2")  # accepted: the same settings in earlier names
     assert json.loads((run / "run_config.json").read_text()) == config  # rewritten in today's names
-    # state.json: its run_config is read in today's names too
-    state = {"version": STATE_VERSION, "run_config": earlier_names(config), "stages": {}}
-    (run / "state.json").write_text(json.dumps(state))
-    RunState(run, config)
     # an earlier record with other settings is still refused, named in today's names
     (run / "run_config.json").write_text(json.dumps({**earlier_names(config), "base_lr": 0.04}))
     with pytest.raises(ConfigError, match="lr: 0.04 -> 0.02"):
         killed_before_training(run, "--global_batch_size", "2")
-    state["run_config"]["base_lr"] = 0.04
+
+
+def test_the_settings_are_kept_and_compared_in_run_config_json_alone(tmp_path, killed_before_training):
+    """state.json holds no copy of the settings; the copy an earlier version kept there is neither compared nor
+    kept: run_config.json alone decides whether a relaunch is the same run."""
+    run = tmp_path / "run"
+    killed_before_training(run, "--global_batch_size", "2")
+    config = json.loads((run / "run_config.json").read_text())
+    state = {"version": STATE_VERSION, "run_config": {**config, "epochs": 99}, "stages": {}}
     (run / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match="lr: 0.04 -> 0.02"):
-        RunState(run, config)
+    RunState(run).save()  # the earlier copy, even one that differs, is not compared: dropped when written
+    assert json.loads((run / "state.json").read_text()) == {"version": STATE_VERSION, "stages": {}}
+    killed_before_training(run, "--global_batch_size", "2")
+    with pytest.raises(ConfigError, match="global_batch_size: 2 -> 4"):
+        killed_before_training(run, "--global_batch_size", "4")
 
 
 def test_a_launch_claims_its_run_directory_once(tmp_path, monkeypatch):

@@ -56,21 +56,20 @@ def test_run_state_records_checksums_and_detects_changes(tmp_path):
     (tmp_path / "stages" / "best").mkdir(parents=True)
     (tmp_path / "stages" / "best" / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "ids.txt").write_text("a\n")
-    state = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    state = RunState(tmp_path)
     assert not state.is_done("suponly")
     state.mark_done("suponly", ["stages/best", "ids.txt"], {"val_miou": 0.5})
-    reloaded = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    reloaded = RunState(tmp_path)
     assert reloaded.is_done("suponly") and reloaded.summary("suponly") == {"val_miou": 0.5}
     (tmp_path / "ids.txt").write_text("b\n")
     assert not reloaded.is_done("suponly")
-    with pytest.raises(ValueError, match="epochs: 3 -> 4"):
-        RunState(tmp_path, {"framework": "stpp", "epochs": 4})
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         state.mark_done("x", ["missing.txt"], {})
 
 
-def test_a_state_file_of_the_previous_version_loads_and_is_written_back_byte_for_byte(tmp_path):
-    # as the previous version wrote it (atomic_write_json of plain dicts), and the oldest record without "inputs"
+def test_a_state_file_of_an_earlier_version_loads_and_is_written_back_without_its_settings_copy(tmp_path):
+    # as an earlier version wrote it (atomic_write_json of plain dicts, a copy of the run's settings in it), and the
+    # oldest record without "inputs"
     (tmp_path / "ids.txt").write_text("a\n")
     checksum = "87428fc522803d31065e7bce3cf03fe475096631e5e07bbd7a0fde60c4cf25c7"  # sha256 of "a\n"
     stages = {
@@ -79,12 +78,12 @@ def test_a_state_file_of_the_previous_version_loads_and_is_written_back_byte_for
     }
     old = {"version": 1, "run_config": {"framework": "stpp", "epochs": 3}, "stages": stages}
     atomic_write_json(tmp_path / "state.json", old)
-    state = RunState(tmp_path, {"framework": "stpp", "epochs": 3})
+    state = RunState(tmp_path)
     assert state.is_done("suponly", {"ids": "1" * 64}) and state.is_done("select", {})
     assert state.summary("select") == {"num_reliable": 1}
-    state.save()  # the same file, the oldest record now with its (empty) inputs
+    state.save()  # the same file without the settings (run_config.json's), the oldest record with its empty inputs
     stages["select"] = {"artefacts": {"ids.txt": checksum}, "inputs": {}, "summary": {"num_reliable": 1}}
-    atomic_write_json(tmp_path / "expected.json", old)
+    atomic_write_json(tmp_path / "expected.json", {"version": 1, "stages": stages})
     assert (tmp_path / "state.json").read_bytes() == (tmp_path / "expected.json").read_bytes()
 
 
@@ -127,7 +126,7 @@ def test_a_damaged_trainer_state_names_the_file_the_field_and_what_to_do(tmp_pat
 def test_corrupt_state_file_is_reported(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="state.json"):
-        RunState(tmp_path, {})
+        RunState(tmp_path)
 
 
 def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
@@ -153,11 +152,11 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
     "content, message",
     [
         ("[1, 2]", "state must be an object, got list"),
-        ('{"version": 1, "run_config": [], "stages": {}}', r"field state.run_config must be an object, got \[\]"),
-        ('{"version": 1, "run_config": {}, "stages": []}', r"field state.stages must be an object, got \[\]"),
-        ('{"run_config": {}, "stages": {}}', r"state lacks the field\(s\) \['version'\]"),
+        ('{"version": 1, "stages": []}', r"field state.stages must be an object, got \[\]"),
+        ('{"stages": {}}', r"state lacks the field\(s\) \['version'\]"),
+        ('{"version": 1, "stages": {}, "step": 3}', r"state has the unknown field 'step'"),
         (
-            '{"version": 1, "run_config": {}, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}',
+            '{"version": 1, "stages": {"select": {"artefacts": {"a": 1}, "summary": {}}}}',
             r"stages\['select'\].artefacts must be an object of \{path: SHA-256 string\}.*record of stage 'select'",
         ),
     ],
@@ -165,17 +164,17 @@ def test_directory_replacement_survives_an_interrupted_swap(tmp_path):
 def test_a_state_file_of_the_wrong_shape_is_named_with_what_to_do(tmp_path, content, message):
     (tmp_path / "state.json").write_text(content)
     with pytest.raises(ValueError, match=message) as error:
-        RunState(tmp_path, {})
+        RunState(tmp_path)
     assert str(tmp_path / "state.json") in str(error.value) and ("move it away" in str(error.value))
 
 
 def test_changed_inputs_redo_a_stage_and_redo_drops_records_once(tmp_path):
     (tmp_path / "ids.txt").write_text("a\n")
-    state = RunState(tmp_path, {})
+    state = RunState(tmp_path)
     state.mark_done("select", ["ids.txt"], {}, inputs={"teacher": "1" * 64})
     state.mark_done("label", ["ids.txt"], {}, inputs={"teacher": "2" * 64})
     assert state.is_done("select", {"teacher": "1" * 64}) and not state.is_done("select", {"teacher": "3" * 64})
-    redone = RunState(tmp_path, {}, redo=["label"])
+    redone = RunState(tmp_path, redo=["label"])
     assert redone.is_done("select", {"teacher": "1" * 64}) and not redone.is_done("label", {"teacher": "2" * 64})
     redone.mark_done("label", ["ids.txt"], {}, inputs={"teacher": "4" * 64})
     redone.reload()

@@ -83,12 +83,12 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
     """Refuse ``section`` if the run directory holds a run on other data, naming the files that differ.
 
     A ``data`` section of the earlier format (a ``fingerprint`` per part, from paths, sizes and mtimes) is taken
-    over when those fingerprints still match the files (``write``: ``run_config.json`` and ``state.json`` then
-    record the content hashes); otherwise the refusal says how to go on.
+    over when those fingerprints still match the files (``write``: ``run_config.json`` then records the content
+    hashes); otherwise the refusal says how to go on.
     """
     layout = RunLayout(output_dir)
-    saved = _saved_or_adopt(layout, section, write)
-    if not saved:
+    saved = _saved_data_section(layout.run_config)
+    if not saved:  # a new run, or an earlier record deleted as advised: the settings record writes the section
         return
     if _earlier_format(saved):
         _take_over_earlier_record(layout, data, saved, section, write)
@@ -110,24 +110,15 @@ def check_local_data(output_dir: Path, data: LocalData, section: dict, hashes: F
         )
 
 
-def _saved_or_adopt(layout: RunLayout, section: dict, write: bool) -> dict | None:
-    """``run_config.json``'s data section; where it has none and the earlier record was deleted from it as advised
-    (``state.json`` still holds that one), ``section`` is recorded by content (``write``) instead."""
-    saved = _saved_data_section(layout.run_config)
-    if not saved and write and _earlier_format(_saved_data_section(layout.state, "run_config")):
-        _record_content(layout, section)
-    return saved
-
-
-def check_hub_data(output_dir: Path, section: dict, write: bool, dataset_name: str | None = None) -> None:
+def check_hub_data(output_dir: Path, section: dict, dataset_name: str | None = None) -> None:
     """Refuse a run directory whose ``data`` section is of the earlier format for a ``datasets`` dataset (the
     ``fingerprint`` of ``datasets``' cache per part, which this version does not use), saying how to go on; once
-    that section is deleted from ``run_config.json`` (``write``), record ``section`` in ``state.json`` too. A run
+    that section is deleted from ``run_config.json``, the settings record writes ``section``. A run
     on other rows (or, for a streamed part, another revision of the dataset) is refused naming the parts that
     differ; a streamed part saved without a revision is compared by its row ids."""
     layout = RunLayout(output_dir)
-    saved = _saved_or_adopt(layout, section, write)
-    if not saved:
+    saved = _saved_data_section(layout.run_config)
+    if not saved:  # a new run, or an earlier record deleted as advised: the settings record writes the section
         return
     if _earlier_format(saved):
         raise ConfigError(
@@ -158,13 +149,11 @@ def _as_saved(saved: dict, record: dict) -> dict:
     return record if "revision" in saved else {key: value for key, value in record.items() if key != "revision"}
 
 
-def _saved_data_section(path: Path, *keys: str) -> dict | None:
-    """The ``data`` section of the JSON file ``path`` (under ``keys``), or ``None``."""
+def _saved_data_section(path: Path) -> dict | None:
+    """The ``data`` section of the JSON file ``path``, or ``None``."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        for key in keys:
-            saved = saved[key]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None  # absent, or torn: the settings check names a torn file
     return saved.get("data") if isinstance(saved, dict) else None
 
@@ -174,14 +163,10 @@ def _earlier_format(saved: dict | None) -> bool:
 
 
 def _record_content(layout: RunLayout, section: dict) -> None:
-    """Replace the earlier-format ``data`` section of ``run_config.json`` and ``state.json`` by ``section``."""
+    """Replace the earlier-format ``data`` section of ``run_config.json`` by ``section``."""
     logger.info("%s: the data is recorded by content from now on", layout.run_dir)
-    for path in (layout.run_config, layout.state):
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-            config = record["run_config"] if path == layout.state else record
-            config["data"] = section
-            atomic_write_json(path, record)
+    record = json.loads(layout.run_config.read_text(encoding="utf-8"))
+    atomic_write_json(layout.run_config, {**record, "data": section})
 
 
 def _take_over_earlier_record(layout: RunLayout, data: LocalData, saved: dict, section: dict, write: bool) -> None:

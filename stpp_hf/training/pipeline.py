@@ -135,7 +135,7 @@ class _Run:
         self.unlabeled_ids = data.unlabeled_ids
         self.val_set = EvalDataset(data.val, EvalTransform())
         self.unlabeled_set = None if self.stream is not None else EvalDataset(data.unlabeled, EvalTransform())
-        self.state = RunState(self.run_dir, settings.run_config, redo=self.redone_stages(self.options.redo_stage))
+        self.state = RunState(self.run_dir, redo=self.redone_stages(self.options.redo_stage))
 
     def redone_stages(self, redo_stage: str | None) -> list[str]:
         """``redo_stage`` (one of the framework's stages: checked with the options) and the stages after it (none for

@@ -144,8 +144,8 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
     if local is None:
         name = config.record()["hub_dataset"]["dataset_name"]
 
-        def check_hub(run_dir, section, write):
-            check_hub_data(run_dir, section, write, name)
+        def check_hub(run_dir, section, write):  # the rows are compared only: nothing to take over
+            check_hub_data(run_dir, section, name)
 
         check_run_record(accelerator, output_dir, sources.identity, check=check_hub)
     record = {**config.record(), "data": sources.identity}

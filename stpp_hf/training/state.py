@@ -10,7 +10,6 @@ relaunch skips exactly the stages whose outputs are intact and whose inputs are 
 
 import atexit
 import fcntl
-import json
 import os
 import re
 import socket
@@ -25,7 +24,6 @@ from ..file_io import sha256_file
 from ..log import get_logger
 from ..records import JsonRecord
 from .run_layout import RunLayout
-from .run_record import check_same_config
 
 logger = get_logger(__name__)
 
@@ -162,9 +160,10 @@ class StateFile(JsonRecord):
     are redone before reading them)."""
 
     RECORD_NAME = "state"
+    # an earlier version kept a copy of the run's settings here; they are run_config.json's alone (compared there)
+    DROPPED_FIELDS = frozenset({"run_config"})
 
     version: int
-    run_config: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
 
 
@@ -203,19 +202,17 @@ class TrainerState(JsonRecord):
 class RunState:
     """The ``state.json`` of a run directory.
 
-    Layout: ``{"version", "run_config": {...}, "stages": {name: {"artefacts": {relpath: sha256},
-    "inputs": {name: fingerprint}, "summary": {...}}}}`` (:class:`StateFile`, :class:`StageRecord`).
-    ``run_config`` holds the settings that change
-    results; relaunching in the same directory with different ones is refused instead of mixing two runs.
+    Layout: ``{"version", "stages": {name: {"artefacts": {relpath: sha256}, "inputs": {name: fingerprint},
+    "summary": {...}}}}`` (:class:`StateFile`, :class:`StageRecord`). The run's settings are not here: they are
+    ``run_config.json``'s, which a relaunch with other settings is refused by before this file is read.
     ``inputs`` fingerprints what a stage read (teacher weights, upstream labels, id lists): a stage whose
     inputs changed since it finished is redone. ``redo`` names stages whose records are dropped on
     loading (a damaged record included), so they and, through their inputs, the stages after them are redone.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], redo: Iterable[str] = ()):
+    def __init__(self, run_dir: str | os.PathLike, redo: Iterable[str] = ()):
         self.run_dir = Path(run_dir)
         self.path = RunLayout(self.run_dir).state
-        self.run_config = json.loads(json.dumps(dict(run_config)))  # normalise tuples etc. like on disk
         self.redo = set(redo)
         self.reload()
         self.redo = set()  # dropped once: later reloads read the records these stages get when redone
@@ -228,7 +225,6 @@ class RunState:
         saved = StateFile.read(self.path, self._restart_advice())
         if saved.version != STATE_VERSION:
             raise ValueError(f"{self.path} has version {saved.version}, expected {STATE_VERSION}")
-        check_same_config(self.run_dir, saved.run_config, self.run_config)
         for name, record in saved.stages.items():
             if name in self.redo:
                 continue
@@ -282,4 +278,4 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        StateFile(version=STATE_VERSION, run_config=self.run_config, stages=self.stages).write(self.path)
+        StateFile(version=STATE_VERSION, stages=self.stages).write(self.path)
