@@ -61,10 +61,7 @@ def test_local_directory_parts_features_and_partition(local_repo, tmp_path):
 
 
 def test_subset_files_of_hub_data_are_row_ids_and_an_earlier_versions_lines_read_back(local_repo, tmp_path):
-    from stpp_hf.training.pipeline import RunData
-
-    sources = load(local_repo, tmp_path / "partition", tmp_path / "cache")
-    data = RunData(sources.labeled, sources.unlabeled, sources.val, sources.id2label, None, False)
+    data = load(local_repo, tmp_path / "partition", tmp_path / "cache")
     ids = data.unlabeled_ids[:3]
     subset = tmp_path / "reliable_ids.txt"
     write_split(subset, [data.unlabeled_lines()[image_id] for image_id in ids])

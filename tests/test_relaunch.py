@@ -11,8 +11,9 @@ from helpers import tiny_deeplab
 
 from stpp_hf import DeepLabImageProcessor, DeepLabV3PlusForSemanticSegmentation
 from stpp_hf.data import load_source, make_synthetic_dataset, read_split
+from stpp_hf.data.run_sources import RunSources
 from stpp_hf.training.config import resolve_options
-from stpp_hf.training.pipeline import RunData, RunSettings, run_pipeline
+from stpp_hf.training.pipeline import RunSettings, run_pipeline
 from stpp_hf.training.results import RunResults
 from stpp_hf.training.run_directory import lock_run
 from stpp_hf.training.run_layout import RunLayout
@@ -45,10 +46,9 @@ def data(tmp_path_factory):
         )
         for part in ("labeled", "unlabeled", "val")
     }
-    return RunData(
+    return RunSources(
         labeled=sources["labeled"], unlabeled=sources["unlabeled"], val=sources["val"], id2label=synthetic.id2label,
-        unlabeled_split=read_split(files["unlabeled"]), unlabeled_have_masks=True,
-        palette=synthetic.palette, base_size=32, crop_size=32,
+        palette=synthetic.palette, unlabeled_split=read_split(files["unlabeled"]), unlabeled_have_masks=True,
     )  # fmt: skip
 
 
@@ -68,7 +68,7 @@ class Factory:
 def settings_for(run_dir, factory, **overrides):
     config = resolve_options(
         output_dir=str(run_dir), framework="stpp", epochs=3, global_batch_size=4, lr=0.02, val_batch_size=2,
-        channels_last=False, inference_batch_size=4, **overrides,
+        channels_last=False, inference_batch_size=4, crop_size=32, base_size=32, **overrides,
     )  # fmt: skip
     return RunSettings(
         config=config, model_factory=factory, model_class=DeepLabV3PlusForSemanticSegmentation,

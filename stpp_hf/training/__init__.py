@@ -6,7 +6,7 @@ from .distributed import check_shared_run_dir, create_accelerator
 from .errors import ConfigError
 from .evaluation import evaluate
 from .options import parse_arguments
-from .pipeline import RunData, RunSettings, run_pipeline
+from .pipeline import RunSettings, run_pipeline
 from .pseudo_label_export import pseudo_label_dataset
 from .pseudo_labeling import label_images
 from .results import FinalSummary, RunResults, StageSummary, results_table
@@ -19,7 +19,6 @@ __all__ = [
     "ConfigError",
     "FinalSummary",
     "RunConfig",
-    "RunData",
     "RunLayout",
     "RunResults",
     "RunSettings",

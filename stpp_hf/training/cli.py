@@ -50,8 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     precision.check()
     output_dir = Path(config.run.output_dir)
     heartbeat = open_run_directory(accelerator, output_dir, config.record(), config.run.heartbeat_timeout_s)
-    data, record, data_metadata = load_run_data(accelerator, config, output_dir)
-    settings = run_settings(config, data, record, {"precision": precision.to_json(), **data_metadata})
+    data, record = load_run_data(accelerator, config, output_dir)
+    settings = run_settings(config, data, record, {"precision": precision.to_json(), **data.metadata})
     if config.run.report_to != "none":
         # TensorBoard's hparams accept only scalars and strings
         scalars = {key: value for key, value in config.record().items() if isinstance(value, (int, float, str, bool))}

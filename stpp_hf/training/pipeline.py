@@ -27,12 +27,12 @@ from ..data import (
     FastTrainTransform,
     PseudoLabelStore,
     RetrainDataset,
+    RunSources,
     StreamedEvalDataset,
     SupOnlyDataset,
-    UnlabeledStream,
     teacher_fingerprint,
 )
-from ..data.splits import SplitEntry, read_split, write_split
+from ..data.splits import write_split
 from ..disk_full import disk_full_errors
 from ..file_io import atomic_write_json, replace_directory, sha256_json, temporary_directory_for
 from ..progress import progress_bar
@@ -51,52 +51,6 @@ from .stages import Stage, build_stages, snapshot_epochs
 from .state import RunState
 from .trainer import train_stage
 from .visualization import save_contact_sheet, save_prediction_grid, save_selection_figure, selection_figure_rows
-
-
-@dataclass
-class RunData:
-    """The three ``datasets.Dataset``\\ s of a run (features ``id``, ``image``, ``label``) and their classes;
-    ``unlabeled`` may be an :class:`~stpp_hf.data.UnlabeledStream` (``--streaming``)."""
-
-    labeled: Any
-    unlabeled: Any
-    val: Any
-    id2label: dict[int, str]
-    # the split-file line of each unlabeled image, aligned with its ids (``None``: the ids are the lines, Hub data)
-    unlabeled_split: list[SplitEntry] | None
-    unlabeled_have_masks: bool
-    palette: list[int] | None = None
-    base_size: int = 400
-    crop_size: int = 321
-
-    @property
-    def stream(self) -> UnlabeledStream | None:
-        """The unlabeled part when it is streamed (``--streaming``), else ``None``."""
-        return self.unlabeled if isinstance(self.unlabeled, UnlabeledStream) else None
-
-    @property
-    def unlabeled_ids(self) -> list[str]:
-        """The ids of the unlabeled images in row order, streamed or not (a stream is known by its ids until the
-        stages read its images)."""
-        return list(self.stream.ids if self.stream is not None else self.unlabeled["id"])
-
-    def unlabeled_lines(self) -> dict[str, SplitEntry]:
-        """The split-file line of each unlabeled id, which the select stage's subset files hold (so that, on local
-        data, they are split files of the dataset): the unlabeled split's, or the id alone (Hub data)."""
-        ids = self.unlabeled_ids
-        if self.unlabeled_split is None:
-            return {image_id: SplitEntry(image_id) for image_id in ids}
-        return dict(zip(ids, self.unlabeled_split))
-
-    def ids_of_lines(self, path: Path) -> list[str]:
-        """The unlabeled ids of split file ``path`` (a subset file read back), by each line's image: its id on Hub
-        data, where an earlier version wrote ``<id> <id>/<label column>`` lines."""
-        id_of_image = {entry.image: image_id for image_id, entry in self.unlabeled_lines().items()}
-        entries = read_split(path)
-        unknown = [entry.image for entry in entries if entry.image not in id_of_image]
-        if unknown:
-            raise ValueError(f"{path} lists images that are not in the unlabeled split, e.g. {unknown[:3]}")
-        return [id_of_image[entry.image] for entry in entries]
 
 
 @dataclass
@@ -120,7 +74,7 @@ class RunSettings:
 
 
 class _Run:
-    def __init__(self, accelerator, data: RunData, settings: RunSettings, claimed: bool):
+    def __init__(self, accelerator, data: RunSources, settings: RunSettings, claimed: bool):
         self.accelerator, self.data, self.settings = accelerator, data, settings
         self.options = settings.config.run
         # absolute: stage artefacts are paths under run_dir, and a relative one would be joined to it twice
@@ -187,7 +141,7 @@ class _Run:
         return self.stream.local_dataset(ids, directory)
 
     def write_ids(self, path: Path, ids: list[str]) -> None:
-        """``ids`` as a split file (:meth:`RunData.unlabeled_lines`)."""
+        """``ids`` as a split file (:meth:`~stpp_hf.data.RunSources.unlabeled_lines`)."""
         line_of_id = self.data.unlabeled_lines()
         write_split(path, [line_of_id[image_id] for image_id in ids])
 
@@ -228,7 +182,7 @@ class _Run:
 
     # ---- stages ------------------------------------------------------------------------------
     def run_train(self, index: int, stage: Stage, inputs: dict[str, str]) -> dict:
-        data = self.data
+        data, run = self.data, self.options
         if stage.pseudo_label_stages:
             pseudo = {}
             for label_stage_name in stage.pseudo_label_stages:
@@ -241,11 +195,11 @@ class _Run:
                 data.labeled,
                 unlabeled,
                 [(ids, store) for ids, store in pseudo.values()],
-                FastTrainTransform(data.base_size, data.crop_size, strong=False),
-                FastTrainTransform(data.base_size, data.crop_size, strong=True),
+                FastTrainTransform(run.base_size, run.crop_size, strong=False),
+                FastTrainTransform(run.base_size, run.crop_size, strong=True),
             )
         else:
-            train_set = SupOnlyDataset(data.labeled, FastTrainTransform(data.base_size, data.crop_size))
+            train_set = SupOnlyDataset(data.labeled, FastTrainTransform(run.base_size, run.crop_size))
         stage_files = self.stage_layout(stage.name)
         snapshots = snapshot_epochs(self.options.epochs) if stage.keep_snapshots else ()
         summary = train_stage(
@@ -513,7 +467,7 @@ class _Run:
         )
 
 
-def run_pipeline(accelerator, data: RunData, settings: RunSettings, claimed: bool = False) -> RunResults:
+def run_pipeline(accelerator, data: RunSources, settings: RunSettings, claimed: bool = False) -> RunResults:
     """Run (or resume) the whole sequence of ``settings.config.run.framework``; returns what ``results.json`` holds.
 
     ``claimed``: the caller has already claimed the run directory for this launch

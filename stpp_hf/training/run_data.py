@@ -1,7 +1,6 @@
 """The data and the model of a run from its resolved settings: the :class:`~stpp_hf.data.RunSources` of a local
 dataset (:func:`local_run_sources`: a layout or the synthetic data) or of a ``datasets`` one
-(:func:`hub_run_sources`), checked and wrapped as :class:`~stpp_hf.training.pipeline.RunData`, and the factory of
-each stage's fresh model."""
+(:func:`hub_run_sources`), checked, and the factory of each stage's fresh model."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from ..models import MODEL_REGISTRY, DeepLabImageProcessor, build_model
 from ..models.backbone_weights import describe_backbone_weights, load_backbone_weights
 from .config import RunConfig
 from .data_identity import LocalData, check_hub_data, check_local_data, identify_local_data, local_data
-from .pipeline import RunData, RunSettings
+from .pipeline import RunSettings
 from .pseudo_label_export import record_unlabeled_source
 from .run_directory import check_run_record
 from .run_layout import RunLayout
@@ -27,9 +26,9 @@ CACHE_IMAGES_PER_PROCESS = 500
 
 def build_run_data(
     config: RunConfig, output_dir: Path, accelerator, local: LocalData | None, local_identity: dict | None = None
-) -> tuple[RunData, RunSources]:
-    """The sources of the run (``local``: of the synthetic data or a ``--data_root`` layout, identified by
-    ``local_identity``; else of the Hub dataset) and the :class:`RunData` the stages read.
+) -> RunSources:
+    """The sources of the run, which the stages read (``local``: of the synthetic data or a ``--data_root`` layout,
+    identified by ``local_identity``; else of the Hub dataset).
 
     Refuses a val set that shares images with the training sets, and ids whose pseudo-label files the run
     directory's file system cannot hold, before any training.
@@ -38,22 +37,11 @@ def build_run_data(
         sources = hub_run_sources(config.record()["hub_dataset"], RunLayout(output_dir).partition, accelerator)
     else:
         sources = local_run_sources(local, local_identity, output_dir, accelerator)
-    data = RunData(
-        labeled=sources.labeled,
-        unlabeled=sources.unlabeled,
-        val=sources.val,
-        id2label=sources.id2label,
-        unlabeled_split=sources.unlabeled_split,
-        unlabeled_have_masks=sources.unlabeled_have_masks,
-        palette=sources.palette,
-        base_size=config.run.base_size,
-        crop_size=config.run.crop_size,
-    )
     # a streamed unlabeled part is compared by id only: its images are not read before the stages
-    check_split_overlap(data.labeled, data.unlabeled_ids if data.stream else data.unlabeled, data.val)
+    check_split_overlap(sources.labeled, sources.unlabeled_ids if sources.stream else sources.unlabeled, sources.val)
     if accelerator.is_main_process:
-        check_label_file_names(RunLayout(output_dir).pseudo_labels, data.unlabeled_ids)
-    return data, sources
+        check_label_file_names(RunLayout(output_dir).pseudo_labels, sources.unlabeled_ids)
+    return sources
 
 
 def hub_run_sources(options: dict, partition_dir: Path, accelerator) -> RunSources:
@@ -126,9 +114,9 @@ def model_factory(config: RunConfig, id2label: dict[int, str]):
     return factory
 
 
-def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[RunData, dict, dict]:
-    """The run's data once it is the run directory's: ``(data, the run config record with its data section, what
-    results.json says of the data besides the options)``. Local data is compared by content before any cache is
+def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[RunSources, dict]:
+    """The run's data once it is the run directory's: ``(its sources, the run config record with their data
+    section)``. Local data is compared by content before any cache is
     built (a refused launch changes nothing); a ``datasets`` dataset by its rows' content once loaded."""
     local = None if config.is_hub else local_data(config, output_dir, accelerator)
     data_section = None
@@ -140,7 +128,7 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
 
         check_run_record(accelerator, output_dir, data_section, check=check_data)
         check_run_record(accelerator, output_dir, {**config.record(), "data": data_section})
-    data, sources = build_run_data(config, output_dir, accelerator, local, data_section)
+    sources = build_run_data(config, output_dir, accelerator, local, data_section)
     if local is None:
         name = config.record()["hub_dataset"]["dataset_name"]
 
@@ -154,10 +142,10 @@ def load_run_data(accelerator, config: RunConfig, output_dir: Path) -> tuple[Run
         if local is not None:
             file_hashes.save()
         record_unlabeled_source(output_dir, sources.unlabeled_source)  # to export the pseudo labels with images
-    return data, record, sources.metadata
+    return sources, record
 
 
-def run_settings(config: RunConfig, data: RunData, record: dict, extra: dict) -> RunSettings:
+def run_settings(config: RunConfig, data: RunSources, record: dict, extra: dict) -> RunSettings:
     """How the pipeline runs ``config`` on ``data``; ``extra`` goes into ``results.json`` too."""
     metadata = {
         "dataset": config.data_kind,
