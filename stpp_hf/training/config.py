@@ -30,6 +30,7 @@ from .options import (
     check_fields,
 )
 from .recipe import DEEPLABV2_BACKBONE, HUB, RECIPE_DEFAULTS, SYNTHETIC, per_device_batch_size, scaled_lr
+from .run_record import settings_record
 from .stages import build_stages, snapshot_epochs
 
 __all__ = ["Derived", "RunConfig", "resolve_options", "resolve_run_config", "validate_arguments"]
@@ -87,8 +88,6 @@ class RunConfig:
 
     def record(self) -> dict:
         """The settings of ``run_config.json`` (:func:`~stpp_hf.training.run_record.settings_record`)."""
-        from .run_record import settings_record
-
         return settings_record(self)
 
 
