@@ -156,6 +156,13 @@ def test_global_batch_lr_and_defaults_resolve_once(tmp_path):
     )
 
 
+def test_a_data_root_without_a_layout_is_refused_naming_the_option(tmp_path):
+    from stpp_hf.training.config import resolve_options
+
+    with pytest.raises(ConfigError, match="--dataset: name the layout of --data_root"):
+        resolve_options(data_root=str(tmp_path), dataset=None)
+
+
 def test_the_method_docs_state_the_recipe_defaults():
     """docs/method.md's recipe table says what ``RECIPE_DEFAULTS`` holds (its owner), and the options' help is made
     from that table."""

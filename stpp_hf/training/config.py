@@ -143,6 +143,8 @@ def validate_arguments(data: DataArguments, model: ModelArguments, run: RunArgum
         return
     if not run.dry_run and not Path(data.data_root).is_dir():
         raise ConfigError(f"--data_root {data.data_root} is not a directory")
+    if data.dataset is None:
+        raise ConfigError("--dataset: name the layout of --data_root (pascal, cityscapes or folder)")
     files = split_files(data)  # raises naming the missing options
     for part, path in files.items():
         if not Path(path).is_file():
@@ -218,8 +220,9 @@ def resolve_run_config(
     without its COCO checkpoint).
     """
     validate_arguments(data, model, run)
-    synthetic = data_kind(data) == SYNTHETIC
-    defaults = RECIPE_DEFAULTS[data_kind(data)]
+    kind = data_kind(data)
+    synthetic = kind == SYNTHETIC
+    defaults = RECIPE_DEFAULTS[kind]
     backbone = model.backbone
     if backbone is None:
         backbone = DEEPLABV2_BACKBONE if model.model == "deeplabv2" and not synthetic else defaults.backbone
