@@ -64,7 +64,7 @@ def test_subset_files_of_hub_data_are_row_ids_and_an_earlier_versions_lines_read
     data = load(local_repo, tmp_path / "partition", tmp_path / "cache")
     ids = data.unlabeled_ids[:3]
     subset = tmp_path / "reliable_ids.txt"
-    write_split(subset, [data.unlabeled_lines()[image_id] for image_id in ids])
+    write_split(subset, [data.unlabeled_lines[image_id] for image_id in ids])
     assert subset.read_text() == "".join(f"{image_id}\n" for image_id in ids)  # one row id per line
     assert data.ids_of_lines(subset) == ids
     subset.write_text("".join(f"{image_id} {image_id}/annotation\n" for image_id in ids))  # as written before

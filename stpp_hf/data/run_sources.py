@@ -4,6 +4,7 @@ one contract between the data and the stages."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from datasets import Dataset
@@ -40,12 +41,13 @@ class RunSources:
         """The unlabeled part when it is streamed (``--streaming``), else ``None``."""
         return self.unlabeled if isinstance(self.unlabeled, UnlabeledStream) else None
 
-    @property
+    @cached_property
     def unlabeled_ids(self) -> list[str]:
         """The ids of the unlabeled images in row order, streamed or not (a stream is known by its ids until the
-        stages read its images)."""
+        stages read its images); read once."""
         return list(self.stream.ids if self.stream is not None else self.unlabeled["id"])
 
+    @cached_property
     def unlabeled_lines(self) -> dict[str, SplitEntry]:
         """The split-file line of each unlabeled id, which the select stage's subset files hold (so that, on local
         data, they are split files of the dataset): the unlabeled split's, or the id alone (Hub data)."""
@@ -57,7 +59,7 @@ class RunSources:
     def ids_of_lines(self, path: Path) -> list[str]:
         """The unlabeled ids of split file ``path`` (a subset file read back), by each line's image: its id on Hub
         data, where an earlier version wrote ``<id> <id>/<label column>`` lines."""
-        id_of_image = {entry.image: image_id for image_id, entry in self.unlabeled_lines().items()}
+        id_of_image = {entry.image: image_id for image_id, entry in self.unlabeled_lines.items()}
         entries = read_split(path)
         unknown = [entry.image for entry in entries if entry.image not in id_of_image]
         if unknown:

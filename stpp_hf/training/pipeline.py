@@ -141,8 +141,8 @@ class _Run:
         return self.stream.local_dataset(ids, directory)
 
     def write_ids(self, path: Path, ids: list[str]) -> None:
-        """``ids`` as a split file (:meth:`~stpp_hf.data.RunSources.unlabeled_lines`)."""
-        line_of_id = self.data.unlabeled_lines()
+        """``ids`` as a split file (:attr:`~stpp_hf.data.RunSources.unlabeled_lines`)."""
+        line_of_id = self.data.unlabeled_lines
         write_split(path, [line_of_id[image_id] for image_id in ids])
 
     def is_main(self) -> bool:
@@ -401,7 +401,7 @@ class _Run:
         if select is None or self.options.label_next == 0:
             return None
         scores = json.loads(self.stage_layout(select.name).reliability_scores.read_text(encoding="utf-8"))
-        image_of_id = {image_id: entry.image for image_id, entry in self.data.unlabeled_lines().items()}
+        image_of_id = {image_id: entry.image for image_id, entry in self.data.unlabeled_lines.items()}
         rows = label_next_rows(scores, self.unlabeled_ids, image_of_id, self.options.label_next)
         ids = [row["id"] for row in rows]
         write_label_next_csv(self.layout.label_next_csv, rows)

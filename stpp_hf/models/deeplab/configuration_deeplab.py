@@ -19,6 +19,12 @@ logger = logging.get_logger(__name__)
 OUTPUT_STRIDES = (8, 16)
 
 
+def check_positive_int(name: str, value) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a positive integer (for values that are no field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def positive(value: int | float) -> None:
     if not value > 0:
         raise ValueError(f"must be positive, got {value!r}")
@@ -83,8 +89,7 @@ class DeepLabConfig(PreTrainedConfig):
             self.id2label = self.label2id = None
         if self.id2label is None:
             num_labels = 21 if num_labels is None else num_labels
-            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
-                raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+            check_positive_int("num_labels", num_labels)
             kwargs["num_labels"] = num_labels
         super().__post_init__(**kwargs)
         if sorted(self.id2label) != list(range(len(self.id2label))):

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
 from .checkpointing import make_blocks_checkpointable
+from .configuration_deeplab import check_positive_int
 from .timm_backbones import EXAMPLE_CHECKPOINTING_BACKBONES, classification_keys, create_backbone, to_backbone_keys
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -240,8 +241,7 @@ class DeepLabPreTrainedModel(PreTrainedModel):
         window_h, window_w = (window, window) if isinstance(window, int) else tuple(window)
         stride_h, stride_w = (stride, stride) if isinstance(stride, int) else tuple(stride)
         for name, value in (("window", window_h), ("window", window_w), ("stride", stride_h), ("stride", stride_w)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if stride_h > window_h or stride_w > window_w:
             raise ValueError(f"stride {stride!r} must not exceed window {window!r} (pixels would be skipped)")
         height, width = pixel_values.shape[-2:]
